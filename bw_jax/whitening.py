@@ -1,0 +1,361 @@
+"""Batch Whitening: decorrelate a batch of activations so that its covariance becomes the identity.
+
+For m samples x_i ∈ R^C (the N·H·W pixels of an NHWC map), channels are split into G groups of g
+consecutive channels and, per group (DESIGN.md §1):
+
+  μ = mean(x)            Σ = 1/(m−1) Σ_i (x_i − μ)(x_i − μ)ᵀ      Σ_ε = Σ + ε·I
+  y = S (x − μ)          with S(Σ_ε) = L⁻¹ (cholesky), UΛ^{-1/2}Uᵀ (zca), Λ^{-1/2}Uᵀ (pca)
+                         or T Newton–Schulz steps towards Σ_ε^{-1/2} (newton, IterNorm)
+
+The pure functions (`batch_moments`, `whitening_matrix`, `apply_whitening`) work without Flax; the Linen
+module `BatchWhitening` is a thin drop-in for `flax.linen.BatchNorm` that keeps running statistics.
+"""
+
+from collections.abc import Callable
+import functools
+from typing import Any
+
+from flax import linen as nn
+from flax.linen import initializers
+import jax
+import jax.numpy as jnp
+
+from bw_jax import spectral
+
+METHODS = ('cholesky', 'zca', 'pca', 'newton')
+STAT_SOURCES = ('batch', 'running')
+
+# Fallback ridge, relative to the mean eigenvalue tr(Σ)/g: large enough to dominate float32 round-off in
+# Σ (~g·1e-7 relative), small enough to leave a well-conditioned group almost untouched.
+FALLBACK_RIDGE = 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure functions
+
+
+def num_groups(channels: int, group_size: int | None) -> int:
+  """Number of channel groups G; raises if `group_size` does not divide `channels`."""
+  check_group_size(group_size)
+  if group_size is None:
+    return 1
+  if channels % group_size:
+    raise ValueError(
+        f'group_size={group_size} does not divide the {channels} input channels; use a divisor of '
+        f'{channels} (e.g. {fit_group_size(channels, group_size)}) or None to whiten all channels together.')
+  return channels // group_size
+
+
+def check_group_size(group_size: int | None) -> None:
+  if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
+    raise ValueError(f'group_size must be a positive int or None (all channels), got {group_size!r}.')
+
+
+def fit_group_size(channels: int, group_size: int | None) -> int:
+  """The largest divisor of `channels` not above `group_size` (all channels when None)."""
+  if group_size is None or group_size >= channels:
+    return channels
+  return max(d for d in range(1, group_size + 1) if channels % d == 0)
+
+
+def stat_dtype(dtype: Any) -> Any:
+  """float32 for 16/32-bit activations (statistics never in bf16); float64 stays float64."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _grouped(x: jax.Array, groups: int) -> jax.Array:
+  """(..., C) -> (..., G, g)."""
+  return x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
+
+
+def batch_moments(
+    x: jax.Array,
+    group_size: int | None = None,
+    *,
+    axis_name: str | None = None,
+    axis_index_groups: Any = None,
+    shift: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """Per-channel mean and unbiased per-group covariance of a batch, in float32.
+
+  Args:
+    x: (N, ..., C) activations; every position of every example is a sample (m = N·H·W for NHWC).
+    group_size: g, channels per group (None: all C channels form one group).
+    axis_name: under `shard_map`/`pmap`, the mapped batch axis: moments are averaged over it in a single
+      collective and describe the global batch.
+    axis_index_groups: optional device subsets to reduce over separately (see `jax.lax.psum`).
+    shift: (C,) a value close to the mean (the running mean), subtracted before the one-pass moments used
+      with `axis_name` to avoid cancellation; ignored otherwise and never differentiated.
+
+  Returns:
+    mean (C,) and cov (G, g, g) with the 1/(m−1) normalisation, m counted over all reduced devices;
+    float32 (float64 for float64 input).
+  """
+  channels = x.shape[-1]
+  groups = num_groups(channels, group_size)
+  samples = x.reshape(-1, channels).astype(stat_dtype(x.dtype))
+  m = samples.shape[0]
+  if axis_name is None:  # two passes: exact centring, XLA inserts the collectives when x is sharded.
+    mean = jnp.mean(samples, axis=0)
+    centred = _grouped(samples - mean, groups)
+    cov = jnp.einsum('mgi,mgj->gij', centred, centred) / (m - 1)
+    return mean, cov
+  shift = jnp.zeros((channels,), samples.dtype) if shift is None else jax.lax.stop_gradient(shift)
+  shifted = _grouped(samples - shift, groups)
+  local = (jnp.mean(shifted, axis=0), jnp.einsum('mgi,mgj->gij', shifted, shifted) / m)
+  offset, second = jax.lax.pmean(local, axis_name, axis_index_groups=axis_index_groups)
+  total = m * jax.lax.psum(1, axis_name, axis_index_groups=axis_index_groups)
+  cov = (second - offset[:, :, None] * offset[:, None, :]) * (total / (total - 1))
+  return offset.reshape(channels) + shift, cov
+
+
+def _eye_like(cov: jax.Array) -> jax.Array:
+  return jnp.broadcast_to(jnp.eye(cov.shape[-1], dtype=cov.dtype), cov.shape)
+
+
+def _add_ridge(cov: jax.Array, ridge: jax.Array) -> jax.Array:
+  """cov (G, g, g) + ridge (G,) · I."""
+  return cov + ridge[:, None, None] * _eye_like(cov)
+
+
+def cholesky_whitening(cov: jax.Array) -> jax.Array:
+  """S = L⁻¹ with Σ = L Lᵀ: (G, g, g) -> (G, g, g), lower-triangular."""
+  lower = jnp.linalg.cholesky(cov)
+  return jax.scipy.linalg.solve_triangular(lower, _eye_like(cov), lower=True)
+
+
+def zca_whitening(cov: jax.Array) -> jax.Array:
+  """S = U Λ^{-1/2} Uᵀ (symmetric; the whitening closest to the identity): (G, g, g) -> (G, g, g)."""
+  return spectral.inverse_sqrtm(cov)
+
+
+def pca_whitening(cov: jax.Array) -> jax.Array:
+  """S = Λ^{-1/2} Uᵀ (rotates onto the principal axes, ascending eigenvalues): (G, g, g) -> (G, g, g)."""
+  w, u = spectral.safe_eigh(cov)
+  return jax.lax.rsqrt(w)[..., :, None] * jnp.swapaxes(u, -1, -2)
+
+
+def newton_whitening(cov: jax.Array, iterations: int = 5) -> jax.Array:
+  """IterNorm: S ≈ Σ^{-1/2} by `iterations` Newton–Schulz steps on Σ/tr(Σ): (G, g, g) -> (G, g, g).
+
+  IterNorm's P₀ = I, P_k = ½(3P_{k−1} − P_{k−1}³ Σ_N) with Σ_N = Σ/tr(Σ) (eigenvalues in (0, 1], so it
+  converges), then S = P_T / √tr(Σ). That recursion amplifies round-off once Σ is ill-conditioned (Higham,
+  Functions of Matrices §6.4), so we run the coupled form with the same iterates in exact arithmetic:
+  Y₀ = Σ_N, Z₀ = I, T = ½(3I − Z Y), Y ← Y T, Z ← T Z, and Z_k = P_k. Matrix products only.
+  """
+  trace = jnp.trace(cov, axis1=-2, axis2=-1)[:, None, None]
+  eye = _eye_like(cov)
+
+  def step(_, yz):
+    y, z = yz
+    t = 0.5 * (3.0 * eye - z @ y)
+    return y @ t, t @ z
+
+  _, z = jax.lax.fori_loop(0, iterations, step, (cov / trace, eye))
+  return z * jax.lax.rsqrt(trace)
+
+
+def _whitening_fn(method: str, newton_iterations: int) -> Callable[[jax.Array], jax.Array]:
+  check_choice('method', method, METHODS)
+  if method == 'newton':
+    return functools.partial(newton_whitening, iterations=newton_iterations)
+  return {'cholesky': cholesky_whitening, 'zca': zca_whitening, 'pca': pca_whitening}[method]
+
+
+def _is_usable(whitening: jax.Array, ridge: jax.Array) -> jax.Array:
+  """Per group: finite, and no larger than the ridge allows. (G, g, g), (G,) -> (G,) bool.
+
+  For every method ‖S‖₂ ≤ λ_min(Σ + ridge·I)^{-1/2} ≤ ridge^{-1/2}; a factorisation that round-off drove
+  through a near-zero pivot or eigenvalue breaks this bound (factor 2 of slack) or is NaN.
+  """
+  finite = jnp.all(jnp.isfinite(whitening), axis=(-2, -1))
+  largest = jnp.max(jnp.abs(jnp.where(jnp.isfinite(whitening), whitening, 0.0)), axis=(-2, -1))
+  return finite & (largest <= 2.0 * jax.lax.rsqrt(ridge))
+
+
+def whitening_matrix_with_fallbacks(
+    cov: jax.Array, method: str = 'cholesky', epsilon: float = 1e-5, newton_iterations: int = 5
+) -> tuple[jax.Array, jax.Array]:
+  """S for Σ + ε·I, per group, never NaN for a finite Σ; and which groups needed a fallback.
+
+  A group whose factorisation of Σ + ε·I fails (rank deficiency at a scale where ε drowns in round-off)
+  is retried with the scale-relative ridge ε + FALLBACK_RIDGE·tr(Σ)/g, then standardised on its diagonal
+  only. Trials run without gradients; the chosen matrix is factorised once more with gradients so that no
+  NaN of a rejected trial leaks into the backward pass.
+
+  Args:
+    cov: (G, g, g) covariance (no ridge); symmetrised here.
+  Returns:
+    S (G, g, g) in the statistics dtype and fell_back (G,) bool.
+  """
+  whiten = _whitening_fn(method, newton_iterations)
+  cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2)).astype(stat_dtype(cov.dtype))
+  g = cov.shape[-1]
+  variances = jnp.maximum(jnp.diagonal(cov, axis1=-2, axis2=-1), 0.0)
+  exact = jnp.full(cov.shape[:1], epsilon, cov.dtype)
+  relative = epsilon + FALLBACK_RIDGE * jnp.sum(variances, axis=-1) / g
+  trials = jax.lax.stop_gradient(jnp.concatenate([_add_ridge(cov, exact), _add_ridge(cov, relative)]))
+  exact_ok, relative_ok = jnp.split(_is_usable(whiten(trials), jnp.concatenate([exact, relative])), 2)
+  chosen = jnp.where(exact_ok[:, None, None], _add_ridge(cov, exact),
+                     jnp.where(relative_ok[:, None, None], _add_ridge(cov, relative), _eye_like(cov)))
+  diagonal = jax.vmap(jnp.diag)(jax.lax.rsqrt(variances + relative[:, None]))
+  whitening = jnp.where((exact_ok | relative_ok)[:, None, None], whiten(chosen), diagonal)
+  return whitening, ~exact_ok
+
+
+def whitening_matrix(
+    cov: jax.Array, method: str = 'cholesky', epsilon: float = 1e-5, newton_iterations: int = 5
+) -> jax.Array:
+  """S(Σ + ε·I) for each group: (G, g, g) -> (G, g, g). See `whitening_matrix_with_fallbacks`."""
+  return whitening_matrix_with_fallbacks(cov, method, epsilon, newton_iterations)[0]
+
+
+def apply_whitening(x: jax.Array, mean: jax.Array, whitening: jax.Array) -> jax.Array:
+  """y = S (x − μ) per group: x (..., C), mean (C,), whitening (G, g, g) -> (..., C) in float32 or wider."""
+  groups = whitening.shape[0]
+  centred = _grouped(x.astype(stat_dtype(x.dtype)) - mean, groups)
+  return jnp.einsum('...gj,gij->...gi', centred, whitening).reshape(x.shape)
+
+
+def whiten(
+    x: jax.Array, group_size: int | None = None, method: str = 'cholesky', epsilon: float = 1e-5,
+    newton_iterations: int = 5,
+) -> jax.Array:
+  """Whiten a batch with its own statistics (training-mode BatchWhitening, no affine): (N, ..., C)."""
+  mean, cov = batch_moments(x, group_size)
+  return apply_whitening(x, mean, whitening_matrix(cov, method, epsilon, newton_iterations))
+
+
+def check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
+  if value not in allowed:
+    raise ValueError(f'{name}={value!r} is not supported; choose one of {", ".join(map(repr, allowed))}.')
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Flax module
+
+
+class BatchWhitening(nn.Module):
+  """Batch Whitening: a drop-in for `flax.linen.BatchNorm` that also decorrelates channels.
+
+  Input (N, ..., C), channels last; output the same shape, in `dtype` (default: the input's dtype).
+  Statistics are float32 whatever the input dtype. Running statistics live in `batch_stats`:
+
+    mean (C,) init 0;  cov (G, g, g) init I;  whitening (G, g, g) init I = S(cov) of the updated cov;
+    fallbacks () — number of group factorisations in training steps that needed a fallback;
+    skipped_updates () — training steps whose batch moments were not finite and were left out.
+
+  A training step updates `stat ← momentum·stat + (1−momentum)·batch_stat` (Flax convention) for mean and
+  the unbiased cov (without ridge), then recomputes `whitening`; `init` updates nothing. In eval
+  (`use_running_average=True`) y = whitening·(x − mean): no factorisation.
+
+  Attributes:
+    use_running_average: use the stored statistics (eval) instead of the batch's (training).
+    momentum: decay of the exponential moving averages.
+    epsilon: ridge ε added to the covariance diagonal before factorising.
+    dtype: output dtype (None: the input's).
+    param_dtype: dtype of γ and β.
+    use_bias: add a learned per-channel β after whitening.
+    use_scale: multiply by a learned per-channel γ after whitening.
+    bias_init: initialiser of β.
+    scale_init: initialiser of γ.
+    axis_name: the mapped batch axis under `shard_map`/`pmap` (not needed under `jax.jit` sharding).
+    axis_index_groups: device subsets reduced separately along `axis_name`.
+    group_size: g, channels per group (must divide C); None whitens all C channels together.
+    method: 'cholesky' (default), 'zca', 'pca' or 'newton': how S is computed from Σ + ε·I.
+    newton_iterations: Newton–Schulz steps T for method='newton'.
+    center_with: 'batch' centres training inputs on the batch mean; 'running' on the freshly updated
+      running mean (gradients flow through its (1−momentum)·batch part).
+    whiten_with: 'batch' or 'running': likewise for the covariance that S is computed from.
+  """
+
+  use_running_average: bool | None = None
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Callable[..., jax.Array] = initializers.zeros
+  scale_init: Callable[..., jax.Array] = initializers.ones
+  axis_name: str | None = None
+  axis_index_groups: Any = None
+  group_size: int | None = None
+  method: str = 'cholesky'
+  newton_iterations: int = 5
+  center_with: str = 'batch'
+  whiten_with: str = 'batch'
+
+  def __post_init__(self):
+    check_choice('method', self.method, METHODS)
+    check_choice('center_with', self.center_with, STAT_SOURCES)
+    check_choice('whiten_with', self.whiten_with, STAT_SOURCES)
+    if not 0.0 <= self.momentum <= 1.0:
+      raise ValueError(f'momentum must lie in [0, 1], got {self.momentum}.')
+    if not self.epsilon > 0.0:
+      raise ValueError(f'epsilon must be > 0 (it keeps Σ + ε·I positive definite), got {self.epsilon}.')
+    if not isinstance(self.newton_iterations, int) or self.newton_iterations < 1:
+      raise ValueError(f'newton_iterations must be a positive int, got {self.newton_iterations!r}.')
+    check_group_size(self.group_size)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+    """Whitens x: (N, ..., C) -> (N, ..., C)."""
+    use_running_average = nn.merge_param('use_running_average', self.use_running_average,
+                                         use_running_average)
+    if x.ndim < 2:
+      raise ValueError(f'BatchWhitening expects (N, ..., C) with a batch and a channel axis; got shape '
+                       f'{x.shape}.')
+    channels = x.shape[-1]
+    groups = num_groups(channels, self.group_size)
+    g = channels // groups
+    stacked_eye = lambda: jnp.tile(jnp.eye(g, dtype=jnp.float32), (groups, 1, 1))
+    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((channels,), jnp.float32))
+    ra_cov = self.variable('batch_stats', 'cov', stacked_eye)
+    ra_whitening = self.variable('batch_stats', 'whitening', stacked_eye)
+    fallbacks = self.variable('batch_stats', 'fallbacks', lambda: jnp.zeros((), jnp.float32))
+    skipped = self.variable('batch_stats', 'skipped_updates', lambda: jnp.zeros((), jnp.float32))
+
+    if use_running_average:
+      mean, whitening = ra_mean.value, ra_whitening.value
+    else:
+      samples = x.size // channels
+      if self.axis_name is None and samples < 2:
+        raise ValueError(f'BatchWhitening needs at least 2 samples per batch in training to estimate a '
+                         f'covariance; got shape {x.shape} ({samples} sample). Use a larger batch or '
+                         f'use_running_average=True.')
+      batch_mean, batch_cov = batch_moments(x, self.group_size, axis_name=self.axis_name,
+                                            axis_index_groups=self.axis_index_groups, shift=ra_mean.value)
+      new_mean = ema(ra_mean.value, batch_mean, self.momentum)
+      new_cov = ema(ra_cov.value, batch_cov, self.momentum)
+      mean = batch_mean if self.center_with == 'batch' else new_mean
+      whiten_cov = batch_cov if self.whiten_with == 'batch' else new_cov
+      whitening, fell_back = whitening_matrix_with_fallbacks(whiten_cov, self.method, self.epsilon,
+                                                             self.newton_iterations)
+      if not self.is_initializing():
+        finite = jnp.all(jnp.isfinite(batch_mean)) & jnp.all(jnp.isfinite(batch_cov))
+        keep_if_finite = lambda new, old: jnp.where(finite, jax.lax.stop_gradient(new), old).astype(old.dtype)
+        if self.whiten_with == 'running':
+          new_whitening, new_fell_back = whitening, fell_back
+        else:
+          new_whitening, new_fell_back = whitening_matrix_with_fallbacks(
+              jax.lax.stop_gradient(new_cov), self.method, self.epsilon, self.newton_iterations)
+          fell_back = fell_back | new_fell_back
+        ra_mean.value = keep_if_finite(new_mean, ra_mean.value)
+        ra_cov.value = keep_if_finite(new_cov, ra_cov.value)
+        ra_whitening.value = keep_if_finite(new_whitening, ra_whitening.value)
+        fallbacks.value += jnp.sum(fell_back & finite).astype(jnp.float32)
+        skipped.value += (~finite).astype(jnp.float32)
+
+    y = apply_whitening(x, mean, whitening)
+    if self.use_scale:
+      y = y * self.param('scale', self.scale_init, (channels,), self.param_dtype).astype(y.dtype)
+    if self.use_bias:
+      y = y + self.param('bias', self.bias_init, (channels,), self.param_dtype).astype(y.dtype)
+    return y.astype(self.dtype or x.dtype)
+
+
+def ema(running: jax.Array, batch: jax.Array, momentum: float) -> jax.Array:
+  """Flax's running-average convention: momentum·running + (1 − momentum)·batch."""
+  return momentum * running + (1.0 - momentum) * batch

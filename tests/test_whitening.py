@@ -1,0 +1,389 @@
+"""BatchWhitening against float64 NumPy references of DESIGN.md §1–2."""
+
+import jax
+import jax.numpy as jnp
+from jax.test_util import check_grads
+import numpy as np
+import pytest
+
+from bw_jax import whitening as bw
+
+METHODS = bw.METHODS
+EXACT_METHODS = ('cholesky', 'zca', 'pca')
+
+
+def correlated(seed: int, shape: tuple[int, ...], scale: float = 1.0, offset: float = 0.5) -> np.ndarray:
+  """Samples with a random dense covariance and non-zero mean, channels last."""
+  rng = np.random.default_rng(seed)
+  channels = shape[-1]
+  mixing = rng.normal(size=(channels, channels)) + 2.0 * np.eye(channels)
+  z = rng.normal(size=(int(np.prod(shape[:-1])), channels))
+  return (scale * (z @ mixing + offset * rng.normal(size=channels))).reshape(shape)
+
+
+# float64 NumPy references --------------------------------------------------------------------------------
+
+
+def np_moments(x: np.ndarray, g: int) -> tuple[np.ndarray, np.ndarray]:
+  samples = x.reshape(-1, x.shape[-1]).astype(np.float64)
+  mean = samples.mean(0)
+  c = samples - mean
+  groups = samples.shape[1] // g
+  cov = np.stack([c[:, k * g:(k + 1) * g].T @ c[:, k * g:(k + 1) * g] for k in range(groups)])
+  return mean, cov / (samples.shape[0] - 1)
+
+
+def np_whitening(cov: np.ndarray, method: str, eps: float) -> np.ndarray:
+  """S of the seed for each group: L⁻¹, UΛ^{-1/2}Uᵀ or Λ^{-1/2}Uᵀ of Σ + εI."""
+  out = []
+  for c in cov + eps * np.eye(cov.shape[-1]):
+    if method == 'cholesky':
+      out.append(np.linalg.inv(np.linalg.cholesky(c)))
+    else:
+      w, u = np.linalg.eigh(c)
+      out.append(u @ np.diag(w ** -0.5) @ u.T if method == 'zca' else np.diag(w ** -0.5) @ u.T)
+  return np.stack(out)
+
+
+def match_row_signs(s: np.ndarray, like: np.ndarray) -> np.ndarray:
+  """PCA's S is defined up to the sign of each row (eigenvector): flip rows of `s` to agree with `like`."""
+  return s * np.sign(np.sum(s * np.asarray(like), axis=-1, keepdims=True))
+
+
+def np_apply(x: np.ndarray, mean: np.ndarray, s: np.ndarray) -> np.ndarray:
+  groups, g, _ = s.shape
+  c = (x.reshape(-1, x.shape[-1]) - mean).reshape(-1, groups, g)
+  return np.einsum('mgj,gij->mgi', c, s).reshape(x.shape)
+
+
+def group_covariances(y: np.ndarray, g: int) -> np.ndarray:
+  return np_moments(np.asarray(y, np.float64), g)[1]
+
+
+def train_apply(module, variables, x):
+  return module.apply(variables, x, use_running_average=False, mutable=['batch_stats'])
+
+
+# Math of one training step -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('method', EXACT_METHODS)
+def test_training_output_is_white_float64(method):
+  x = correlated(0, (256, 4, 4, 16))  # m = 4096 samples ≫ g = 8
+  with jax.enable_x64(True):
+    y = bw.whiten(jnp.asarray(x), group_size=8, method=method, epsilon=1e-5)
+    assert y.dtype == jnp.float64
+  # Exactly, cov(y) = S Σ Sᵀ = I − ε S Sᵀ: off by ε/λ_min ≈ 1e-5 here.
+  np.testing.assert_allclose(group_covariances(y, 8), np.broadcast_to(np.eye(8), (2, 8, 8)), atol=1e-3)
+
+
+@pytest.mark.parametrize('method', EXACT_METHODS)
+def test_training_output_is_white_float32(method):
+  # float32 moments over 4096 samples carry ~1e-6 relative error and the factorisation of a matrix with
+  # condition number ~1e2 loses two more digits: 1e-3 still leaves a margin of ~10×.
+  x = correlated(1, (256, 4, 4, 16)).astype(np.float32)
+  y = bw.whiten(jnp.asarray(x), group_size=8, method=method, epsilon=1e-5)
+  assert y.dtype == jnp.float32
+  np.testing.assert_allclose(group_covariances(y, 8), np.broadcast_to(np.eye(8), (2, 8, 8)), atol=1e-3)
+
+
+@pytest.mark.parametrize('method', EXACT_METHODS)
+def test_output_equals_numpy_seed_formula(method):
+  x = correlated(2, (64, 3, 3, 12))
+  eps = 1e-3
+  mean, cov = np_moments(x, 4)
+  s = np_whitening(cov, method, eps)
+  with jax.enable_x64(True):
+    j_mean, j_cov = bw.batch_moments(jnp.asarray(x), 4)
+    j_s = bw.whitening_matrix(j_cov, method, eps)
+    y = bw.whiten(jnp.asarray(x), 4, method, eps)
+  np.testing.assert_allclose(j_mean, mean, rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(j_cov, cov, rtol=1e-12, atol=1e-12)
+  s = match_row_signs(s, j_s) if method == 'pca' else s
+  np.testing.assert_allclose(j_s, s, atol=1e-9)
+  np.testing.assert_allclose(y, np_apply(x, mean, s), atol=1e-9)
+  if method == 'cholesky':
+    assert np.allclose(np.triu(j_s, 1), 0.0), 'L⁻¹ must be lower-triangular'
+  if method == 'zca':
+    np.testing.assert_allclose(j_s, np.swapaxes(j_s, -1, -2), atol=1e-12)
+
+
+def test_pca_and_zca_differ_by_an_orthogonal_matrix():
+  x = correlated(3, (512, 6))
+  with jax.enable_x64(True):
+    y_zca = np.asarray(bw.whiten(jnp.asarray(x), None, 'zca'))
+    y_pca = np.asarray(bw.whiten(jnp.asarray(x), None, 'pca'))
+  rotation, *_ = np.linalg.lstsq(y_pca, y_zca, rcond=None)
+  np.testing.assert_allclose(y_pca @ rotation, y_zca, atol=1e-9)
+  np.testing.assert_allclose(rotation.T @ rotation, np.eye(6), atol=1e-6)
+  assert not np.allclose(rotation, np.eye(6), atol=1e-2), 'PCA should rotate away from ZCA'
+
+
+def test_newton_converges_to_zca():
+  x = correlated(4, (512, 8))
+  with jax.enable_x64(True):
+    _, cov = bw.batch_moments(jnp.asarray(x), None)
+    zca = np.asarray(bw.whitening_matrix(cov, 'zca', 1e-5))
+    errors = [np.abs(np.asarray(bw.whitening_matrix(cov, 'newton', 1e-5, t)) - zca).max()
+              for t in (1, 3, 5, 10, 20, 40)]
+  # Monotone until it reaches float64 round-off, where it stays (the uncoupled IterNorm recursion would
+  # instead blow the round-off up again on this condition number).
+  assert all(b < a or b < 1e-12 for a, b in zip(errors, errors[1:])), errors
+  assert errors[-1] < 1e-12 * np.abs(zca).max() and errors[2] > 1e-2, errors
+
+
+def test_group_whitening_equals_per_slice_whitening():
+  x = jnp.asarray(correlated(5, (32, 4, 4, 12)).astype(np.float32))
+  grouped = bw.whiten(x, group_size=4)
+  for k in range(3):
+    np.testing.assert_allclose(grouped[..., 4 * k:4 * k + 4], bw.whiten(x[..., 4 * k:4 * k + 4], None),
+                               atol=2e-5)
+
+
+def test_axis_name_moments_use_shifted_single_pass_formula():
+  x = correlated(6, (64, 6), offset=50.0).astype(np.float32)
+  mean, cov = np_moments(x, 3)
+  j_mean, j_cov = jax.vmap(lambda v: bw.batch_moments(v, 3, axis_name='d', shift=jnp.asarray(mean)),
+                           axis_name='d', out_axes=None)(jnp.asarray(x).reshape(4, 16, 6))
+  np.testing.assert_allclose(j_mean, mean, rtol=1e-5)
+  np.testing.assert_allclose(j_cov, cov, rtol=1e-4, atol=1e-4)
+
+
+# The module: running statistics --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('method', EXACT_METHODS)
+def test_running_statistics_are_hand_computed_ema(method):
+  momentum, eps, g = 0.8, 1e-3, 4
+  module = bw.BatchWhitening(group_size=g, momentum=momentum, epsilon=eps, method=method)
+  batches = [correlated(10 + k, (16, 2, 2, 8)).astype(np.float32) for k in range(3)]
+  variables = module.init(jax.random.key(0), jnp.asarray(batches[0]), use_running_average=False)
+  init_stats = variables['batch_stats']
+  np.testing.assert_array_equal(init_stats['mean'], np.zeros(8))
+  np.testing.assert_array_equal(init_stats['cov'], np.broadcast_to(np.eye(4), (2, 4, 4)))
+  np.testing.assert_array_equal(init_stats['whitening'], np.broadcast_to(np.eye(4), (2, 4, 4)))
+
+  mean, cov = np.zeros(8), np.broadcast_to(np.eye(4), (2, 4, 4))
+  step = jax.jit(lambda v, x: train_apply(module, v, x))
+  for x in batches:
+    y, updates = step(variables, x)
+    variables = {**variables, **updates}
+    batch_mean, batch_cov = np_moments(x, g)
+    mean = momentum * mean + (1 - momentum) * batch_mean
+    cov = momentum * cov + (1 - momentum) * batch_cov
+    s_batch = np.asarray(bw.whitening_matrix(jnp.asarray(batch_cov, jnp.float32), method, eps))
+    np.testing.assert_allclose(y, np_apply(x, batch_mean, match_row_signs(np_whitening(batch_cov, method, eps),
+                                                                          s_batch)),
+                               atol=2e-4, err_msg='a batch-mode training step whitens with batch moments')
+  stats = variables['batch_stats']
+  np.testing.assert_allclose(stats['mean'], mean, atol=1e-5)
+  np.testing.assert_allclose(stats['cov'], cov, atol=1e-5)
+  np.testing.assert_allclose(stats['whitening'],
+                             match_row_signs(np_whitening(cov, method, eps), stats['whitening']), atol=1e-4)
+  assert stats['fallbacks'] == 0 and stats['skipped_updates'] == 0
+
+  x_eval = correlated(20, (5, 2, 2, 8)).astype(np.float32)
+  y_eval = module.apply(variables, x_eval, use_running_average=True)
+  np.testing.assert_allclose(y_eval, np_apply(x_eval, stats['mean'], np.asarray(stats['whitening'])),
+                             atol=1e-5)
+
+
+def test_running_modes_whiten_with_the_updated_running_statistics():
+  momentum, eps = 0.5, 1e-3
+  module = bw.BatchWhitening(group_size=4, momentum=momentum, epsilon=eps, center_with='running',
+                             whiten_with='running', use_scale=False, use_bias=False)
+  x = correlated(30, (32, 8)).astype(np.float32)
+  variables = module.init(jax.random.key(0), x, use_running_average=False)
+  y, updates = train_apply(module, variables, x)
+  batch_mean, batch_cov = np_moments(x, 4)
+  mean = (1 - momentum) * batch_mean
+  cov = momentum * np.eye(4) + (1 - momentum) * batch_cov
+  np.testing.assert_allclose(y, np_apply(x, mean, np_whitening(cov, 'cholesky', eps)), atol=1e-4)
+  np.testing.assert_allclose(updates['batch_stats']['whitening'], np_whitening(cov, 'cholesky', eps),
+                             atol=1e-5)
+
+
+def test_init_in_training_mode_changes_no_statistic():
+  module = bw.BatchWhitening(group_size=2)
+  x = correlated(31, (8, 6)).astype(np.float32)
+  stats = module.init(jax.random.key(0), x, use_running_average=False)['batch_stats']
+  np.testing.assert_array_equal(stats['mean'], np.zeros(6))
+  np.testing.assert_array_equal(stats['cov'], np.broadcast_to(np.eye(2), (3, 2, 2)))
+  np.testing.assert_array_equal(stats['whitening'], np.broadcast_to(np.eye(2), (3, 2, 2)))
+  assert stats['fallbacks'] == 0 and stats['skipped_updates'] == 0
+
+
+def test_affine_scale_and_bias_apply_per_channel_after_whitening():
+  module = bw.BatchWhitening(group_size=3)
+  x = correlated(32, (16, 6)).astype(np.float32)
+  variables = module.init(jax.random.key(0), x, use_running_average=False)
+  gamma, beta = np.arange(1.0, 7.0, dtype=np.float32), np.linspace(-1, 1, 6, dtype=np.float32)
+  variables = {**variables, 'params': {'scale': gamma, 'bias': beta}}
+  y, _ = train_apply(module, variables, x)
+  np.testing.assert_allclose(y, gamma * np.asarray(bw.whiten(x, 3)) + beta, atol=1e-5)
+
+
+def test_eval_runs_no_factorisation():
+  module = bw.BatchWhitening(group_size=4, method='zca')
+  x = jnp.ones((2, 8))
+  variables = module.init(jax.random.key(0), correlated(33, (16, 8)).astype(np.float32),
+                          use_running_average=False)
+  jaxpr = str(jax.make_jaxpr(lambda v, x: module.apply(v, x, use_running_average=True))(variables, x))
+  train = str(jax.make_jaxpr(lambda v, x: train_apply(module, v, x))(variables, x))
+  assert 'eigh' in train
+  assert all(op not in jaxpr for op in ('eigh', 'cholesky', 'triangular_solve')), jaxpr
+
+
+def test_bfloat16_input_gives_bfloat16_output_and_float32_statistics():
+  module = bw.BatchWhitening(group_size=4, use_scale=False, use_bias=False)
+  x = correlated(34, (64, 2, 2, 8)).astype(np.float32)
+  variables = module.init(jax.random.key(0), x, use_running_average=False)
+  y16, updates16 = train_apply(module, variables, jnp.asarray(x, jnp.bfloat16))
+  y32, updates32 = train_apply(module, variables, x)
+  assert y16.dtype == jnp.bfloat16
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(updates16))
+  # bf16 input rounding (2⁻⁸ relative) is the only difference: outputs agree to bf16 precision.
+  np.testing.assert_allclose(np.asarray(y16, np.float32), y32, atol=0.05)
+  np.testing.assert_allclose(updates16['batch_stats']['cov'], updates32['batch_stats']['cov'], rtol=0.02,
+                             atol=0.02)
+
+
+# Gradients -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('source', bw.STAT_SOURCES)
+@pytest.mark.parametrize('method', METHODS)
+def test_gradients_match_finite_differences_float64(method, source):
+  module = bw.BatchWhitening(group_size=3, method=method, momentum=0.6, epsilon=1e-2,
+                             center_with=source, whiten_with=source)
+  x = correlated(40, (10, 6))
+  with jax.enable_x64(True):
+    variables = module.init(jax.random.key(0), jnp.asarray(x), use_running_average=False)
+    # Start from non-trivial running statistics, so that 'running' mode mixes old and batch moments.
+    variables = {**variables, **train_apply(module, variables, jnp.asarray(correlated(41, (10, 6))))[1]}
+    weights = jnp.asarray(np.random.default_rng(0).normal(size=(10, 6)))
+    loss = lambda x: jnp.sum(weights * train_apply(module, variables, x)[0])
+    check_grads(loss, (jnp.asarray(x),), order=1, modes=('rev',), eps=1e-6, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('method', ('zca', 'pca'))
+def test_gradients_are_finite_for_repeated_eigenvalues(method):
+  # Two constant channels: Σ + εI has the eigenvalue ε twice, where the textbook eigh derivative is inf.
+  x = correlated(42, (16, 4)).astype(np.float32)
+  x[:, 2:] = 3.0
+  grad = jax.grad(lambda x: jnp.sum(jnp.sin(bw.whiten(x, None, method))))(jnp.asarray(x))
+  assert np.all(np.isfinite(grad))
+
+
+def test_zca_gradient_at_repeated_eigenvalues_matches_finite_differences():
+  # Exactly repeated eigenvalues (isotropic data) exercise the divided-difference limit −½λ^{-3/2}.
+  with jax.enable_x64(True):
+    cov = jnp.asarray(np.diag([2.0, 2.0, 5.0]))
+    direction = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3)))
+    direction = direction + direction.T
+    _, tangent = jax.jvp(lambda c: bw.zca_whitening(c[None])[0], (cov,), (direction,))
+    h = 1e-6
+    numeric = (bw.zca_whitening((cov + h * direction)[None]) - bw.zca_whitening((cov - h * direction)[None]))
+    np.testing.assert_allclose(tangent, numeric[0] / (2 * h), atol=1e-6)
+
+
+# Degenerate batches --------------------------------------------------------------------------------------
+
+
+def degenerate_batches() -> dict[str, np.ndarray]:
+  x = correlated(50, (12, 2, 2, 8)).astype(np.float32)
+  duplicated = x.copy()
+  duplicated[..., 1] = duplicated[..., 0]
+  constant = x.copy()
+  constant[..., 4:] = 7.0
+  return {
+      'fewer_samples_than_group': correlated(51, (3, 8)).astype(np.float32),
+      'duplicated_channels': duplicated,
+      'constant_channels': constant,
+      'scale_1e6': x * 1e6,
+      'scale_1e-6': x * 1e-6,
+      'duplicated_at_scale_1e6': duplicated * 1e6,
+      'all_zero': np.zeros_like(x),
+  }
+
+
+@pytest.mark.parametrize('method', METHODS)
+@pytest.mark.parametrize('case', list(degenerate_batches()))
+def test_degenerate_batches_give_finite_outputs_stats_and_gradients(method, case):
+  x = jnp.asarray(degenerate_batches()[case])
+  module = bw.BatchWhitening(group_size=8, method=method, momentum=0.9, epsilon=1e-5)
+  variables = module.init(jax.random.key(0), x, use_running_average=False)
+  y, updates = train_apply(module, variables, x)
+  grad = jax.grad(lambda x: jnp.sum(jnp.tanh(train_apply(module, variables, x)[0])))(x)
+  assert np.all(np.isfinite(y)), f'{case}: non-finite output'
+  assert np.all(np.isfinite(grad)), f'{case}: non-finite gradient'
+  for name, value in updates['batch_stats'].items():
+    assert np.all(np.isfinite(value)), f'{case}: non-finite running {name}'
+  y_eval = module.apply({**variables, **updates}, x, use_running_average=True)
+  assert np.all(np.isfinite(y_eval)), f'{case}: non-finite eval output'
+
+
+def test_rank_deficient_group_at_large_scale_falls_back_and_is_counted():
+  x = jnp.asarray(degenerate_batches()['duplicated_at_scale_1e6'])
+  module = bw.BatchWhitening(group_size=8, method='cholesky')
+  variables = module.init(jax.random.key(0), x, use_running_average=False)
+  y, updates = train_apply(module, variables, x)
+  assert updates['batch_stats']['fallbacks'] >= 1
+  # Fallback (relative ridge) still whitens: unit variance on the independent directions, none is blown up.
+  variances = np.var(np.asarray(y).reshape(-1, 8), axis=0, ddof=1)
+  assert np.all(variances < 1.01) and np.median(variances) > 0.9, variances
+
+
+def test_diagonal_fallback_standardises_channels():
+  cov = jnp.asarray(np.full((1, 3, 3), np.nan, np.float32))
+  s, fell_back = bw.whitening_matrix_with_fallbacks(jnp.where(jnp.eye(3) > 0, 4.0, cov), 'cholesky', 1e-5)
+  assert bool(fell_back[0])
+  np.testing.assert_allclose(s[0], np.eye(3) / np.sqrt(4.0 + 1e-5 + bw.FALLBACK_RIDGE * 4.0), rtol=1e-6)
+
+
+def test_non_finite_batch_never_enters_running_statistics():
+  module = bw.BatchWhitening(group_size=4)
+  x = correlated(52, (16, 8)).astype(np.float32)
+  variables = module.init(jax.random.key(0), x, use_running_average=False)
+  variables = {**variables, **train_apply(module, variables, x)[1]}
+  bad = x.copy()
+  bad[3, 5] = np.nan
+  _, updates = train_apply(module, variables, bad)
+  for name in ('mean', 'cov', 'whitening', 'fallbacks'):
+    np.testing.assert_array_equal(updates['batch_stats'][name], variables['batch_stats'][name], err_msg=name)
+  assert updates['batch_stats']['skipped_updates'] == 1
+
+
+# Bad input -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(method='svd'), "method='svd' is not supported; choose one of 'cholesky', 'zca', 'pca', 'newton'"),
+    (dict(center_with='global'), "center_with='global' is not supported; choose one of 'batch', 'running'"),
+    (dict(whiten_with='ema'), "whiten_with='ema' is not supported"),
+    (dict(group_size=0), 'group_size must be a positive int or None'),
+    (dict(newton_iterations=0), 'newton_iterations must be a positive int'),
+    (dict(momentum=1.5), 'momentum must lie in [0, 1]'),
+    (dict(epsilon=0.0), 'epsilon must be > 0'),
+])
+def test_bad_settings_are_rejected_at_construction(kwargs, message):
+  with pytest.raises(ValueError) as error:
+    bw.BatchWhitening(**kwargs)
+  assert message in str(error.value)
+
+
+@pytest.mark.parametrize('shape, kwargs, message', [
+    ((8, 6), dict(group_size=4), 'group_size=4 does not divide the 6 input channels'),
+    ((6,), {}, 'expects (N, ..., C)'),
+    ((1, 6), {}, 'needs at least 2 samples'),
+])
+def test_bad_input_is_rejected_before_computing(shape, kwargs, message):
+  with pytest.raises(ValueError) as error:
+    bw.BatchWhitening(**kwargs).init(jax.random.key(0), jnp.ones(shape), use_running_average=False)
+  assert message in str(error.value)
+
+
+@pytest.mark.parametrize('channels, group_size, expected', [(32, 16, 16), (40, 16, 10), (1152, 64, 64),
+                                                            (672, 64, 56), (24, None, 24), (7, 16, 7)])
+def test_fit_group_size_is_the_largest_divisor_not_above(channels, group_size, expected):
+  assert bw.fit_group_size(channels, group_size) == expected
