@@ -260,7 +260,8 @@ class BatchWhitening(nn.Module):
     bias_init: initialiser of β.
     scale_init: initialiser of γ.
     axis_name: the mapped batch axis under `shard_map`/`pmap` (not needed under `jax.jit` sharding).
-    axis_index_groups: device subsets reduced separately along `axis_name`.
+    axis_index_groups: device subsets reduced separately along `axis_name` (under `shard_map` JAX 0.10
+      supports this only with `check_vma=False`).
     group_size: g, channels per group (must divide C); None whitens all C channels together.
     method: 'cholesky' (default), 'zca', 'pca' or 'newton': how S is computed from Σ + ε·I.
     newton_iterations: Newton–Schulz steps T for method='newton'.
@@ -325,7 +326,9 @@ class BatchWhitening(nn.Module):
         raise ValueError(f'BatchWhitening needs at least 2 samples per batch in training to estimate a '
                          f'covariance; got shape {x.shape} ({samples} sample). Use a larger batch or '
                          f'use_running_average=True.')
-      batch_mean, batch_cov = batch_moments(x, self.group_size, axis_name=self.axis_name,
+      # As in flax's BatchNorm, `init` runs outside shard_map/pmap: the axis may not exist yet.
+      axis_name = None if self.is_initializing() else self.axis_name
+      batch_mean, batch_cov = batch_moments(x, self.group_size, axis_name=axis_name,
                                             axis_index_groups=self.axis_index_groups, shift=ra_mean.value)
       new_mean = ema(ra_mean.value, batch_mean, self.momentum)
       new_cov = ema(ra_cov.value, batch_cov, self.momentum)

@@ -387,3 +387,11 @@ def test_bad_input_is_rejected_before_computing(shape, kwargs, message):
                                                             (672, 64, 56), (24, None, 24), (7, 16, 7)])
 def test_fit_group_size_is_the_largest_divisor_not_above(channels, group_size, expected):
   assert bw.fit_group_size(channels, group_size) == expected
+
+
+def test_init_with_axis_name_works_outside_the_mapped_axis():
+  # Flax's pattern: init outside shard_map/pmap with axis_name baked into the layer, as BatchNorm allows.
+  x = jnp.asarray(correlated(60, (16, 8)).astype(np.float32))
+  variables = bw.BatchWhitening(axis_name='data', group_size=4).init(jax.random.key(0), x,
+                                                                     use_running_average=False)
+  np.testing.assert_array_equal(variables['batch_stats']['mean'], np.zeros(8))
