@@ -12,6 +12,7 @@ module `BatchWhitening` is a thin drop-in for `flax.linen.BatchNorm` that keeps 
 """
 
 from collections.abc import Callable
+import dataclasses
 import functools
 from typing import Any
 
@@ -180,8 +181,9 @@ def whitening_matrix_with_fallbacks(
 
   A group whose factorisation of Σ + ε·I fails (rank deficiency at a scale where ε drowns in round-off)
   is retried with the scale-relative ridge ε + FALLBACK_RIDGE·tr(Σ)/g, then standardised on its diagonal
-  only. Trials run without gradients; the chosen matrix is factorised once more with gradients so that no
-  NaN of a rejected trial leaks into the backward pass.
+  only. Both trials run in one batched factorisation without gradients, so that no NaN of a rejected
+  trial can leak into the backward pass; the gradient is then attached to the chosen matrix — from the
+  chosen S alone for Cholesky, by factorising the chosen matrix once more for the other methods.
 
   Args:
     cov: (G, g, g) covariance (no ridge); symmetrised here.
@@ -195,12 +197,36 @@ def whitening_matrix_with_fallbacks(
   exact = jnp.full(cov.shape[:1], epsilon, cov.dtype)
   relative = epsilon + FALLBACK_RIDGE * jnp.sum(variances, axis=-1) / g
   trials = jax.lax.stop_gradient(jnp.concatenate([_add_ridge(cov, exact), _add_ridge(cov, relative)]))
-  exact_ok, relative_ok = jnp.split(_is_usable(whiten(trials), jnp.concatenate([exact, relative])), 2)
-  chosen = jnp.where(exact_ok[:, None, None], _add_ridge(cov, exact),
-                     jnp.where(relative_ok[:, None, None], _add_ridge(cov, relative), _eye_like(cov)))
+  trial_whitening = whiten(trials)
+  exact_ok, relative_ok = jnp.split(_is_usable(trial_whitening, jnp.concatenate([exact, relative])), 2)
+  pick = lambda first, second, otherwise: jnp.where(
+      exact_ok[:, None, None], first, jnp.where(relative_ok[:, None, None], second, otherwise))
+  chosen = pick(_add_ridge(cov, exact), _add_ridge(cov, relative), _eye_like(cov))
+  if method == 'cholesky':
+    chosen_whitening = _cholesky_whitening_given(chosen, pick(*jnp.split(trial_whitening, 2), _eye_like(cov)))
+  else:
+    chosen_whitening = whiten(chosen)
   diagonal = jax.vmap(jnp.diag)(jax.lax.rsqrt(variances + relative[:, None]))
-  whitening = jnp.where((exact_ok | relative_ok)[:, None, None], whiten(chosen), diagonal)
+  whitening = jnp.where((exact_ok | relative_ok)[:, None, None], chosen_whitening, diagonal)
   return whitening, ~exact_ok
+
+
+@jax.custom_jvp
+def _cholesky_whitening_given(cov: jax.Array, whitening: jax.Array) -> jax.Array:
+  """Returns `whitening` = L⁻¹ of `cov`, already computed, with the derivative of L⁻¹ w.r.t. `cov`."""
+  del cov
+  return whitening
+
+
+@_cholesky_whitening_given.defjvp
+def _cholesky_whitening_given_jvp(primals, tangents):
+  # From Σ = L Lᵀ: L⁻¹ dΣ L⁻ᵀ = L⁻¹dL + (L⁻¹dL)ᵀ with L⁻¹dL lower-triangular, so L⁻¹dL = Φ(S dΣ Sᵀ)
+  # (Φ: lower triangle, halved diagonal) and dS = −S dL S = −Φ(S dΣ Sᵀ) S. Needs S only: no refactorising.
+  (_, s), (dcov, _) = primals, tangents
+  s = jax.lax.stop_gradient(s)
+  p = s @ (0.5 * (dcov + jnp.swapaxes(dcov, -1, -2))) @ jnp.swapaxes(s, -1, -2)
+  phi = jnp.tril(p, -1) + 0.5 * _eye_like(p) * p
+  return s, -phi @ s
 
 
 def whitening_matrix(
@@ -231,6 +257,46 @@ def check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
     raise ValueError(f'{name}={value!r} is not supported; choose one of {", ".join(map(repr, allowed))}.')
 
 
+def check_bw_settings(settings: Any) -> None:
+  """Raises a ValueError naming the allowed values for any out-of-range BatchWhitening field of `settings`."""
+  check_choice('method', settings.method, METHODS)
+  check_choice('center_with', settings.center_with, STAT_SOURCES)
+  check_choice('whiten_with', settings.whiten_with, STAT_SOURCES)
+  if not 0.0 <= settings.momentum <= 1.0:
+    raise ValueError(f'momentum must lie in [0, 1], got {settings.momentum}.')
+  if not settings.epsilon > 0.0:
+    raise ValueError(f'epsilon must be > 0 (it keeps Σ + ε·I positive definite), got {settings.epsilon}.')
+  if not isinstance(settings.newton_iterations, int) or settings.newton_iterations < 1:
+    raise ValueError(f'newton_iterations must be a positive int, got {settings.newton_iterations!r}.')
+  check_group_size(settings.group_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class BWSettings:
+  """The BatchWhitening fields a model gives every BW layer (the config's `bw.*`; same names).
+
+  Defaults follow EfficientNet's BatchNorm (momentum 0.99, ε 1e-3) with groups of 16 channels.
+  """
+
+  method: str = 'cholesky'
+  group_size: int | None = 16
+  momentum: float = 0.99
+  epsilon: float = 1e-3
+  center_with: str = 'batch'
+  whiten_with: str = 'batch'
+  newton_iterations: int = 5
+
+  def __post_init__(self):
+    check_bw_settings(self)
+
+  def layer(self, channels: int, **kwargs: Any) -> 'BatchWhitening':
+    """A BatchWhitening for `channels` inputs; the group size becomes the largest divisor of `channels`
+    not above `group_size` (`fit_group_size`), so one setting serves layers of any width."""
+    fields = dataclasses.asdict(self)
+    fields['group_size'] = fit_group_size(channels, self.group_size)
+    return BatchWhitening(**fields, **kwargs)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Flax module
 
@@ -242,7 +308,8 @@ class BatchWhitening(nn.Module):
   Statistics are float32 whatever the input dtype. Running statistics live in `batch_stats`:
 
     mean (C,) init 0;  cov (G, g, g) init I;  whitening (G, g, g) init I = S(cov) of the updated cov;
-    fallbacks () — number of group factorisations in training steps that needed a fallback;
+    fallbacks () — number of group factorisations (of the batch S and of the running S) in training
+      steps that needed a fallback;
     skipped_updates () — training steps whose batch moments were not finite and were left out.
 
   A training step updates `stat ← momentum·stat + (1−momentum)·batch_stat` (Flax convention) for mean and
@@ -288,16 +355,7 @@ class BatchWhitening(nn.Module):
   whiten_with: str = 'batch'
 
   def __post_init__(self):
-    check_choice('method', self.method, METHODS)
-    check_choice('center_with', self.center_with, STAT_SOURCES)
-    check_choice('whiten_with', self.whiten_with, STAT_SOURCES)
-    if not 0.0 <= self.momentum <= 1.0:
-      raise ValueError(f'momentum must lie in [0, 1], got {self.momentum}.')
-    if not self.epsilon > 0.0:
-      raise ValueError(f'epsilon must be > 0 (it keeps Σ + ε·I positive definite), got {self.epsilon}.')
-    if not isinstance(self.newton_iterations, int) or self.newton_iterations < 1:
-      raise ValueError(f'newton_iterations must be a positive int, got {self.newton_iterations!r}.')
-    check_group_size(self.group_size)
+    check_bw_settings(self)
     super().__post_init__()
 
   @nn.compact
@@ -334,17 +392,17 @@ class BatchWhitening(nn.Module):
       new_cov = ema(ra_cov.value, batch_cov, self.momentum)
       mean = batch_mean if self.center_with == 'batch' else new_mean
       whiten_cov = batch_cov if self.whiten_with == 'batch' else new_cov
-      whitening, fell_back = whitening_matrix_with_fallbacks(whiten_cov, self.method, self.epsilon,
-                                                             self.newton_iterations)
-      if not self.is_initializing():
+      update_stats = not self.is_initializing()
+      # The S used now and, in 'batch' mode, the running S for eval: one batched factorisation.
+      covs = [whiten_cov]
+      if update_stats and self.whiten_with == 'batch':
+        covs.append(jax.lax.stop_gradient(new_cov))
+      whitenings, fell_back = whitening_matrix_with_fallbacks(jnp.concatenate(covs), self.method,
+                                                              self.epsilon, self.newton_iterations)
+      whitening, new_whitening = whitenings[:groups], whitenings[-groups:]
+      if update_stats:
         finite = jnp.all(jnp.isfinite(batch_mean)) & jnp.all(jnp.isfinite(batch_cov))
         keep_if_finite = lambda new, old: jnp.where(finite, jax.lax.stop_gradient(new), old).astype(old.dtype)
-        if self.whiten_with == 'running':
-          new_whitening, new_fell_back = whitening, fell_back
-        else:
-          new_whitening, new_fell_back = whitening_matrix_with_fallbacks(
-              jax.lax.stop_gradient(new_cov), self.method, self.epsilon, self.newton_iterations)
-          fell_back = fell_back | new_fell_back
         ra_mean.value = keep_if_finite(new_mean, ra_mean.value)
         ra_cov.value = keep_if_finite(new_cov, ra_cov.value)
         ra_whitening.value = keep_if_finite(new_whitening, ra_whitening.value)
