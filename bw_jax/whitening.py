@@ -64,9 +64,34 @@ def stat_dtype(dtype: Any) -> Any:
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _grouped(x: jax.Array, groups: int) -> jax.Array:
-  """(..., C) -> (..., G, g)."""
-  return x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
+# Up to this many channels one dense (C, C) product beats G batched (g, g) ones on the CPU despite G× the
+# flops (2× faster at C = 32, even at C = 96, 2-10× slower from C = 240 on; see BENCHMARKS.md).
+DENSE_MAX_CHANNELS = 64
+
+
+def _group_major(a: jax.Array, groups: int) -> jax.Array:
+  """(m, C) -> (G, m, g): each group's samples contiguous, for a batched matmul."""
+  return a.reshape(a.shape[0], groups, -1).transpose(1, 0, 2)
+
+
+def group_scatter(a: jax.Array, groups: int) -> jax.Array:
+  """Per-group aᵀa: (m, C) -> (G, g, g)."""
+  if a.shape[1] <= DENSE_MAX_CHANNELS:
+    g = a.shape[1] // groups
+    blocks = (a.T @ a).reshape(groups, g, groups, g)
+    return blocks[jnp.arange(groups), :, jnp.arange(groups), :]
+  a = _group_major(a, groups)
+  return jnp.einsum('gmi,gmj->gij', a, a)
+
+
+def group_matmul(a: jax.Array, matrices: jax.Array) -> jax.Array:
+  """Each group's samples times its matrix transposed, y_g = a_g M_gᵀ: (m, C), (G, g, g) -> (m, C)."""
+  groups, g, _ = matrices.shape
+  if a.shape[1] <= DENSE_MAX_CHANNELS:
+    block_diagonal = jnp.einsum('gij,gh->gihj', matrices, jnp.eye(groups, dtype=matrices.dtype))
+    return a @ block_diagonal.reshape(groups * g, groups * g).T
+  y = jnp.einsum('gmj,gij->gmi', _group_major(a, groups), matrices)
+  return y.transpose(1, 0, 2).reshape(a.shape)
 
 
 def batch_moments(
@@ -98,16 +123,15 @@ def batch_moments(
   m = samples.shape[0]
   if axis_name is None:  # two passes: exact centring, XLA inserts the collectives when x is sharded.
     mean = jnp.mean(samples, axis=0)
-    centred = _grouped(samples - mean, groups)
-    cov = jnp.einsum('mgi,mgj->gij', centred, centred) / (m - 1)
-    return mean, cov
+    return mean, group_scatter(samples - mean, groups) / (m - 1)
   shift = jnp.zeros((channels,), samples.dtype) if shift is None else jax.lax.stop_gradient(shift)
-  shifted = _grouped(samples - shift, groups)
-  local = (jnp.mean(shifted, axis=0), jnp.einsum('mgi,mgj->gij', shifted, shifted) / m)
+  shifted = samples - shift
+  local = (jnp.mean(shifted, axis=0), group_scatter(shifted, groups) / m)
   offset, second = jax.lax.pmean(local, axis_name, axis_index_groups=axis_index_groups)
   total = m * jax.lax.psum(1, axis_name, axis_index_groups=axis_index_groups)
-  cov = (second - offset[:, :, None] * offset[:, None, :]) * (total / (total - 1))
-  return offset.reshape(channels) + shift, cov
+  offset_g = offset.reshape(groups, -1)
+  cov = (second - offset_g[:, :, None] * offset_g[:, None, :]) * (total / (total - 1))
+  return offset + shift, cov
 
 
 def _eye_like(cov: jax.Array) -> jax.Array:
@@ -238,9 +262,8 @@ def whitening_matrix(
 
 def apply_whitening(x: jax.Array, mean: jax.Array, whitening: jax.Array) -> jax.Array:
   """y = S (x − μ) per group: x (..., C), mean (C,), whitening (G, g, g) -> (..., C) in float32 or wider."""
-  groups = whitening.shape[0]
-  centred = _grouped(x.astype(stat_dtype(x.dtype)) - mean, groups)
-  return jnp.einsum('...gj,gij->...gi', centred, whitening).reshape(x.shape)
+  centred = x.reshape(-1, x.shape[-1]).astype(stat_dtype(x.dtype)) - mean
+  return group_matmul(centred, whitening).reshape(x.shape)
 
 
 def whiten(

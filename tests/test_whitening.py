@@ -108,6 +108,18 @@ def test_output_equals_numpy_seed_formula(method):
     np.testing.assert_allclose(j_s, np.swapaxes(j_s, -1, -2), atol=1e-12)
 
 
+@pytest.mark.parametrize('channels', [bw.DENSE_MAX_CHANNELS, bw.DENSE_MAX_CHANNELS + 8])
+def test_dense_and_batched_group_products_match_numpy(channels):
+  # Up to DENSE_MAX_CHANNELS the group products run as one block-diagonal matmul, above as G batched ones.
+  x = correlated(7, (40, channels)).astype(np.float32)
+  mean, cov = np_moments(x, 8)
+  s = np.random.default_rng(8).normal(size=(channels // 8, 8, 8))
+  j_mean, j_cov = bw.batch_moments(jnp.asarray(x), 8)
+  np.testing.assert_allclose(j_cov, cov, rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(bw.apply_whitening(jnp.asarray(x), j_mean, jnp.asarray(s, jnp.float32)),
+                             np_apply(x, mean, s), rtol=1e-4, atol=1e-3)
+
+
 def test_pca_and_zca_differ_by_an_orthogonal_matrix():
   x = correlated(3, (512, 6))
   with jax.enable_x64(True):
