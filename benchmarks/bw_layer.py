@@ -1,0 +1,173 @@
+"""Forward+backward time of `BatchWhitening` next to `flax.linen.BatchNorm` on EfficientNet-B0 shapes.
+
+One training step of each layer is timed: jit(value_and_grad) of sum(y²) w.r.t. the input and the
+parameters, with `batch_stats` mutable. Shapes are EfficientNet-B0 activations at 64×64 input (batch 128).
+Within a shape, BatchNorm and every BatchWhitening variant are timed round-robin, one call each per round,
+so that the BW/BN ratios come from the same moments of a noisy machine. Run from the repository root:
+
+  .venv/bin/python benchmarks/bw_layer.py                      # the full table (minutes on a CPU)
+  .venv/bin/python benchmarks/bw_layer.py --markdown           # the same, as BENCHMARKS.md rows
+  .venv/bin/python benchmarks/bw_layer.py --quick              # smoke run: batch 8, g=16, 3 repeats
+  .venv/bin/python benchmarks/bw_layer.py --shapes 96 672 --methods cholesky --group-sizes 16
+
+Progress goes to stderr, the table to stdout.
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import flax
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+
+from bw_jax import whitening
+
+# jax 0.10.2 on CPU: with async dispatch, block_until_ready intermittently never returned (all XLA threads
+# idle) in this benchmark; synchronous dispatch avoided it and times each call in the calling thread anyway.
+jax.config.update('jax_cpu_enable_async_dispatch', False)
+
+# (H, W, C) of EfficientNet-B0 stage outputs at 64×64 input, keyed by C (the --shapes names).
+SHAPES = {32: (32, 32, 32), 96: (16, 16, 96), 240: (8, 8, 240), 672: (4, 4, 672), 1152: (2, 2, 1152)}
+GROUP_SIZES = (8, 16, 32, 64)
+MOMENTUM, EPSILON = 0.99, 1e-5  # shared by both layers, so that only the normalisation differs.
+QUICK = dict(batch=8, group_sizes=[16], repeats=3)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--methods', nargs='+', default=list(whitening.METHODS), choices=whitening.METHODS)
+  parser.add_argument('--group-sizes', nargs='+', type=int, default=list(GROUP_SIZES), metavar='G',
+                      help='requested g; a g that does not divide C becomes fit_group_size(C, g).')
+  parser.add_argument('--shapes', nargs='+', type=int, default=list(SHAPES), choices=list(SHAPES),
+                      metavar='C', help=f'shapes by channel count, from {list(SHAPES)}.')
+  parser.add_argument('--repeats', type=int, default=20, help='timed calls per layer (median reported).')
+  parser.add_argument('--batch', type=int, default=128)
+  parser.add_argument('--markdown', action='store_true', help='print a Markdown table.')
+  parser.add_argument('--quick', action='store_true', help=f'smoke run: {QUICK}, overriding those flags.')
+  args = parser.parse_args(argv)
+  if args.quick:
+    vars(args).update(QUICK)
+  if args.repeats < 1 or args.batch < 1 or min(args.group_sizes) < 1:
+    parser.error('--repeats, --batch and --group-sizes must be positive.')
+  return args
+
+
+def layers_for(channels: int, methods: list[str], group_sizes: list[int]) -> tuple[list, list[str]]:
+  """[(method, g label, module)] with BatchNorm first, and notes on requested g that repeat a row."""
+  rows = [('batchnorm', '-', nn.BatchNorm(use_running_average=False, momentum=MOMENTUM, epsilon=EPSILON))]
+  notes = []
+  for method in methods:
+    seen = set()
+    for requested in group_sizes:
+      g = whitening.fit_group_size(channels, requested)
+      label = str(g) if g == requested else f'{g} (asked {requested})'
+      if g in seen:
+        notes.append(f'C={channels} {method}: g={requested} fits to g={g}, already timed.')
+        continue
+      seen.add(g)
+      rows.append((method, label, whitening.BatchWhitening(
+          use_running_average=False, momentum=MOMENTUM, epsilon=EPSILON, group_size=g, method=method)))
+  return rows, notes
+
+
+def training_step(module: nn.Module, x: jax.Array) -> Callable[[], Any]:
+  """A compiled, warmed-up call of one forward+backward pass: loss, d/d(params, x), new batch_stats."""
+  variables = module.init(jax.random.key(1), x)
+
+  def loss(params, inputs, batch_stats):
+    y, updates = module.apply({'params': params, 'batch_stats': batch_stats}, inputs,
+                              mutable=['batch_stats'])
+    return jnp.sum(jnp.square(y)), updates['batch_stats']
+
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+  call = lambda: jax.block_until_ready(step(variables['params'], x, variables['batch_stats']))
+  call()  # compile
+  call()  # warm caches and the thread pool
+  return call
+
+
+def time_round_robin(calls: list[Callable[[], Any]], repeats: int) -> list[float]:
+  """Median milliseconds of each call, timing one call of each per round."""
+  samples = [[] for _ in calls]
+  for _ in range(repeats):
+    for call, times in zip(calls, samples):
+      start = time.perf_counter()
+      call()
+      times.append(1e3 * (time.perf_counter() - start))
+  return [statistics.median(times) for times in samples]
+
+
+def benchmark_shape(channels: int, args: argparse.Namespace) -> tuple[list[tuple], list[str]]:
+  """Table rows (shape, method, g, ms, ratio to BN) for one activation shape, and notes."""
+  shape = (args.batch, *SHAPES[channels])
+  x = jax.random.normal(jax.random.key(0), shape, jnp.float32)
+  layers, notes = layers_for(channels, args.methods, args.group_sizes)
+  calls = []
+  for method, g, module in layers:
+    progress(f'{shape}: compiling {method} g={g}')
+    calls.append(training_step(module, x))
+  progress(f'{shape}: timing {len(calls)} layers x {args.repeats} rounds')
+  medians = time_round_robin(calls, args.repeats)
+  shape_label = '×'.join(map(str, shape))
+  rows = [(shape_label, method, g, ms, ms / medians[0]) for (method, g, _), ms in zip(layers, medians)]
+  return rows, notes
+
+
+def environment() -> list[str]:
+  cpu = next((line.split(':', 1)[1].strip() for line in open_lines('/proc/cpuinfo')
+              if line.startswith('model name')), platform.processor() or 'unknown')
+  device = jax.devices()[0]
+  return [f'jax {jax.__version__}, jaxlib {jax.lib.__version__}, flax {flax.__version__}, '
+          f'Python {platform.python_version()}',
+          f'backend {jax.default_backend()}, device {device.device_kind} ({device}), '
+          f'{len(jax.devices())} device(s)',
+          f'host: {os.cpu_count()} CPUs ({cpu})']
+
+
+def open_lines(path: str) -> list[str]:
+  try:
+    with open(path) as f:
+      return f.readlines()
+  except OSError:
+    return []
+
+
+def format_table(rows: list[tuple], markdown: bool) -> str:
+  header = ('shape (N×H×W×C)', 'method', 'g', 'median ms', 'BW/BN')
+  cells = [header] + [(s, m, g, f'{ms:.2f}', f'{ratio:.2f}') for s, m, g, ms, ratio in rows]
+  if markdown:
+    lines = ['| ' + ' | '.join(row) + ' |' for row in cells]
+    return '\n'.join([lines[0], '|' + '---|' * 3 + '---:|' * 2] + lines[1:])
+  widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+  return '\n'.join('  '.join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w)
+                             in enumerate(zip(row, widths))) for row in cells)
+
+
+def progress(message: str) -> None:
+  print(f'[{time.strftime("%H:%M:%S")}] {message}', file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+  args = parse_args(argv)
+  prefix = '- ' if args.markdown else ''
+  print('\n'.join(prefix + line for line in environment()))
+  print(f'{prefix}batch {args.batch}, {args.repeats} timed rounds per shape, methods {args.methods}, '
+        f'requested g {args.group_sizes}\n')
+  rows, notes = [], []
+  for channels in args.shapes:
+    shape_rows, shape_notes = benchmark_shape(channels, args)
+    rows += shape_rows
+    notes += shape_notes
+  print(format_table(rows, args.markdown))
+  if notes:
+    print('\n' + '\n'.join(prefix + note for note in notes))
+
+
+if __name__ == '__main__':
+  main()

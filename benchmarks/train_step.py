@@ -1,0 +1,101 @@
+"""Images/s of one jitted EfficientNet training step (forward, backward, optimizer update).
+
+B0 at 64×64 (Tiny ImageNet: 200 classes), batch 64, for the BatchNorm baseline (stem 1, MBConv 0, head 1),
+BW in the blocks (1, 2, 1) and BW everywhere (2, 2, 2). Compile time is reported apart; the steps of all
+variants are timed round-robin so that the ratios to the baseline come from the same moments of a noisy
+machine. Run from the repository root:
+
+  .venv/bin/python benchmarks/train_step.py                  # the table
+  .venv/bin/python benchmarks/train_step.py --markdown --steps 10
+  .venv/bin/python benchmarks/train_step.py --depthwise xla  # XLA's grouped conv instead of 'shift'
+"""
+
+import argparse
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from bw_jax.efficientnet import EfficientNet
+from bw_jax.whitening import BWSettings
+
+# (stem_type, mbconv_type, head_type) and a name for each row.
+VARIANTS = {'BN baseline (1, 0, 1)': (1, 0, 1), 'BW blocks (1, 2, 1)': (1, 2, 1),
+            'BW everywhere (2, 2, 2)': (2, 2, 2)}
+
+
+def make_step(model: EfficientNet, batch: int, size: int):
+  """A compiled training step and its initial state; returns (step, state, images, labels, compile s)."""
+  images = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
+  labels = jax.random.randint(jax.random.key(1), (batch,), 0, model.num_classes)
+  variables = jax.jit(lambda: model.init(jax.random.key(2), images[:2], train=False))()
+  optimizer = optax.sgd(0.01, momentum=0.9)
+  state = (variables['params'], variables['batch_stats'], optimizer.init(variables['params']))
+
+  def loss_fn(params, batch_stats, images, labels, key):
+    logits, updates = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=True,
+                                  mutable=['batch_stats'], rngs={'dropout': key})
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates['batch_stats']
+
+  @jax.jit
+  def step(state, images, labels, key):
+    params, batch_stats, opt_state = state
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats, images,
+                                                                          labels, key)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
+
+  start = time.perf_counter()
+  compiled = step.lower(state, images, labels, jax.random.key(3)).compile()
+  return compiled, state, images, labels, time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--batch', type=int, default=64)
+  parser.add_argument('--size', type=int, default=64)
+  parser.add_argument('--steps', type=int, default=7, help='timed steps per variant (median reported)')
+  parser.add_argument('--group-size', type=int, default=16)
+  parser.add_argument('--depthwise', default='auto', choices=('auto', 'shift', 'xla'))
+  parser.add_argument('--markdown', action='store_true')
+  args = parser.parse_args(argv)
+  print(f'jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}); B0 '
+        f'{args.size}×{args.size}, batch {args.batch}, BW cholesky g={args.group_size}, depthwise '
+        f'{args.depthwise}', flush=True)
+
+  runs = {}
+  for name, (stem, mbconv, head) in VARIANTS.items():
+    print(f'compiling {name} ...', file=sys.stderr, flush=True)
+    model = EfficientNet(num_classes=200, stem_type=stem, mbconv_type=mbconv, head_type=head,
+                         bw=BWSettings(group_size=args.group_size), depthwise_implementation=args.depthwise)
+    runs[name] = list(make_step(model, args.batch, args.size))
+    step, state, images, labels, _ = runs[name]
+    runs[name][1] = jax.block_until_ready(step(state, images, labels, jax.random.key(4))[0])  # warm-up
+
+  seconds = {name: [] for name in runs}
+  for i in range(args.steps):
+    print(f'timed round {i + 1}/{args.steps}', file=sys.stderr, flush=True)
+    for name, run in runs.items():
+      step, state, images, labels, _ = run
+      start = time.perf_counter()
+      run[1], loss = jax.block_until_ready(step(state, images, labels, jax.random.key(i)))
+      seconds[name].append(time.perf_counter() - start)
+
+  baseline = args.batch / statistics.median(seconds[next(iter(runs))])
+  rows = [('variant', 'compile s', 'median step ms', 'images/s', 'ratio to BN')]
+  for name, run in runs.items():
+    median = statistics.median(seconds[name])
+    rows.append((name, f'{run[4]:.1f}', f'{1e3 * median:.0f}', f'{args.batch / median:.1f}',
+                 f'{args.batch / median / baseline:.2f}'))
+  if args.markdown:
+    print('\n'.join('| ' + ' | '.join(r) + ' |' for r in rows[:1] + [('---',) * 5] + rows[1:]))
+  else:
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    print('\n'.join('  '.join(c.ljust(w) for c, w in zip(r, widths)) for r in rows))
+
+
+if __name__ == '__main__':
+  main()
