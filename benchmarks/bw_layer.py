@@ -14,23 +14,14 @@ Progress goes to stderr, the table to stdout.
 """
 
 import argparse
-import os
-import platform
-import statistics
-import sys
-import time
 from typing import Any, Callable
 
-import flax
 from flax import linen as nn
 import jax
 import jax.numpy as jnp
 
 from bw_jax import whitening
-
-# jax 0.10.2 on CPU: with async dispatch, block_until_ready intermittently never returned (all XLA threads
-# idle) in this benchmark; synchronous dispatch avoided it and times each call in the calling thread anyway.
-jax.config.update('jax_cpu_enable_async_dispatch', False)
+from common import environment, format_table, progress, time_round_robin  # benchmarks/common.py
 
 # (H, W, C) of EfficientNet-B0 stage outputs at 64×64 input, keyed by C (the --shapes names).
 SHAPES = {32: (32, 32, 32), 96: (16, 16, 96), 240: (8, 8, 240), 672: (4, 4, 672), 1152: (2, 2, 1152)}
@@ -92,17 +83,6 @@ def training_step(module: nn.Module, x: jax.Array) -> Callable[[], Any]:
   return call
 
 
-def time_round_robin(calls: list[Callable[[], Any]], repeats: int) -> list[float]:
-  """Median milliseconds of each call, timing one call of each per round."""
-  samples = [[] for _ in calls]
-  for _ in range(repeats):
-    for call, times in zip(calls, samples):
-      start = time.perf_counter()
-      call()
-      times.append(1e3 * (time.perf_counter() - start))
-  return [statistics.median(times) for times in samples]
-
-
 def benchmark_shape(channels: int, args: argparse.Namespace) -> tuple[list[tuple], list[str]]:
   """Table rows (shape, method, g, ms, ratio to BN) for one activation shape, and notes."""
   shape = (args.batch, *SHAPES[channels])
@@ -119,40 +99,6 @@ def benchmark_shape(channels: int, args: argparse.Namespace) -> tuple[list[tuple
   return rows, notes
 
 
-def environment() -> list[str]:
-  cpu = next((line.split(':', 1)[1].strip() for line in open_lines('/proc/cpuinfo')
-              if line.startswith('model name')), platform.processor() or 'unknown')
-  device = jax.devices()[0]
-  return [f'jax {jax.__version__}, jaxlib {jax.lib.__version__}, flax {flax.__version__}, '
-          f'Python {platform.python_version()}',
-          f'backend {jax.default_backend()}, device {device.device_kind} ({device}), '
-          f'{len(jax.devices())} device(s)',
-          f'host: {os.cpu_count()} CPUs ({cpu})']
-
-
-def open_lines(path: str) -> list[str]:
-  try:
-    with open(path) as f:
-      return f.readlines()
-  except OSError:
-    return []
-
-
-def format_table(rows: list[tuple], markdown: bool) -> str:
-  header = ('shape (N×H×W×C)', 'method', 'g', 'median ms', 'BW/BN')
-  cells = [header] + [(s, m, g, f'{ms:.2f}', f'{ratio:.2f}') for s, m, g, ms, ratio in rows]
-  if markdown:
-    lines = ['| ' + ' | '.join(row) + ' |' for row in cells]
-    return '\n'.join([lines[0], '|' + '---|' * 3 + '---:|' * 2] + lines[1:])
-  widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-  return '\n'.join('  '.join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w)
-                             in enumerate(zip(row, widths))) for row in cells)
-
-
-def progress(message: str) -> None:
-  print(f'[{time.strftime("%H:%M:%S")}] {message}', file=sys.stderr, flush=True)
-
-
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
   prefix = '- ' if args.markdown else ''
@@ -164,7 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     shape_rows, shape_notes = benchmark_shape(channels, args)
     rows += shape_rows
     notes += shape_notes
-  print(format_table(rows, args.markdown))
+  header = ('shape (N×H×W×C)', 'method', 'g', 'median ms', 'BW/BN')
+  cells = [header] + [(s, m, g, f'{ms:.2f}', f'{ratio:.2f}') for s, m, g, ms, ratio in rows]
+  print(format_table(cells, args.markdown, text_columns=3))
   if notes:
     print('\n' + '\n'.join(prefix + note for note in notes))
 

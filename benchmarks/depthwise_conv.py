@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from bw_jax import depthwise
-from bw_layer import environment, progress, time_round_robin  # sibling script: run from the repo root
+from common import environment, format_table, progress, time_round_robin  # benchmarks/common.py
 
 # (N, H, C, k, s) of EfficientNet-B0's depthwise convolutions at 64×64 input (H = W), one row per stage.
 SHAPES = ((64, 32, 32, 3, 1), (64, 32, 96, 3, 2), (64, 16, 144, 5, 2), (64, 8, 240, 3, 2),
@@ -69,18 +69,6 @@ def benchmark_shape(shape: tuple[int, ...], repeats: int) -> tuple[str, list[flo
   return label, time_round_robin(calls, repeats)
 
 
-def format_table(rows: list[tuple[str, list[float]]], markdown: bool) -> str:
-  header = ('shape (N×H×W×C, k, s)', *(f'{name} ms' for name in CONVS), 'xla/shift')
-  cells = [header] + [(label, *(f'{ms:.2f}' for ms in medians), f'{medians[0] / medians[1]:.1f}×')
-                      for label, medians in rows]
-  if markdown:
-    lines = ['| ' + ' | '.join(row) + ' |' for row in cells]
-    return '\n'.join([lines[0], '|---|' + '---:|' * (len(header) - 1)] + lines[1:])
-  widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-  return '\n'.join('  '.join(cell.ljust(w) if i == 0 else cell.rjust(w)
-                             for i, (cell, w) in enumerate(zip(row, widths))) for row in cells)
-
-
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
   prefix = '- ' if args.markdown else ''
@@ -88,7 +76,10 @@ def main(argv: list[str] | None = None) -> None:
   print(f'{prefix}float32, jit(value_and_grad) of sum(y²) w.r.t. (x, kernel), median of {args.repeats} '
         f'round-robin calls\n')
   rows = [benchmark_shape(shape, args.repeats) for shape in SHAPES]
-  print(format_table(rows, args.markdown))
+  header = ('shape (N×H×W×C, k, s)', *(f'{name} ms' for name in CONVS), 'xla/shift')
+  cells = [header] + [(label, *(f'{ms:.2f}' for ms in medians), f'{medians[0] / medians[1]:.1f}×')
+                      for label, medians in rows]
+  print(format_table(cells, args.markdown))
   total = [sum(medians[i] for _, medians in rows) for i in range(len(CONVS))]
   print(f'\n{prefix}all seven layers: ' + ', '.join(f'{name} {ms:.1f} ms' for name, ms in zip(CONVS, total))
         + f' (xla/shift {total[0] / total[1]:.1f}×)')

@@ -12,7 +12,6 @@ machine. Run from the repository root:
 
 import argparse
 import statistics
-import sys
 import time
 
 import jax
@@ -21,6 +20,7 @@ import optax
 
 from bw_jax.efficientnet import EfficientNet
 from bw_jax.whitening import BWSettings
+from common import environment, format_table, progress  # benchmarks/common.py
 
 # (stem_type, mbconv_type, head_type) and a name for each row.
 VARIANTS = {'BN baseline (1, 0, 1)': (1, 0, 1), 'BW blocks (1, 2, 1)': (1, 2, 1),
@@ -62,13 +62,14 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--depthwise', default='auto', choices=('auto', 'shift', 'xla'))
   parser.add_argument('--markdown', action='store_true')
   args = parser.parse_args(argv)
-  print(f'jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}); B0 '
-        f'{args.size}×{args.size}, batch {args.batch}, BW cholesky g={args.group_size}, depthwise '
-        f'{args.depthwise}', flush=True)
+  prefix = '- ' if args.markdown else ''
+  print('\n'.join(prefix + line for line in environment()))
+  print(f'{prefix}B0 {args.size}×{args.size}, batch {args.batch}, SGD momentum, BW cholesky '
+        f'g={args.group_size}, depthwise {args.depthwise}, median of {args.steps} steps\n', flush=True)
 
   runs = {}
   for name, (stem, mbconv, head) in VARIANTS.items():
-    print(f'compiling {name} ...', file=sys.stderr, flush=True)
+    progress(f'compiling {name}')
     model = EfficientNet(num_classes=200, stem_type=stem, mbconv_type=mbconv, head_type=head,
                          bw=BWSettings(group_size=args.group_size), depthwise_implementation=args.depthwise)
     runs[name] = list(make_step(model, args.batch, args.size))
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
 
   seconds = {name: [] for name in runs}
   for i in range(args.steps):
-    print(f'timed round {i + 1}/{args.steps}', file=sys.stderr, flush=True)
+    progress(f'timed round {i + 1}/{args.steps}')
     for name, run in runs.items():
       step, state, images, labels, _ = run
       start = time.perf_counter()
@@ -90,11 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     median = statistics.median(seconds[name])
     rows.append((name, f'{run[4]:.1f}', f'{1e3 * median:.0f}', f'{args.batch / median:.1f}',
                  f'{args.batch / median / baseline:.2f}'))
-  if args.markdown:
-    print('\n'.join('| ' + ' | '.join(r) + ' |' for r in rows[:1] + [('---',) * 5] + rows[1:]))
-  else:
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    print('\n'.join('  '.join(c.ljust(w) for c, w in zip(r, widths)) for r in rows))
+  print(format_table(rows, args.markdown))
 
 
 if __name__ == '__main__':
