@@ -21,7 +21,7 @@ from flax.linen import initializers
 import jax
 import jax.numpy as jnp
 
-from bw_jax.whitening import check_choice
+from bw_jax.checks import check_choice
 
 IMPLEMENTATIONS = ('auto', 'xla', 'shift')
 

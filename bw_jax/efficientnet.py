@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from bw_jax.depthwise import DepthwiseConv
-from bw_jax.whitening import BWSettings, check_choice
+from bw_jax.checks import check_choice
+from bw_jax.whitening import BWSettings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,7 +214,7 @@ class EfficientNet(nn.Module):
     dtype: activation dtype (float32 or bfloat16); parameters and normalisation statistics stay float32.
     stem_stride: 2 as published; 1 keeps resolution for small images (32×32).
     dropout_rate: before the classifier; None takes the variant's (0.2 for B0).
-    drop_connect_rate: stochastic-depth rate of the last block (linear from 0 at the first).
+    drop_connect_rate: stochastic depth: block i of n drops its residual branch with rate·i/n (as TF).
     width_multiplier, depth_multiplier: override the variant's scaling (tiny models for tests).
     depthwise_implementation: 'auto' (shifted slices on CPU, XLA's conv elsewhere), 'shift' or 'xla'.
   """

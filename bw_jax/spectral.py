@@ -22,6 +22,11 @@ def _coincide(w: jax.Array) -> jax.Array:
   return gap <= tolerance * size
 
 
+def _in_eigenbasis(u: jax.Array, da: jax.Array) -> jax.Array:
+  """Uᵀ sym(dA) U: the tangent of a symmetric matrix seen in its eigenbasis."""
+  return _transpose(u) @ (0.5 * (da + _transpose(da))) @ u
+
+
 @jax.custom_jvp
 def safe_eigh(a: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Eigenvalues (ascending) and eigenvectors of symmetric `a`: (..., n, n) -> ((..., n), (..., n, n)).
@@ -36,7 +41,7 @@ def safe_eigh(a: jax.Array) -> tuple[jax.Array, jax.Array]:
 def _safe_eigh_jvp(primals, tangents):
   (a,), (da,) = primals, tangents
   w, u = jnp.linalg.eigh(a)
-  p = _transpose(u) @ (0.5 * (da + _transpose(da))) @ u
+  p = _in_eigenbasis(u, da)
   gap = w[..., None, :] - w[..., :, None]  # gap[i, j] = λ_j − λ_i
   close = _coincide(w)
   f = jnp.where(close, 0.0, 1.0 / jnp.where(close, 1.0, gap))
@@ -68,6 +73,5 @@ def _inverse_sqrtm_jvp(primals, tangents):
   derivative_at_midpoint = -0.5 * midpoint ** -1.5
   divided = (f[..., :, None] - f[..., None, :]) / jnp.where(close, 1.0, gap)
   kernel = jnp.where(close, derivative_at_midpoint, divided)
-  p = _transpose(u) @ (0.5 * (da + _transpose(da))) @ u
   s = (u * f[..., None, :]) @ _transpose(u)
-  return s, u @ (kernel * p) @ _transpose(u)
+  return s, u @ (kernel * _in_eigenbasis(u, da)) @ _transpose(u)

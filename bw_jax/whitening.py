@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from bw_jax import spectral
+from bw_jax.checks import check_choice, is_positive_int
 
 METHODS = ('cholesky', 'zca', 'pca', 'newton')
 STAT_SOURCES = ('batch', 'running')
@@ -48,7 +49,7 @@ def num_groups(channels: int, group_size: int | None) -> int:
 
 
 def check_group_size(group_size: int | None) -> None:
-  if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
+  if group_size is not None and not is_positive_int(group_size):
     raise ValueError(f'group_size must be a positive int or None (all channels), got {group_size!r}.')
 
 
@@ -205,31 +206,38 @@ def whitening_matrix_with_fallbacks(
 
   A group whose factorisation of Σ + ε·I fails (rank deficiency at a scale where ε drowns in round-off)
   is retried with the scale-relative ridge ε + FALLBACK_RIDGE·tr(Σ)/g, then standardised on its diagonal
-  only. Both trials run in one batched factorisation without gradients, so that no NaN of a rejected
-  trial can leak into the backward pass; the gradient is then attached to the chosen matrix — from the
-  chosen S alone for Cholesky, by factorising the chosen matrix once more for the other methods.
+  only. Trials run without gradients, so that no NaN of a rejected trial can leak into the backward pass,
+  and the retry only when some group needs it; the gradient is then attached to the chosen matrix — from
+  the chosen S alone for Cholesky, by factorising the chosen matrix once more for the other methods.
 
   Args:
     cov: (G, g, g) covariance (no ridge); symmetrised here.
   Returns:
     S (G, g, g) in the statistics dtype and fell_back (G,) bool.
   """
-  whiten = _whitening_fn(method, newton_iterations)
+  factorise = _whitening_fn(method, newton_iterations)
   cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2)).astype(stat_dtype(cov.dtype))
   g = cov.shape[-1]
   variances = jnp.maximum(jnp.diagonal(cov, axis1=-2, axis2=-1), 0.0)
   exact = jnp.full(cov.shape[:1], epsilon, cov.dtype)
   relative = epsilon + FALLBACK_RIDGE * jnp.sum(variances, axis=-1) / g
-  trials = jax.lax.stop_gradient(jnp.concatenate([_add_ridge(cov, exact), _add_ridge(cov, relative)]))
-  trial_whitening = whiten(trials)
-  exact_ok, relative_ok = jnp.split(_is_usable(trial_whitening, jnp.concatenate([exact, relative])), 2)
+  exact_cov, relative_cov = _add_ridge(cov, exact), _add_ridge(cov, relative)
+  exact_trial = factorise(jax.lax.stop_gradient(exact_cov))
+  exact_ok = _is_usable(exact_trial, exact)
+
+  def retry():
+    trial = factorise(jax.lax.stop_gradient(relative_cov))
+    return trial, _is_usable(trial, relative)
+
+  # lax.cond runs one branch: the common case, where every group factorises, pays for no retry.
+  relative_trial, relative_ok = jax.lax.cond(jnp.all(exact_ok), lambda: (exact_trial, exact_ok), retry)
   pick = lambda first, second, otherwise: jnp.where(
       exact_ok[:, None, None], first, jnp.where(relative_ok[:, None, None], second, otherwise))
-  chosen = pick(_add_ridge(cov, exact), _add_ridge(cov, relative), _eye_like(cov))
+  chosen = pick(exact_cov, relative_cov, _eye_like(cov))
   if method == 'cholesky':
-    chosen_whitening = _cholesky_whitening_given(chosen, pick(*jnp.split(trial_whitening, 2), _eye_like(cov)))
+    chosen_whitening = _cholesky_whitening_given(chosen, pick(exact_trial, relative_trial, _eye_like(cov)))
   else:
-    chosen_whitening = whiten(chosen)
+    chosen_whitening = factorise(chosen)
   diagonal = jax.vmap(jnp.diag)(jax.lax.rsqrt(variances + relative[:, None]))
   whitening = jnp.where((exact_ok | relative_ok)[:, None, None], chosen_whitening, diagonal)
   return whitening, ~exact_ok
@@ -246,11 +254,23 @@ def _cholesky_whitening_given(cov: jax.Array, whitening: jax.Array) -> jax.Array
 def _cholesky_whitening_given_jvp(primals, tangents):
   # From Σ = L Lᵀ: L⁻¹ dΣ L⁻ᵀ = L⁻¹dL + (L⁻¹dL)ᵀ with L⁻¹dL lower-triangular, so L⁻¹dL = Φ(S dΣ Sᵀ)
   # (Φ: lower triangle, halved diagonal) and dS = −S dL S = −Φ(S dΣ Sᵀ) S. Needs S only: no refactorising.
-  (_, s), (dcov, _) = primals, tangents
-  s = jax.lax.stop_gradient(s)
+  (cov, s), (dcov, _) = primals, tangents
+  s = _cholesky_whitening_given(cov, jax.lax.stop_gradient(s))  # so that this rule differentiates again
   p = s @ (0.5 * (dcov + jnp.swapaxes(dcov, -1, -2))) @ jnp.swapaxes(s, -1, -2)
   phi = jnp.tril(p, -1) + 0.5 * _eye_like(p) * p
   return s, -phi @ s
+
+
+def align_row_signs(whitening: jax.Array, reference: jax.Array) -> jax.Array:
+  """Flip rows of S to agree in sign with `reference`'s: (G, g, g), (G, g, g) -> (G, g, g).
+
+  PCA's rows are eigenvectors, each defined up to its sign, so S of two similar covariances may differ by
+  flipped rows, i.e. flipped output channels. Aligning every new S to the stored one keeps channels
+  consistent between steps and between training and eval (it cannot help when two eigenvalues cross and
+  their rows swap).
+  """
+  dots = jnp.sum(whitening * reference, axis=-1, keepdims=True)
+  return whitening * jax.lax.stop_gradient(jnp.where(dots < 0, -1.0, 1.0).astype(whitening.dtype))
 
 
 def whitening_matrix(
@@ -275,11 +295,6 @@ def whiten(
   return apply_whitening(x, mean, whitening_matrix(cov, method, epsilon, newton_iterations))
 
 
-def check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
-  if value not in allowed:
-    raise ValueError(f'{name}={value!r} is not supported; choose one of {", ".join(map(repr, allowed))}.')
-
-
 def check_bw_settings(settings: Any) -> None:
   """Raises a ValueError naming the allowed values for any out-of-range BatchWhitening field of `settings`."""
   check_choice('method', settings.method, METHODS)
@@ -289,7 +304,7 @@ def check_bw_settings(settings: Any) -> None:
     raise ValueError(f'momentum must lie in [0, 1], got {settings.momentum}.')
   if not settings.epsilon > 0.0:
     raise ValueError(f'epsilon must be > 0 (it keeps Σ + ε·I positive definite), got {settings.epsilon}.')
-  if not isinstance(settings.newton_iterations, int) or settings.newton_iterations < 1:
+  if not is_positive_int(settings.newton_iterations):
     raise ValueError(f'newton_iterations must be a positive int, got {settings.newton_iterations!r}.')
   check_group_size(settings.group_size)
 
@@ -333,7 +348,9 @@ class BatchWhitening(nn.Module):
     mean (C,) init 0;  cov (G, g, g) init I;  whitening (G, g, g) init I = S(cov) of the updated cov;
     fallbacks () — number of group factorisations (of the batch S and of the running S) in training
       steps that needed a fallback;
-    skipped_updates () — training steps whose batch moments were not finite and were left out.
+    skipped_updates () — training steps whose batch moments were not finite and were left out (also
+      inputs so large, |x| ≳ 1e18 in float32, that the covariance overflows: such a step outputs zeros).
+    Both counters are int32.
 
   A training step updates `stat ← momentum·stat + (1−momentum)·batch_stat` (Flax convention) for mean and
   the unbiased cov (without ridge), then recomputes `whitening`; `init` updates nothing. In eval
@@ -396,19 +413,19 @@ class BatchWhitening(nn.Module):
     ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((channels,), jnp.float32))
     ra_cov = self.variable('batch_stats', 'cov', stacked_eye)
     ra_whitening = self.variable('batch_stats', 'whitening', stacked_eye)
-    fallbacks = self.variable('batch_stats', 'fallbacks', lambda: jnp.zeros((), jnp.float32))
-    skipped = self.variable('batch_stats', 'skipped_updates', lambda: jnp.zeros((), jnp.float32))
+    fallbacks = self.variable('batch_stats', 'fallbacks', lambda: jnp.zeros((), jnp.int32))
+    skipped = self.variable('batch_stats', 'skipped_updates', lambda: jnp.zeros((), jnp.int32))
 
     if use_running_average:
       mean, whitening = ra_mean.value, ra_whitening.value
     else:
+      # As in flax's BatchNorm, `init` runs outside shard_map/pmap: the axis may not exist yet.
+      axis_name = None if self.is_initializing() else self.axis_name
       samples = x.size // channels
-      if self.axis_name is None and samples < 2:
+      if axis_name is None and samples < 2:
         raise ValueError(f'BatchWhitening needs at least 2 samples per batch in training to estimate a '
                          f'covariance; got shape {x.shape} ({samples} sample). Use a larger batch or '
                          f'use_running_average=True.')
-      # As in flax's BatchNorm, `init` runs outside shard_map/pmap: the axis may not exist yet.
-      axis_name = None if self.is_initializing() else self.axis_name
       batch_mean, batch_cov = batch_moments(x, self.group_size, axis_name=axis_name,
                                             axis_index_groups=self.axis_index_groups, shift=ra_mean.value)
       new_mean = ema(ra_mean.value, batch_mean, self.momentum)
@@ -422,6 +439,8 @@ class BatchWhitening(nn.Module):
         covs.append(jax.lax.stop_gradient(new_cov))
       whitenings, fell_back = whitening_matrix_with_fallbacks(jnp.concatenate(covs), self.method,
                                                               self.epsilon, self.newton_iterations)
+      if self.method == 'pca':
+        whitenings = align_row_signs(whitenings, jnp.tile(ra_whitening.value, (len(covs), 1, 1)))
       whitening, new_whitening = whitenings[:groups], whitenings[-groups:]
       if update_stats:
         finite = jnp.all(jnp.isfinite(batch_mean)) & jnp.all(jnp.isfinite(batch_cov))
@@ -429,8 +448,8 @@ class BatchWhitening(nn.Module):
         ra_mean.value = keep_if_finite(new_mean, ra_mean.value)
         ra_cov.value = keep_if_finite(new_cov, ra_cov.value)
         ra_whitening.value = keep_if_finite(new_whitening, ra_whitening.value)
-        fallbacks.value += jnp.sum(fell_back & finite).astype(jnp.float32)
-        skipped.value += (~finite).astype(jnp.float32)
+        fallbacks.value += jnp.sum(fell_back & finite, dtype=jnp.int32)
+        skipped.value += (~finite).astype(jnp.int32)
 
     y = apply_whitening(x, mean, whitening)
     if self.use_scale:

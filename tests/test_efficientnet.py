@@ -122,9 +122,32 @@ def test_bw_sits_exactly_where_the_seed_draws_it(stem_type, mbconv_type, head_ty
   bw, bn = expected_norm_layers(stem_type, mbconv_type, head_type, en.block_specs(1.0, 1.0, 0.2))
   assert layers_holding(variables['batch_stats'], 'cov') == bw
   assert layers_holding(variables['batch_stats'], 'var') == bn
-  # γ and β dropped: BW layers own no parameters (the next conv's bias is β).
-  param_paths = traverse_util.flatten_dict(variables['params'], sep='/')
+  # γ and β dropped: BW layers own no parameters; the conv after a BW layer has the bias β, the convs
+  # before a BN have none.
+  param_paths = set(traverse_util.flatten_dict(variables['params'], sep='/'))
   assert not {path for path in param_paths if path.rsplit('/', 1)[0] in bw}
+  biased = {path.rsplit('/', 1)[0] for path in param_paths if path.endswith('conv/bias')}
+  expected = {'stem_conv'} if stem_type == 2 else set()
+  expected |= {'head_conv'} if head_type == 2 else set()
+  if mbconv_type != 0:
+    expected |= {f'block_{i}/project_conv' for i in range(16)}
+    expected |= {f'block_{i}/expand_conv' for i in range(1, 16)}  # block 0 has no expansion
+  assert {path for path in biased if '/se/' not in path} == expected
+
+
+@pytest.mark.parametrize('mbconv_type, bn_height', [(1, 32), (2, 16)])
+def test_depthwise_bn_comes_before_the_depthwise_conv_in_type_1_and_after_in_type_2(mbconv_type, bn_height):
+  # Block 1 halves 32×32 to 16×16 (64×64 input): its BN sees the full map before the conv, half after.
+  model = en.EfficientNet(num_classes=10, mbconv_type=mbconv_type)
+  images = jnp.zeros((1, 64, 64, 3))
+
+  def bn_output():
+    variables = model.init(jax.random.key(0), images, train=False)
+    _, state = model.apply(variables, images, train=False, mutable=['intermediates'],
+                           capture_intermediates=lambda m, _: m.name == 'depthwise_bn')
+    return state['intermediates']['block_1']['depthwise_bn']['__call__'][0]
+
+  assert jax.eval_shape(bn_output).shape == (1, bn_height, bn_height, 96)
 
 
 @pytest.fixture(scope='module')
@@ -197,7 +220,9 @@ def test_bfloat16_activations_keep_float32_parameters_and_statistics(tiny_batch)
   variables = model.init(jax.random.key(0), images, train=False)
   logits, updates = model.apply(variables, images, train=True, mutable=['batch_stats'])
   assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
-  assert {leaf.dtype for leaf in jax.tree.leaves((variables['params'], updates))} == {jnp.dtype('float32')}
+  flat = traverse_util.flatten_dict({**updates, 'params': variables['params']}, sep='/')
+  counters = ('fallbacks', 'skipped_updates')  # BW's int32 event counters
+  assert {v.dtype for k, v in flat.items() if not k.endswith(counters)} == {jnp.dtype('float32')}
 
 
 def test_initialisers_follow_tf_efficientnet(tiny_batch):

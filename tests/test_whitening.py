@@ -178,14 +178,14 @@ def test_running_statistics_are_hand_computed_ema(method):
   mean, cov = np.zeros(8), np.broadcast_to(np.eye(4), (2, 4, 4))
   step = jax.jit(lambda v, x: train_apply(module, v, x))
   for x in batches:
+    stored = np.asarray(variables['batch_stats']['whitening'])  # PCA's row signs follow the stored S
     y, updates = step(variables, x)
     variables = {**variables, **updates}
     batch_mean, batch_cov = np_moments(x, g)
     mean = momentum * mean + (1 - momentum) * batch_mean
     cov = momentum * cov + (1 - momentum) * batch_cov
-    s_batch = np.asarray(bw.whitening_matrix(jnp.asarray(batch_cov, jnp.float32), method, eps))
     np.testing.assert_allclose(y, np_apply(x, batch_mean, match_row_signs(np_whitening(batch_cov, method, eps),
-                                                                          s_batch)),
+                                                                          stored)),
                                atol=2e-4, err_msg='a batch-mode training step whitens with batch moments')
   stats = variables['batch_stats']
   np.testing.assert_allclose(stats['mean'], mean, atol=1e-5)
@@ -200,19 +200,43 @@ def test_running_statistics_are_hand_computed_ema(method):
                              atol=1e-5)
 
 
-def test_running_modes_whiten_with_the_updated_running_statistics():
-  momentum, eps = 0.5, 1e-3
-  module = bw.BatchWhitening(group_size=4, momentum=momentum, epsilon=eps, center_with='running',
-                             whiten_with='running', use_scale=False, use_bias=False)
-  x = correlated(30, (32, 8)).astype(np.float32)
+@pytest.mark.parametrize('center_with, whiten_with', [('running', 'running'), ('running', 'batch'),
+                                                     ('batch', 'running')])
+def test_running_modes_use_the_updated_running_statistics(center_with, whiten_with):
+  momentum, eps = 0.8, 1e-3
+  module = bw.BatchWhitening(group_size=4, momentum=momentum, epsilon=eps, center_with=center_with,
+                             whiten_with=whiten_with, use_scale=False, use_bias=False)
+  warm_up, x = (correlated(k, (32, 8)).astype(np.float32) for k in (29, 30))
   variables = module.init(jax.random.key(0), x, use_running_average=False)
+  variables = {**variables, **train_apply(module, variables, warm_up)[1]}  # running stats away from (0, I)
+  old_mean, old_cov = np_moments(warm_up, 4)
+  old_mean, old_cov = (1 - momentum) * old_mean, momentum * np.eye(4) + (1 - momentum) * old_cov
   y, updates = train_apply(module, variables, x)
   batch_mean, batch_cov = np_moments(x, 4)
-  mean = (1 - momentum) * batch_mean
-  cov = momentum * np.eye(4) + (1 - momentum) * batch_cov
-  np.testing.assert_allclose(y, np_apply(x, mean, np_whitening(cov, 'cholesky', eps)), atol=1e-4)
-  np.testing.assert_allclose(updates['batch_stats']['whitening'], np_whitening(cov, 'cholesky', eps),
-                             atol=1e-5)
+  mean = momentum * old_mean + (1 - momentum) * batch_mean
+  cov = momentum * old_cov + (1 - momentum) * batch_cov
+  used_mean = mean if center_with == 'running' else batch_mean
+  used_cov = cov if whiten_with == 'running' else batch_cov
+  np.testing.assert_allclose(y, np_apply(x, used_mean, np_whitening(used_cov, 'cholesky', eps)), atol=1e-4)
+  stats = updates['batch_stats']
+  np.testing.assert_allclose(stats['mean'], mean, atol=1e-5)
+  np.testing.assert_allclose(stats['cov'], cov, atol=1e-5)
+  np.testing.assert_allclose(stats['whitening'], np_whitening(cov, 'cholesky', eps), atol=1e-4)
+
+
+def test_pca_eval_channels_keep_the_signs_of_training_channels():
+  # PCA rows are eigenvectors up to sign; without alignment eval flipped some channels against training.
+  module = bw.BatchWhitening(group_size=8, method='pca', momentum=0.8, use_scale=False, use_bias=False)
+  mixing = np.random.default_rng(0).normal(size=(8, 8)) + 2 * np.eye(8)
+  batches = [(np.random.default_rng(k).normal(size=(64, 8)) @ mixing).astype(np.float32) for k in range(30)]
+  variables = module.init(jax.random.key(0), batches[0], use_running_average=False)
+  step = jax.jit(lambda v, x: train_apply(module, v, x))
+  for x in batches:
+    y, updates = step(variables, x)
+    variables = {**variables, **updates}
+  y_eval = module.apply(variables, batches[-1], use_running_average=True)
+  correlations = [np.corrcoef(y[:, c], y_eval[:, c])[0, 1] for c in range(8)]
+  assert min(correlations) > 0.9, correlations
 
 
 def test_init_in_training_mode_changes_no_statistic():
@@ -253,7 +277,7 @@ def test_bfloat16_input_gives_bfloat16_output_and_float32_statistics():
   y16, updates16 = train_apply(module, variables, jnp.asarray(x, jnp.bfloat16))
   y32, updates32 = train_apply(module, variables, x)
   assert y16.dtype == jnp.bfloat16
-  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(updates16))
+  assert {updates16['batch_stats'][k].dtype for k in ('mean', 'cov', 'whitening')} == {jnp.dtype('float32')}
   # bf16 input rounding (2⁻⁸ relative) is the only difference: outputs agree to bf16 precision.
   np.testing.assert_allclose(np.asarray(y16, np.float32), y32, atol=0.05)
   np.testing.assert_allclose(updates16['batch_stats']['cov'], updates32['batch_stats']['cov'], rtol=0.02,
@@ -276,6 +300,21 @@ def test_gradients_match_finite_differences_float64(method, source):
     weights = jnp.asarray(np.random.default_rng(0).normal(size=(10, 6)))
     loss = lambda x: jnp.sum(weights * train_apply(module, variables, x)[0])
     check_grads(loss, (jnp.asarray(x),), order=1, modes=('rev',), eps=1e-6, atol=1e-5, rtol=1e-5)
+
+
+def test_cholesky_second_derivative_matches_autodiff_through_the_factorisation():
+  # The Cholesky gradient is written by hand from S alone; it must differentiate again (Hessian-vector
+  # products, gradient penalties). Reference: autodiff through jnp.linalg.cholesky + solve_triangular.
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(2)
+    _, cov = bw.batch_moments(jnp.asarray(correlated(43, (64, 4))), None)
+    weights, direction = (jnp.asarray(rng.normal(size=(1, 4, 4))) for _ in range(2))
+    direction = direction + jnp.swapaxes(direction, -1, -2)
+    ours = lambda c: jnp.sum(weights * bw.whitening_matrix(c, 'cholesky', 1e-5))
+    reference = lambda c: jnp.sum(weights * bw.cholesky_whitening(c + 1e-5 * jnp.eye(4)))
+    second = lambda f: jax.jvp(lambda c: jax.jvp(f, (c,), (direction,))[1], (cov,), (direction,))[1]
+    assert abs(float(second(reference))) > 1e-3
+    np.testing.assert_allclose(second(ours), second(reference), rtol=1e-9)
 
 
 @pytest.mark.parametrize('method', ('zca', 'pca'))
@@ -374,6 +413,8 @@ def test_non_finite_batch_never_enters_running_statistics():
     (dict(center_with='global'), "center_with='global' is not supported; choose one of 'batch', 'running'"),
     (dict(whiten_with='ema'), "whiten_with='ema' is not supported"),
     (dict(group_size=0), 'group_size must be a positive int or None'),
+    (dict(group_size=True), 'group_size must be a positive int or None'),
+    (dict(group_size=4.0), 'group_size must be a positive int or None'),
     (dict(newton_iterations=0), 'newton_iterations must be a positive int'),
     (dict(momentum=1.5), 'momentum must lie in [0, 1]'),
     (dict(epsilon=0.0), 'epsilon must be > 0'),
@@ -407,3 +448,10 @@ def test_init_with_axis_name_works_outside_the_mapped_axis():
   variables = bw.BatchWhitening(axis_name='data', group_size=4).init(jax.random.key(0), x,
                                                                      use_running_average=False)
   np.testing.assert_array_equal(variables['batch_stats']['mean'], np.zeros(8))
+
+
+def test_numpy_integer_group_size_is_accepted():
+  x = jnp.asarray(correlated(61, (16, 8)).astype(np.float32))
+  np.testing.assert_allclose(
+      bw.BatchWhitening(group_size=np.int64(4), use_bias=False, use_scale=False).apply(
+          {}, x, use_running_average=False, mutable=['batch_stats'])[0], bw.whiten(x, 4), atol=1e-6)
