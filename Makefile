@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup train test bench clean
+.PHONY: setup data train test bench clean
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,11 +16,20 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 setup: $(STAMP)
 
+# Fashion-MNIST, the offline default dataset, from Debian's package when apt-get can install it.
+data:
+	@if [ -f $(FASHION_MNIST)/train-images-idx3-ubyte.gz ]; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	  (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null) || \
+	  echo "Could not install dataset-fashion-mnist; tests on the real data will be skipped."; \
+	else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist' (or set config.dataset.data_dir)."; fi
+
 # The main job. Until the training loop lands this is a short Batch Whitening demo.
-train: setup
+train: setup data
 	$(BIN)/python -m bw_jax.demo
 
-test: setup
+test: setup data
 	$(BIN)/python -m pytest -q
 
 bench: setup

@@ -1,0 +1,27 @@
+"""Small TFDS conventions shared by the dataset modules built on TFDS (Tiny ImageNet, ImageNet 2012)."""
+
+import os
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+# Other names by which callers may ask for the labelled held-out split (both datasets' test splits are
+# unlabelled, so 'validation' is the evaluation split).
+SPLIT_ALIASES = {'test': 'validation', 'eval': 'validation', 'val': 'validation'}
+
+
+def canonical_split(split: str) -> str:
+  """'test', 'eval' or 'val' -> 'validation', keeping any TFDS slice: 'eval[:10%]' -> 'validation[:10%]'."""
+  base, bracket, rest = split.partition('[')
+  return SPLIT_ALIASES.get(base, base) + bracket + rest
+
+
+def default_manual_dir(builder: tfds.core.DatasetBuilder) -> str:
+  """Where TFDS looks for manual downloads by default: `<data_dir>/downloads/manual`."""
+  return os.path.join(builder.data_dir_root, 'downloads', 'manual')
+
+
+def image_and_label(dataset: tf.data.Dataset) -> tf.data.Dataset:
+  """Keeps only the {'image', 'label'} features of each example."""
+  return dataset.map(lambda example: {'image': example['image'], 'label': example['label']},
+                     num_parallel_calls=tf.data.AUTOTUNE)
