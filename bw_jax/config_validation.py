@@ -1,0 +1,95 @@
+"""`validate_config`: reject a misspelt or out-of-range training config before anything compiles.
+
+The allowed keys are those of `configs/base.py` (the one source of truth); the model and BW fields are
+checked by building `EfficientNet` and `BWSettings`, whose own checks name the allowed values.
+"""
+
+import difflib
+import importlib.util
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from bw_jax.checks import check_choice
+from bw_jax.data import dataset_module, default_dataset_config
+from bw_jax.data.pipeline import check_batch_size
+
+OPTIMIZERS = ('sgd', 'nesterov', 'adamw', 'rmsprop_tf')
+LR_SCHEDULES = ('cosine', 'exponential')
+BASE_CONFIG_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
+                                'base.py')
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """`configs/base.py`'s `get_config()`, loaded by path (the configs folder is not a package)."""
+  spec = importlib.util.spec_from_file_location('bw_jax_configs_base', BASE_CONFIG_PATH)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def unknown_keys(config: Any, reference: Any, prefix: str = '') -> list[str]:
+  """Error lines for every key of `config` absent from `reference`, recursing into sub-configs."""
+  errors = []
+  for key, value in config.items():
+    path = f'{prefix}{key}'
+    if key not in reference:
+      close = difflib.get_close_matches(key, list(reference), n=1)
+      hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ''
+      errors.append(f"unknown config key '{path}'{hint}; allowed keys here: {', '.join(sorted(reference))}")
+    elif isinstance(value, ml_collections.ConfigDict) and isinstance(reference[key], ml_collections.ConfigDict):
+      errors.extend(unknown_keys(value, reference[key], path + '.'))
+  return errors
+
+
+def _check_range(name: str, value: Any, low: float, high: float, *, low_open: bool = False,
+                 high_open: bool = False) -> None:
+  below = value <= low if low_open else value < low
+  above = value >= high if high_open else value > high
+  if below or above:
+    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    raise ValueError(f'config.{name}={value!r} is out of range; it must lie in {interval}.')
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    raise ValueError(f'config.{name}={value!r} must be a positive integer.')
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises a ValueError (all unknown keys at once, else the first bad value) saying what is allowed."""
+  reference = base_config()
+  dataset_module(config.dataset.name)  # Names the allowed datasets.
+  reference.dataset = default_dataset_config(config.dataset.name)
+  errors = unknown_keys(config, reference)
+  if errors:
+    raise ValueError('Invalid config:\n  ' + '\n  '.join(errors))
+
+  check_choice('config.optimizer', config.optimizer, OPTIMIZERS)
+  check_choice('config.lr_schedule', config.lr_schedule, LR_SCHEDULES)
+  _check_positive_int('batch_size', config.batch_size)
+  if config.eval_batch_size is not None:
+    _check_positive_int('eval_batch_size', config.eval_batch_size)
+    check_batch_size(config.eval_batch_size, jax.device_count(), jax.process_count())
+  check_batch_size(config.batch_size, jax.device_count(), jax.process_count())
+  if config.num_train_steps != -1:
+    _check_positive_int('num_train_steps (or -1 to train for num_epochs)', config.num_train_steps)
+  else:
+    _check_range('num_epochs', config.num_epochs, 0.0, float('inf'), low_open=True)
+  for name in ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
+    _check_positive_int(name, config[name])
+  if config.eval_every_steps != -1:
+    _check_positive_int('eval_every_steps (or -1 for once per epoch)', config.eval_every_steps)
+  _check_range('learning_rate', config.learning_rate, 0.0, float('inf'), low_open=True)
+  _check_range('momentum', config.momentum, 0.0, 1.0, high_open=True)
+  _check_range('warmup_epochs', config.warmup_epochs, 0.0, float('inf'))
+  _check_range('decay_rate', config.decay_rate, 0.0, 1.0, low_open=True)
+  _check_range('decay_epochs', config.decay_epochs, 0.0, float('inf'), low_open=True)
+  _check_range('weight_decay', config.weight_decay, 0.0, float('inf'))
+  _check_range('label_smoothing', config.label_smoothing, 0.0, 1.0, high_open=True)
+  _check_range('ema_decay', config.ema_decay, 0.0, 1.0, high_open=True)
+  _check_range('dataset.image_size', config.dataset.image_size, 1, float('inf'))
+  from bw_jax.train_utils import create_model  # Builds the model: its checks name the allowed values.
+  create_model(config, num_classes=1)

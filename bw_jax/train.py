@@ -1,0 +1,249 @@
+"""Training and evaluation: `train_and_evaluate(config, workdir) -> summary` (DESIGN.md §4).
+
+`jax.jit` over a Mesh of all devices: each global batch is sharded on the `data` axis, so BN and BW
+statistics are those of the global batch; the train state is replicated. Orbax checkpoints in
+`workdir/checkpoints` hold the whole state; the step is also the data position (batches are a function of
+the step), and dropout keys are `fold_in(seed key, step)`, so a resumed run repeats the uninterrupted one.
+"""
+
+import functools
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any, Iterator
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from bw_jax import data
+from bw_jax.config_validation import validate_config
+from bw_jax.train_utils import (MetricWriter, Progress, TrainState, bw_health, create_learning_rate_fn, create_model,
+                                create_optimizer, cross_entropy, update_ema)
+
+
+def train_step(state: TrainState, batch: dict, *, model: Any, learning_rate_fn: Any, num_classes: int,
+               label_smoothing: float, ema_decay: float, dropout_key: jax.Array
+               ) -> tuple[TrainState, dict]:
+  """One SGD step on a global batch {'image': (B, S, S, C), 'label': (B,)}; returns scalar metrics."""
+  key = jax.random.fold_in(dropout_key, state.step)
+
+  def loss_fn(params):
+    logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats}, batch['image'],
+                                  train=True, mutable=['batch_stats'], rngs={'dropout': key})
+    loss = jnp.mean(cross_entropy(logits, batch['label'], num_classes, label_smoothing))
+    return loss, (logits, updates['batch_stats'])
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  metrics = {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+             'learning_rate': learning_rate_fn(state.step)}
+  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  if ema_decay > 0:
+    state = state.replace(ema_params=update_ema(state.ema_params, state.params, ema_decay))
+  return state, metrics
+
+
+def eval_step(state: TrainState, batch: dict, *, model: Any, num_classes: int, use_ema: bool) -> dict:
+  """Masked sums over a padded eval batch: cross-entropy (no smoothing), correct count, example count."""
+  params = state.ema_params if use_ema else state.params
+  logits = model.apply({'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=False)
+  mask = batch['mask']
+  loss = cross_entropy(logits, batch['label'], num_classes, 0.0)
+  correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
+  return {'loss': jnp.sum(loss * mask), 'correct': jnp.sum(correct * mask), 'count': jnp.sum(mask)}
+
+
+def shard_batch(batch: dict, sharding: NamedSharding) -> dict:
+  """This host's NumPy batch -> global jax.Arrays sharded on the `data` axis."""
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def evaluate(eval_fn: Any, state: TrainState, config: ml_collections.ConfigDict,
+             sharding: NamedSharding) -> dict[str, float]:
+  """Loss and accuracy over the whole eval split (padded batches masked out), and the example count."""
+  batches, _ = data.create_split(config.dataset, config.dataset.eval_split, eval_batch_size(config),
+                                 train=False)
+  totals = {'loss': 0.0, 'correct': 0.0, 'count': 0.0}
+  for batch in batches:
+    sums = jax.device_get(eval_fn(state, shard_batch(batch, sharding)))
+    totals = {k: totals[k] + float(sums[k]) for k in totals}
+  count = totals['count']
+  return {'loss': totals['loss'] / count, 'accuracy': totals['correct'] / count, 'count': int(count)}
+
+
+def eval_batch_size(config: ml_collections.ConfigDict) -> int:
+  return config.batch_size if config.eval_batch_size is None else config.eval_batch_size
+
+
+def initial_state(config: ml_collections.ConfigDict, model: Any, tx: Any, replicated: NamedSharding
+                  ) -> TrainState:
+  """Fresh parameters and statistics from `config.seed`, replicated over the mesh."""
+  size, channels = config.dataset.image_size, data.dataset_module(config.dataset.name).INFO.image_shape[2]
+
+  @functools.partial(jax.jit, out_shardings=replicated)
+  def init():
+    variables = model.init(jax.random.key(config.seed), jnp.zeros((1, size, size, channels)), train=False)
+    params = variables['params']
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                             batch_stats=variables.get('batch_stats', {}),
+                             ema_params=params if config.ema_decay > 0 else {})
+  return init()
+
+
+class Checkpoints:
+  """Orbax CheckpointManager over the train state as a plain nested dict (`flax.serialization`)."""
+
+  def __init__(self, directory: str, keep: int):
+    self.manager = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+  def save(self, state: TrainState) -> None:
+    step = int(state.step)
+    if self.manager.latest_step() != step:
+      self.manager.save(step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)))
+
+  def restore_latest(self, state: TrainState) -> TrainState:
+    """The latest checkpoint, with `state`'s structure and shardings; `state` itself when there is none."""
+    step = self.manager.latest_step()
+    if step is None:
+      return state
+    target = flax.serialization.to_state_dict(state)
+    restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
+    logging.info('Restored checkpoint of step %d from %s', step, self.manager.directory)
+    return flax.serialization.from_state_dict(state, restored)
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def check_finite(window: list[tuple[int, dict]], config: ml_collections.ConfigDict,
+                 last_checkpoint: int | None) -> None:
+  """Raises at the first step of the window whose training loss is NaN or infinite."""
+  for step, metrics in window:
+    if not np.isfinite(metrics['loss']):
+      kept = (f'the last good checkpoint (step {last_checkpoint}) is kept' if last_checkpoint is not None
+              else 'no checkpoint was written')
+      raise RuntimeError(
+          f"Training loss is {metrics['loss']} at step {step}; {kept}. Lower config.learning_rate (now "
+          f'{config.learning_rate}), lengthen config.warmup_epochs (now {config.warmup_epochs}) or raise '
+          f'config.model.bw.epsilon (now {config.model.bw.epsilon}) if a BW layer went singular.')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains `config`'s model, resuming from the latest checkpoint in `workdir`; returns the summary that is
+  also written to `workdir/summary.json` (or {'preempted': True, 'step': …} after a SIGTERM)."""
+  start_time = time.perf_counter()
+  validate_config(config)
+  info = data.dataset_module(config.dataset.name).INFO
+  steps_per_epoch = info.num_examples[config.dataset.train_split.split('[')[0]] // config.batch_size
+  num_train_steps = (config.num_train_steps if config.num_train_steps > 0
+                     else int(round(config.num_epochs * steps_per_epoch)))
+  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
+
+  mesh = Mesh(jax.devices(), ('data',))
+  replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  model = create_model(config, info.num_classes)
+  num_classes = config.model.num_classes or info.num_classes
+  learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch, num_train_steps)
+  state = initial_state(config, model, create_optimizer(config, learning_rate_fn), replicated)
+  checkpoints = Checkpoints(os.path.join(os.path.abspath(workdir), 'checkpoints'), config.keep_checkpoints)
+  state = checkpoints.restore_latest(state)
+  start_step = int(state.step)
+
+  train_fn = jax.jit(
+      functools.partial(train_step, model=model, learning_rate_fn=learning_rate_fn, num_classes=num_classes,
+                        label_smoothing=config.label_smoothing, ema_decay=config.ema_decay,
+                        dropout_key=jax.random.fold_in(jax.random.key(config.seed), 1)),
+      in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated), donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(eval_step, model=model, num_classes=num_classes,
+                                      use_ema=config.ema_decay > 0),
+                    in_shardings=(replicated, data_sharding), out_shardings=replicated)
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+  train_batches: Iterator[dict] = data.create_split(
+      config.dataset, config.dataset.train_split, config.batch_size, train=True, seed=config.seed,
+      start_batch=start_step)[0]
+
+  preempted = threading.Event()
+  previous_handler = None
+  if threading.current_thread() is threading.main_thread():
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.set())
+  progress = Progress(num_train_steps, steps_per_epoch, config.batch_size, start_step)
+  window: list[tuple[int, Any]] = []
+  last_checkpoint = checkpoints.manager.latest_step()
+  steady_start, steady_steps, excluded = None, 0, 0.0
+  eval_metrics: dict[str, float] = {}
+
+  def flush_window() -> dict[str, float]:
+    fetched = [(s, jax.device_get(m)) for s, m in window]
+    window.clear()
+    check_finite(fetched, config, last_checkpoint)
+    return {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[0][1]} if fetched else {}
+
+  def save() -> None:
+    nonlocal last_checkpoint
+    flush_window()  # Never checkpoint a state whose loss went non-finite.
+    checkpoints.save(state)
+    last_checkpoint = int(state.step)
+
+  try:
+    for step in range(start_step + 1, num_train_steps + 1):
+      state, metrics = train_fn(state, shard_batch(next(train_batches), data_sharding))
+      window.append((step, metrics))
+      if steady_start is None:  # Compile and the first step are not steady state.
+        jax.block_until_ready(state)
+        steady_start = time.perf_counter()
+      else:
+        steady_steps += 1
+      paused = time.perf_counter()
+      if step % config.log_every_steps == 0 or step == num_train_steps:
+        means = flush_window()
+        writer.write_scalars(step, {f'train/{k}': v for k, v in means.items()})
+        if jax.process_index() == 0:
+          print(progress.line(step, means), flush=True)
+      if step % config.checkpoint_every_steps == 0 or step == num_train_steps or preempted.is_set():
+        save()
+      if preempted.is_set():
+        logging.warning('SIGTERM: saved the checkpoint of step %d; exiting.', step)
+        return {'preempted': True, 'step': step}
+      if step % eval_every == 0 or step == num_train_steps:
+        eval_metrics = evaluate(eval_fn, state, config, data_sharding)
+        health = bw_health(state.batch_stats)
+        writer.write_scalars(step, {**{f'eval/{k}': v for k, v in eval_metrics.items()},
+                                    **{f'bw_health/{k}': v for k, v in health.items()}})
+        if jax.process_index() == 0:
+          print(f"eval step {step}: loss {eval_metrics['loss']:.4f}  accuracy "
+                f"{eval_metrics['accuracy']:.4f} on {eval_metrics['count']} examples", flush=True)
+      excluded += time.perf_counter() - paused
+    if not eval_metrics:  # Resumed at the last step: nothing trained, still report the eval.
+      eval_metrics = evaluate(eval_fn, state, config, data_sharding)
+  finally:
+    writer.flush()
+    checkpoints.close()
+    if previous_handler is not None:
+      signal.signal(signal.SIGTERM, previous_handler)
+
+  steady_seconds = (time.perf_counter() - steady_start - excluded) if steady_start else 0.0
+  health = bw_health(state.batch_stats)
+  summary = {
+      'eval_accuracy': eval_metrics['accuracy'], 'eval_loss': eval_metrics['loss'],
+      'eval_examples': eval_metrics['count'], 'step': int(state.step),
+      'epochs': int(state.step) / steps_per_epoch,
+      'train_images_per_sec': steady_steps * config.batch_size / steady_seconds if steady_steps else None,
+      'wall_seconds': time.perf_counter() - start_time,
+      'bw_max_cov_condition': max((v for k, v in health.items() if k.endswith('cov_condition')),
+                                  default=None),
+      'bw_fallbacks': sum(v for k, v in health.items() if k.endswith('/fallbacks')),
+      'config': config.to_dict(),
+  }
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+      json.dump(summary, f, indent=2)
+  return summary

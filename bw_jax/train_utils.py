@@ -1,0 +1,159 @@
+"""Pieces of the training loop that are pure enough to test alone: model, optimizer, schedule, loss,
+train state, BW health and the progress line. `bw_jax/train.py` wires them together."""
+
+import math
+import time
+from typing import Any
+
+from flax.training import train_state
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from bw_jax.efficientnet import EfficientNet
+from bw_jax.whitening import BWSettings
+
+
+class TrainState(train_state.TrainState):
+  """params, opt_state and step (Flax's), plus the normalisation statistics and the weight EMA."""
+  batch_stats: Any
+  ema_params: Any
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int) -> EfficientNet:
+  """The EfficientNet of `config.model` (its `num_classes` when set, else the dataset's)."""
+  fields = config.model.to_dict()
+  fields['bw'] = BWSettings(**fields['bw'])
+  if fields['num_classes'] is None:
+    fields['num_classes'] = num_classes
+  dtype = jnp.bfloat16 if config.half_precision else jnp.float32
+  return EfficientNet(**fields, dtype=dtype)
+
+
+def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
+  """`learning_rate` is per 256 images: linear scaling to the global batch."""
+  return config.learning_rate * config.batch_size / 256
+
+
+def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int,
+                            num_train_steps: int) -> optax.Schedule:
+  """Linear warm-up to the peak, then cosine to 0 at `num_train_steps` or TF's staircase exponential."""
+  peak = peak_learning_rate(config)
+  warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
+  if config.lr_schedule == 'cosine':
+    decay = optax.cosine_decay_schedule(peak, max(1, num_train_steps - warmup_steps))
+  else:
+    decay = optax.exponential_decay(peak, max(1, int(round(config.decay_epochs * steps_per_epoch))),
+                                    config.decay_rate, staircase=True)
+  if warmup_steps == 0:
+    return decay
+  warmup = optax.linear_schedule(0.0, peak, warmup_steps)
+  return optax.join_schedules([warmup, decay], [warmup_steps])
+
+
+def decay_mask(params: Any) -> Any:
+  """True for conv / dense kernels (ndim > 1); normalisation parameters and biases (1-D) are not decayed."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule
+                     ) -> optax.GradientTransformation:
+  """The optimizer of `config.optimizer`; weight decay is L2 added to the gradient (as in TF's EfficientNet)
+  except for adamw, where it is decoupled."""
+  if config.optimizer == 'adamw':
+    return optax.adamw(learning_rate_fn, b1=config.momentum, weight_decay=config.weight_decay,
+                       mask=decay_mask)
+  if config.optimizer == 'rmsprop_tf':
+    # TF1 semantics: the squared-gradient average starts at 1, not 0, and ε sits inside the square root.
+    base = optax.rmsprop(learning_rate_fn, decay=0.9, eps=1e-3, momentum=config.momentum,
+                         initial_scale=1.0, eps_in_sqrt=True)
+  else:
+    base = optax.sgd(learning_rate_fn, momentum=config.momentum if config.momentum > 0 else None,
+                     nesterov=config.optimizer == 'nesterov')
+  return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=decay_mask), base)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int, label_smoothing: float
+                  ) -> jax.Array:
+  """Per-example loss against smoothed one-hot targets: logits (B, K), labels (B,) -> (B,)."""
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def update_ema(ema: Any, params: Any, decay: float) -> Any:
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+
+
+def bw_health(batch_stats: Any) -> dict[str, float]:
+  """Per BW layer: the largest condition number over its running covariance groups, and its counters.
+
+  Returns {'<layer path>/cov_condition': float, '<path>/fallbacks': int, '<path>/skipped_updates': int}.
+  """
+  health = {}
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(jax.device_get(batch_stats)), sep='/')
+  for key, value in flat.items():
+    if not key.endswith('/cov'):
+      continue
+    layer = key[:-len('/cov')]
+    w = np.linalg.eigvalsh(np.asarray(value, np.float64))  # (G, g) ascending
+    smallest = np.maximum(w[:, 0], np.finfo(np.float64).tiny)
+    health[f'{layer}/cov_condition'] = float(np.max(w[:, -1] / smallest))
+    health[f'{layer}/fallbacks'] = int(flat[f'{layer}/fallbacks'])
+    health[f'{layer}/skipped_updates'] = int(flat[f'{layer}/skipped_updates'])
+  return health
+
+
+class Progress:
+  """The console line: step, epoch, loss, accuracy, lr, images/s and ETA; images/s over the last window."""
+
+  def __init__(self, num_train_steps: int, steps_per_epoch: int, batch_size: int, start_step: int):
+    self.num_train_steps, self.steps_per_epoch, self.batch_size = num_train_steps, steps_per_epoch, batch_size
+    self.last_step, self.last_time = start_step, time.perf_counter()
+
+  def line(self, step: int, metrics: dict[str, float]) -> str:
+    now = time.perf_counter()
+    rate = (step - self.last_step) * self.batch_size / max(now - self.last_time, 1e-9)
+    self.last_step, self.last_time = step, now
+    eta = (self.num_train_steps - step) * self.batch_size / max(rate, 1e-9)
+    return (f'step {step}/{self.num_train_steps}  epoch {step / self.steps_per_epoch:.2f}  '
+            f"loss {metrics['loss']:.4f}  accuracy {metrics['accuracy']:.4f}  "
+            f"lr {metrics['learning_rate']:.4g}  {rate:.0f} images/s  ETA {_duration(eta)}")
+
+
+def _duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return '?'
+  minutes, seconds = divmod(int(seconds), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f'{hours}:{minutes:02d}:{seconds:02d}'
+
+
+class MetricWriter:
+  """TensorBoard event files in `logdir` (process 0 only) through `tf.summary`.
+
+  clu's `metric_writers` would do this but imports the `tensorboard` package, which is not a dependency
+  (tensorflow-cpu 2.21 no longer pulls it in); `tf.summary` writes the same event files without it.
+  """
+
+  def __init__(self, logdir: str, enabled: bool = True):
+    import tensorflow as tf  # Already loaded by the data pipeline.
+    self._tf = tf
+    self._writer = tf.summary.create_file_writer(logdir) if enabled else None
+    # What tensorboard.summary.scalar writes: a float32 tensor tagged for TensorBoard's scalars plugin.
+    self._metadata = tf.compat.v1.SummaryMetadata()
+    self._metadata.plugin_data.plugin_name = 'scalars'
+
+  def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+    if self._writer is None:
+      return
+    with self._writer.as_default():
+      for name, value in scalars.items():
+        self._tf.summary.write(name, self._tf.constant(float(value), self._tf.float32), step=step,
+                              metadata=self._metadata)
+
+  def flush(self) -> None:
+    if self._writer is not None:
+      self._writer.flush()

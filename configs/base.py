@@ -1,0 +1,64 @@
+"""The one list of config keys: every config imports `get_config()` from here and overrides what differs.
+
+`bw_jax.config_validation.validate_config` rejects any key not in this tree, so a misspelt override fails
+before anything compiles. Optional values use `FieldReference(None, field_type=...)` so that
+`--config.key=value` still works on the command line.
+"""
+
+import ml_collections
+from ml_collections import FieldReference
+
+from bw_jax.data import default_dataset_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  model = config.model = ml_collections.ConfigDict()
+  model.variant = 'b0'  # 'b0' … 'b7': width, depth and dropout of the reference scaling.
+  model.num_classes = FieldReference(None, field_type=int)  # None: the dataset's class count.
+  model.stem_type = 1  # 1: conv → BN; 2: depthwise → BW → conv (bw_jax/efficientnet.py).
+  model.mbconv_type = 0  # 0: the original MBConv with BN; 1, 2, 3: BW inside the block.
+  model.head_type = 1  # 1: conv → BN; 2: BW → conv.
+  model.stem_stride = 2  # 2 as published; 1 keeps the resolution of small images.
+  model.dropout_rate = FieldReference(None, field_type=float)  # None: the variant's (0.2 for B0).
+  model.drop_connect_rate = 0.2  # Stochastic depth of the last block; earlier blocks scale it down.
+  model.width_multiplier = FieldReference(None, field_type=float)  # None: the variant's width.
+  model.depth_multiplier = FieldReference(None, field_type=float)  # None: the variant's depth.
+  model.depthwise_implementation = 'auto'  # 'auto' (shift on CPU, XLA elsewhere), 'shift' or 'xla'.
+
+  bw = model.bw = ml_collections.ConfigDict()  # Every BW layer's settings (whitening.BWSettings names).
+  bw.method = 'cholesky'  # 'cholesky', 'zca', 'pca' or 'newton': how S is computed from Σ + ε·I.
+  bw.group_size = FieldReference(16, field_type=int)  # Channels per group; None whitens all together.
+  bw.momentum = 0.99  # Running statistics: stat ← momentum·stat + (1 − momentum)·batch_stat.
+  bw.epsilon = 1e-3  # Ridge ε on the covariance diagonal; raise it if layers go singular.
+  bw.center_with = 'batch'  # 'batch' or 'running' mean for centring training inputs.
+  bw.whiten_with = 'batch'  # 'batch' or 'running' covariance for the training whitening matrix.
+  bw.newton_iterations = 5  # Newton–Schulz steps for method='newton'.
+
+  config.dataset = default_dataset_config('fashion_mnist')  # Keys: bw_jax/data/__init__.py.
+
+  config.batch_size = 256  # Global batch over all devices and hosts.
+  config.eval_batch_size = FieldReference(None, field_type=int)  # None: batch_size. Eval covers the split.
+  config.num_epochs = 10.0  # Training length in epochs of the train split, unless num_train_steps > 0.
+  config.num_train_steps = -1  # > 0: train exactly this many steps (overrides num_epochs); -1: epochs.
+
+  config.optimizer = 'nesterov'  # 'sgd', 'nesterov', 'adamw' or 'rmsprop_tf' (TF1 RMSProp, EfficientNet).
+  config.momentum = 0.9  # Momentum of sgd / nesterov / rmsprop_tf; adamw's b1.
+  config.learning_rate = 0.1  # Per 256 images: the peak rate is learning_rate · batch_size / 256.
+  config.lr_schedule = 'cosine'  # 'cosine' (to 0 at the last step) or 'exponential' (staircase).
+  config.warmup_epochs = 1.0  # Linear warm-up from 0 to the peak rate.
+  config.decay_rate = 0.97  # 'exponential': multiply the rate by this …
+  config.decay_epochs = 2.4  # … every this many epochs after warm-up.
+  config.weight_decay = 5e-5  # On conv / dense kernels only (not normalisation parameters nor biases).
+  config.label_smoothing = 0.1  # Cross-entropy targets (1 − s)·one_hot + s / num_classes.
+  config.ema_decay = 0.0  # Exponential moving average of the weights, used for eval; 0 turns it off.
+
+  config.seed = 0  # Parameters, dropout and the data order.
+  config.half_precision = False  # bfloat16 activations; parameters and statistics stay float32.
+
+  config.log_every_steps = 100  # Console progress line and TensorBoard train metrics.
+  config.eval_every_steps = -1  # Eval over the whole eval split every this many steps; -1: each epoch.
+  config.checkpoint_every_steps = 1000  # Checkpoint period; a checkpoint is also written at the end.
+  config.keep_checkpoints = 2  # How many of the latest checkpoints to keep in workdir/checkpoints.
+  return config

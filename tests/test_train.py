@@ -1,0 +1,141 @@
+"""End-to-end tests of bw_jax.train on the smoke config (tiny BW EfficientNet, 6 steps of 16 images)."""
+
+import glob
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # The configs/ folder is imported as `configs`, as by `python -m bw_jax.main`.
+
+from bw_jax import train  # noqa: E402
+from bw_jax.config_validation import validate_config  # noqa: E402
+from bw_jax.data import fashion_mnist  # noqa: E402
+from bw_jax.train_utils import create_model  # noqa: E402
+from configs import smoke  # noqa: E402
+
+# Each train_and_evaluate builds new jitted functions; the persistent cache lets runs of the same program
+# (smoke, and the two halves of the resumed run) compile once.
+jax.config.update('jax_compilation_cache_dir', os.path.join(REPO, '.pytest_cache', 'jax_compilation'))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+
+SUMMARY_KEYS = {'eval_accuracy', 'eval_loss', 'step', 'epochs', 'train_images_per_sec', 'wall_seconds',
+                'config'}
+
+
+def restore(workdir, step):
+  """The checkpoint of `step` as nested dicts of NumPy arrays, read back without a target."""
+  with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as manager:
+    return jax.tree.map(np.asarray, manager.restore(step, args=ocp.args.StandardRestore()))
+
+
+@pytest.fixture(scope='module')
+def smoke_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('smoke'))
+  return workdir, train.train_and_evaluate(smoke.get_config(), workdir)
+
+
+def test_smoke_writes_summary_events_and_checkpoints(smoke_run):
+  workdir, summary = smoke_run
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    written = json.load(f)
+  assert SUMMARY_KEYS <= set(written)
+  assert written['step'] == 6 and written['eval_examples'] == fashion_mnist.INFO.num_examples['test']
+  assert written['epochs'] == pytest.approx(6 * 16 / 60_000)
+  assert written['config']['batch_size'] == 16
+  assert written['train_images_per_sec'] > 0
+  assert glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3', '6']
+  assert summary['eval_accuracy'] == written['eval_accuracy']
+
+
+def test_eval_accuracy_matches_an_independent_eval_of_the_checkpoint(smoke_run):
+  workdir, summary = smoke_run
+  state = restore(workdir, 6)
+  config = smoke.get_config()
+  model = create_model(config, fashion_mnist.INFO.num_classes)
+  images, labels = fashion_mnist.load_arrays('test', config.dataset)
+  info = fashion_mnist.INFO
+  images = (images.astype(np.float32) - np.float32(info.mean[0])) / np.float32(info.std[0])
+  apply = jax.jit(lambda x: model.apply(
+      {'params': state['params'], 'batch_stats': state['batch_stats']}, x, train=False))
+  predictions = np.concatenate([np.argmax(apply(images[i:i + 2000]), -1) for i in range(0, 10_000, 2000)])
+  assert summary['eval_accuracy'] == pytest.approx(np.mean(predictions == labels), abs=1e-12)
+
+
+def test_resumed_run_ends_with_the_same_state(smoke_run, tmp_path):
+  straight_dir, _ = smoke_run
+  config = smoke.get_config()
+  config.num_train_steps = 3
+  first = train.train_and_evaluate(config, str(tmp_path))
+  assert first['step'] == 3
+  config.num_train_steps = 6
+  assert train.train_and_evaluate(config, str(tmp_path))['step'] == 6
+  straight, resumed = restore(straight_dir, 6), restore(str(tmp_path), 6)
+  for a, b in zip(jax.tree.leaves(straight['params']), jax.tree.leaves(resumed['params'])):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  flat_straight = jax.tree_util.tree_leaves_with_path(straight['batch_stats'])
+  flat_resumed = dict(jax.tree_util.tree_leaves_with_path(resumed['batch_stats']))
+  assert any('cov' in jax.tree_util.keystr(path) for path, _ in flat_straight)  # BW layers are there
+  for path, value in flat_straight:
+    np.testing.assert_array_equal(value, flat_resumed[path], err_msg=jax.tree_util.keystr(path))
+  assert straight['step'] == resumed['step'] == 6
+
+
+def test_misspelt_key_names_the_allowed_keys():
+  config = smoke.get_config()
+  config.learning_rat = 0.1
+  with pytest.raises(ValueError, match=r"unknown config key 'learning_rat' \(did you mean 'learning_rate'"):
+    validate_config(config)
+  config = smoke.get_config()
+  config.model.bw.metod = 'zca'
+  with pytest.raises(ValueError, match=r"'model.bw.metod'.*allowed keys here: .*method"):
+    validate_config(config)
+
+
+@pytest.mark.parametrize('key, value, allowed', [
+    ('optimizer', 'adam', "'sgd', 'nesterov', 'adamw', 'rmsprop_tf'"),
+    ('lr_schedule', 'linear', "'cosine', 'exponential'"),
+    ('model.mbconv_type', 4, '0, 1, 2, 3'),
+    ('model.bw.method', 'svd', "'cholesky', 'zca', 'pca', 'newton'"),
+    ('dataset.name', 'mnist', 'fashion_mnist'),
+])
+def test_out_of_range_value_names_the_allowed_values(key, value, allowed):
+  config = smoke.get_config()
+  with config.unlocked():
+    parent = config
+    *parents, leaf = key.split('.')
+    for name in parents:
+      parent = parent[name]
+    parent[leaf] = value
+  with pytest.raises(ValueError, match=r'(?s)' + repr(value).replace('[', r'\[') + '.*' + allowed):
+    validate_config(config)
+
+
+def test_ranges_are_checked():
+  config = smoke.get_config()
+  config.ema_decay = 1.0
+  with pytest.raises(ValueError, match=r'ema_decay=1.0 is out of range.*\[0.0, 1.0\)'):
+    validate_config(config)
+  config = smoke.get_config()
+  config.num_train_steps = 0
+  with pytest.raises(ValueError, match='num_train_steps'):
+    validate_config(config)
+
+
+def test_non_finite_loss_names_the_step(tmp_path):
+  config = smoke.get_config()
+  # BatchNorm everywhere: a cheaper compile, and the error does not depend on the normalisation.
+  config.model.stem_type, config.model.mbconv_type, config.model.head_type = 1, 0, 1
+  config.learning_rate = 1e30
+  config.num_train_steps = 4
+  config.log_every_steps = 1
+  with pytest.raises(RuntimeError, match=r'at step \d.*Lower config.learning_rate.*bw.epsilon'):
+    train.train_and_evaluate(config, str(tmp_path))
