@@ -202,18 +202,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         steady_start = time.perf_counter()
       else:
         steady_steps += 1
-      paused = time.perf_counter()
       if step % config.log_every_steps == 0 or step == num_train_steps:
         means = flush_window()
         writer.write_scalars(step, {f'train/{k}': v for k, v in means.items()})
         if jax.process_index() == 0:
           print(progress.line(step, means), flush=True)
-      if step % config.checkpoint_every_steps == 0 or step == num_train_steps or preempted.is_set():
+      checkpoint_now = step % config.checkpoint_every_steps == 0 or step == num_train_steps
+      eval_now = step % eval_every == 0 or step == num_train_steps
+      if not (checkpoint_now or eval_now or preempted.is_set()):
+        continue
+      # Steps run asynchronously: wait for them, so that their time counts as training and only the
+      # checkpoint and eval that follow are left out of the images/s.
+      jax.block_until_ready(state)
+      paused = time.perf_counter()
+      if checkpoint_now or preempted.is_set():
         save()
       if preempted.is_set():
         logging.warning('SIGTERM: saved the checkpoint of step %d; exiting.', step)
         return {'preempted': True, 'step': step}
-      if step % eval_every == 0 or step == num_train_steps:
+      if eval_now:
         eval_metrics = evaluate(eval_fn, state, config, data_sharding)
         health = bw_health(state.batch_stats)
         writer.write_scalars(step, {**{f'eval/{k}': v for k, v in eval_metrics.items()},
