@@ -11,10 +11,12 @@ Multi-host: run the same command on every host with these environment variables 
 Each host then reads its own shard of every batch; `batch_size` stays the global batch.
 """
 
+import logging as std_logging
 import os
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 from ml_collections import config_flags
 
@@ -27,9 +29,17 @@ config_flags.DEFINE_config_file('config', None, 'Training configuration file (co
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def quiet_library_info(record: std_logging.LogRecord) -> bool:
+  """Keeps the console for our progress lines: Orbax logs a dozen INFO lines per checkpoint, and JAX says
+  at start-up which backends it did not find. Their warnings and errors still show."""
+  noisy = ('/orbax/' in record.pathname or record.pathname.endswith('xla_bridge.py'))
+  return record.levelno >= std_logging.WARNING or not noisy
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}; settings go in --config.key=value.')
+  logging.get_absl_handler().addFilter(quiet_library_info)
   if os.environ.get('JAX_COORDINATOR_ADDRESS'):
     jax.distributed.initialize(
         coordinator_address=os.environ['JAX_COORDINATOR_ADDRESS'],

@@ -1,0 +1,34 @@
+"""EfficientNet-B0 on ImageNet with the published recipe (Tan & Le 2019; TF `efficientnet` main.py defaults).
+
+Batch whitening is off here (the BN original): set `--config.model.stem_type/mbconv_type/head_type` (or
+use a config written by `python -m bw_jax.sweep promote`) to place BW layers. Needs the ImageNet download
+prepared as README.md says, and accelerators: 350 epochs of 1.28 M images.
+"""
+
+import ml_collections
+
+from configs import base
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = base.get_config()
+  config.dataset = base.default_dataset_config('imagenet2012')  # 224×224, Inception crop; eval: centre crop.
+  config.model.stem_stride = 2
+  config.batch_size = 2048
+  config.num_epochs = 350.0
+  config.optimizer = 'rmsprop_tf'  # decay 0.9, ε 1e-3 inside the root, squared average starting at 1.
+  config.momentum = 0.9
+  config.learning_rate = 0.016  # Per 256 images: 0.128 at batch 2048.
+  config.lr_schedule = 'exponential'
+  config.warmup_epochs = 5.0
+  config.decay_rate = 0.97
+  config.decay_epochs = 2.4
+  config.weight_decay = 1e-5  # Conv and dense kernels only.
+  config.label_smoothing = 0.1
+  config.ema_decay = 0.9999
+  config.half_precision = True
+  config.log_every_steps = 100
+  config.eval_every_steps = -1
+  config.checkpoint_every_steps = 1000
+  config.keep_checkpoints = 3
+  return config

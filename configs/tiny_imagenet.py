@@ -1,0 +1,30 @@
+"""BW EfficientNet-B0 on Tiny ImageNet (200 classes, 64×64): the dataset of the hyper-parameter sweeps.
+
+Prepare the data once (README.md, "Datasets"): `python -m bw_jax.data.tiny_imagenet --manual_dir DIR`.
+At 64×64 the published stride-2 stem would leave a 2×2 final map; stride 1 keeps 4×4 (DESIGN.md §3).
+"""
+
+import ml_collections
+
+from configs import base
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = base.get_config()
+  config.dataset = base.default_dataset_config('tiny_imagenet')
+  config.model.stem_type = 1
+  config.model.mbconv_type = 2
+  config.model.head_type = 1
+  config.model.stem_stride = 1
+  config.batch_size = 256
+  config.num_epochs = 30.0  # The trial length of the PyTorch predecessor's Optuna studies.
+  config.optimizer = 'nesterov'
+  config.learning_rate = 0.2
+  config.lr_schedule = 'cosine'
+  config.warmup_epochs = 2.0
+  config.weight_decay = 5e-5
+  config.label_smoothing = 0.1
+  config.half_precision = True
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 1000
+  return config
