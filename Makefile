@@ -25,9 +25,11 @@ data:
 	  echo "Could not install dataset-fashion-mnist; tests on the real data will be skipped."; \
 	else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist' (or set config.dataset.data_dir)."; fi
 
-# The main job. Until the training loop lands this is a short Batch Whitening demo.
+# The main job: configs/default.py (BW EfficientNet on Fashion-MNIST). Rerunning resumes from the latest
+# checkpoint in $(WORKDIR); `make train WORKDIR=runs/other` starts afresh elsewhere.
+WORKDIR ?= runs/default
 train: setup data
-	$(BIN)/python -m bw_jax.demo
+	$(BIN)/python -m bw_jax.main --config=configs/default.py --workdir=$(WORKDIR)
 
 test: setup data
 	$(BIN)/python -m pytest -q

@@ -45,6 +45,10 @@ def main(argv):
         coordinator_address=os.environ['JAX_COORDINATOR_ADDRESS'],
         num_processes=int(os.environ['JAX_NUM_PROCESSES']),
         process_id=int(os.environ['JAX_PROCESS_ID']))
+  if jax.default_backend() == 'cpu':
+    # jax 0.10.2's CPU client with asynchronous dispatch hung for good in block_until_ready during long runs
+    # here (BENCHMARKS.md); synchronous dispatch costs nothing visible at these step times.
+    jax.config.update('jax_cpu_enable_async_dispatch', False)
   os.makedirs(FLAGS.workdir, exist_ok=True)
   summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   if jax.process_index() == 0:
