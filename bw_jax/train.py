@@ -12,7 +12,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from absl import logging
 import flax
@@ -137,9 +137,14 @@ def check_finite(window: list[tuple[int, dict]], config: ml_collections.ConfigDi
           f'config.model.bw.epsilon (now {config.model.bw.epsilon}) if a BW layer went singular.')
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       on_eval: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
   """Trains `config`'s model, resuming from the latest checkpoint in `workdir`; returns the summary that is
-  also written to `workdir/summary.json` (or {'preempted': True, 'step': …} after a SIGTERM)."""
+  also written to `workdir/summary.json` (or {'preempted': True, 'step': …} after a SIGTERM).
+
+  `on_eval(step, {'loss', 'accuracy', 'count'})` runs after each periodic eval (the sweep's pruner); an
+  exception it raises ends training with the checkpoints already written intact.
+  """
   start_time = time.perf_counter()
   validate_config(config)
   info = data.dataset_module(config.dataset.name).INFO
@@ -153,8 +158,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model = create_model(config, info.num_classes)
   num_classes = config.model.num_classes or info.num_classes
   learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch, num_train_steps)
-  state = initial_state(config, model, create_optimizer(config, learning_rate_fn), replicated)
+  # Before compiling anything: creating the manager is the hosts' first collective (Orbax syncs them), and
+  # gloo (CPU) gives up on a host that joins its first collective over 30 s late, as one compiling longer can.
   checkpoints = Checkpoints(os.path.join(os.path.abspath(workdir), 'checkpoints'), config.keep_checkpoints)
+  state = initial_state(config, model, create_optimizer(config, learning_rate_fn), replicated)
   state = checkpoints.restore_latest(state)
   start_step = int(state.step)
 
@@ -228,6 +235,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if jax.process_index() == 0:
           print(f"eval step {step}: loss {eval_metrics['loss']:.4f}  accuracy "
                 f"{eval_metrics['accuracy']:.4f} on {eval_metrics['count']} examples", flush=True)
+        if on_eval is not None:
+          on_eval(step, eval_metrics)
       excluded += time.perf_counter() - paused
     if not eval_metrics:  # Resumed at the last step: nothing trained, still report the eval.
       eval_metrics = evaluate(eval_fn, state, config, data_sharding)

@@ -1,0 +1,206 @@
+"""The Optuna side of a sweep: budget slots, the sampler, the pruner, and the storage and study that all
+workers share (`bw_jax.sweep`).
+
+The budget is counted in slots: fresh trials (not retries) in the order of their numbers, which the storage
+hands out under a lock, so every worker agrees that the first `n_trials` fresh trials are the budget, and a
+later one (two workers asked at once) is dropped before it trains. A retry (a trial whose worker died,
+queued again by `RetryHeartbeatStaleTrialCallback` with the same values) takes its original's slot.
+"""
+
+import bisect
+import itertools
+import json
+import os
+import time
+from typing import Any, Sequence
+import warnings
+import zlib
+
+import ml_collections
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+import sqlalchemy
+
+from bw_jax.sweep_config import OBJECTIVES
+
+# What defines the experiment: a worker whose sweep file differs here from the study's record is refused.
+EXPERIMENT_KEYS = ('train', 'trial_budget', 'search_space', 'stratify', 'objective', 'sampler', 'seed')
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+def original_number(trial: FrozenTrial) -> int:
+  """The number of the first attempt of the trial that `trial` retries (RetryHeartbeatStaleTrialCallback's
+  'failed_trial'), else `trial.number`."""
+  return trial.system_attrs.get('failed_trial', trial.number)
+
+
+def is_retry(trial: FrozenTrial) -> bool:
+  return 'failed_trial' in trial.system_attrs
+
+
+def fresh_numbers(trials: Sequence[FrozenTrial]) -> list[int]:
+  """Numbers of the trials that are not retries, ascending: their order is the order of budget slots."""
+  return sorted(t.number for t in trials if not is_retry(t))
+
+
+def budget_slot(trials: Sequence[FrozenTrial], trial: FrozenTrial) -> int:
+  """0, 1, … for the fresh trials in number order; a retry has its original's slot. ≥ n_trials: surplus."""
+  return bisect.bisect_left(fresh_numbers(trials), original_number(trial))
+
+
+def can_start(trials: Sequence[FrozenTrial], n_trials: int) -> bool:
+  """True while a slot is unopened or a retry waits."""
+  return len(fresh_numbers(trials)) < n_trials or any(t.state == TrialState.WAITING for t in trials)
+
+
+def budget_done(trials: Sequence[FrozenTrial], n_trials: int) -> bool:
+  """Every slot opened and nothing running or waiting (a running trial may still die and need a retry)."""
+  pending = any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
+  return len(fresh_numbers(trials)) >= n_trials and not pending
+
+
+def is_surplus(trial: FrozenTrial) -> bool:
+  return bool(trial.user_attrs.get('surplus'))
+
+
+def finished_count(trials: Sequence[FrozenTrial]) -> int:
+  """Finished trials that count against the budget: not surplus, and not failures that were retried."""
+  retried = {t.system_attrs['failed_trial'] for t in trials if is_retry(t)}
+  retried |= {n for t in trials for n in t.system_attrs.get('retry_history', [])}
+  return sum(t.state in FINISHED and not is_surplus(t) and t.number not in retried for t in trials)
+
+
+def stratified_combinations(strata: dict[str, Sequence[Any]], seed: int) -> list[dict[str, Any]]:
+  """Every combination of the strata's choices once, in a seeded random order: slot k takes entry k mod len."""
+  combinations = [dict(zip(strata, values)) for values in itertools.product(*strata.values())]
+  return [combinations[i] for i in np.random.RandomState(seed).permutation(len(combinations))]
+
+
+class SweepSampler(optuna.samplers.RandomSampler):
+  """Optuna's RandomSampler, seeded per draw by (seed, budget slot, parameter name): workers that share a
+  seed still draw different trials, a sweep run twice draws the same ones, and stratified keys cycle through
+  `stratified_combinations` by slot."""
+
+  def __init__(self, seed: int, strata: dict[str, Sequence[Any]] | None = None):
+    super().__init__(seed)
+    self._seed = seed
+    self._combinations = stratified_combinations(strata or {}, seed)
+
+  def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                         param_distribution: optuna.distributions.BaseDistribution) -> Any:
+    slot = budget_slot(study.get_trials(deepcopy=False), trial)
+    combination = self._combinations[slot % len(self._combinations)]
+    if param_name in combination:
+      return combination[param_name]
+    seed = np.random.SeedSequence([self._seed, slot, zlib.crc32(param_name.encode())]).generate_state(1)[0]
+    return optuna.samplers.RandomSampler(seed=int(seed)).sample_independent(
+        study, trial, param_name, param_distribution)
+
+
+def create_sampler(sweep: ml_collections.ConfigDict, space: dict[str, tuple]) -> optuna.samplers.BaseSampler:
+  strata = {key: list(space[key][1]) for key in sweep.stratify}
+  if sweep.sampler == 'qmc':  # Scrambled Sobol; its position in the sequence is kept in the study.
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore', optuna.exceptions.ExperimentalWarning)
+      return optuna.samplers.QMCSampler(scramble=True, seed=sweep.seed,
+                                        independent_sampler=SweepSampler(sweep.seed))
+  return SweepSampler(sweep.seed, strata)
+
+
+def create_pruner(sweep: ml_collections.ConfigDict) -> optuna.pruners.BasePruner:
+  if sweep.pruner == 'median':
+    return optuna.pruners.MedianPruner(n_startup_trials=sweep.pruner_startup_trials,
+                                       n_warmup_steps=sweep.pruner_warmup_steps)
+  return optuna.pruners.NopPruner()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Storage and study
+
+
+def default_storage(directory: str) -> str:
+  return 'sqlite:///' + os.path.abspath(os.path.join(directory, 'study.db'))
+
+
+def create_storage(target: str, sweep: ml_collections.ConfigDict | None = None) -> optuna.storages.BaseStorage:
+  """An RDB storage for a URL (`sqlite:///…`, `postgresql://…`), with heartbeats and retries when `sweep` is
+  given; a journal file for any other string (Optuna's journal has no heartbeat: dead workers' trials stay
+  'RUNNING' there, so use it only where workers are not killed)."""
+  if '://' not in target:
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(target))
+  # SQLite: wait for the file lock instead of failing when workers write at once. Servers: drop dead links.
+  engine_kwargs = {'connect_args': {'timeout': 120}} if target.startswith('sqlite') else {'pool_pre_ping': True}
+  if sweep is None:
+    return optuna.storages.RDBStorage(target, engine_kwargs=engine_kwargs)
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', optuna.exceptions.ExperimentalWarning)
+    return optuna.storages.RDBStorage(
+        target, engine_kwargs=engine_kwargs, heartbeat_interval=sweep.heartbeat_interval,
+        grace_period=sweep.grace_period,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(sweep.max_retry))
+
+
+def experiment_record(sweep: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The EXPERIMENT_KEYS of `sweep` as JSON values; the data directory may differ between machines."""
+  record = json.loads(json.dumps({k: sweep[k].to_dict() if hasattr(sweep[k], 'to_dict') else sweep[k]
+                                  for k in EXPERIMENT_KEYS}))
+  record['train']['dataset'].pop('data_dir', None)
+  return record
+
+
+def record_differences(recorded: dict[str, Any], current: dict[str, Any], prefix: str = '') -> list[str]:
+  """Dotted keys whose values differ between two nested dicts."""
+  keys = sorted(set(recorded) | set(current))
+  out = []
+  for key in keys:
+    a, b = recorded.get(key), current.get(key)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += record_differences(a, b, f'{prefix}{key}.')
+    elif a != b:
+      out.append(f'{prefix}{key}: study has {a!r}, this file {b!r}')
+  return out
+
+
+def open_study(sweep: ml_collections.ConfigDict, space: dict[str, tuple], storage: str) -> optuna.Study:
+  """Creates the study or joins it; refuses a sweep file that differs from the one the study started with."""
+  for attempt in range(5):  # Workers that start together may race to create the tables.
+    try:
+      study = optuna.create_study(
+          study_name=sweep.study_name, storage=create_storage(storage, sweep),
+          sampler=create_sampler(sweep, space), pruner=create_pruner(sweep),
+          direction=OBJECTIVES[sweep.objective], load_if_exists=True)
+      break
+    except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError):
+      if attempt == 4:
+        raise
+      time.sleep(1 + attempt)
+  current = experiment_record(sweep)
+  recorded = study.user_attrs.get('sweep')
+  if recorded is None:
+    study.set_user_attr('sweep', current)
+  elif recorded != current:
+    raise ValueError(f"Study '{sweep.study_name}' in {storage} was started from another sweep file:\n  " +
+                     '\n  '.join(record_differences(recorded, current)[:20]) +
+                     '\nUse the same file, or another --dir / study_name for a new sweep.')
+  return study
+
+
+def load_study(directory: str, storage: str | None, study_name: str | None) -> optuna.Study:
+  """The sweep's study (the only one in the storage unless `study_name` is given), for report / promote."""
+  target = storage or default_storage(directory)
+  if target == default_storage(directory) and not os.path.exists(os.path.join(directory, 'study.db')):
+    raise ValueError(f'No sweep in {directory!r}: {os.path.join(directory, "study.db")} does not exist '
+                     '(pass --storage for a PostgreSQL or journal storage).')
+  backend = create_storage(target)
+  names = optuna.get_all_study_names(backend)
+  if study_name is None:
+    if len(names) != 1:
+      raise ValueError(f'{target} holds studies {names}; choose one with --study-name.')
+    study_name = names[0]
+  elif study_name not in names:
+    raise ValueError(f'{target} has no study {study_name!r}; it holds {names}.')
+  study = optuna.load_study(study_name=study_name, storage=backend)
+  if 'sweep' not in study.user_attrs:
+    raise ValueError(f"Study {study_name!r} in {target} was not written by `python -m bw_jax.sweep run`.")
+  return study

@@ -1,0 +1,457 @@
+"""Tests of bw_jax.sweep: search-space checks, budget slots, sampling, report and promote on synthetic
+studies, and end-to-end sweeps of configs/sweep_smoke.py by worker processes on SQLite (one of them killed)
+and on a PostgreSQL server started here."""
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import ml_collections
+import numpy as np
+import optuna
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.trial import TrialState
+import pandas as pd
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # The configs/ folder is imported as `configs`, as by `python -m bw_jax.main`.
+
+from bw_jax import sweep  # noqa: E402
+from bw_jax import sweep_config  # noqa: E402
+from bw_jax import sweep_report  # noqa: E402
+from bw_jax import sweep_study  # noqa: E402
+from bw_jax.config_validation import validate_config  # noqa: E402
+
+SMOKE_SWEEP = os.path.join(REPO, 'configs', 'sweep_smoke.py')
+PROMOTE_BASE = os.path.join(REPO, 'configs', 'imagenet.py')
+if not os.path.exists(PROMOTE_BASE):
+  PROMOTE_BASE = os.path.join(REPO, 'configs', 'default.py')
+# The workers share the test suite's persistent compilation cache (tests/test_train.py): every smoke trial
+# compiles the same programs, so only the first worker of a fresh checkout compiles.
+WORKER_ENV = {**os.environ, 'JAX_COMPILATION_CACHE_DIR': os.path.join(REPO, '.pytest_cache', 'jax_compilation'),
+              'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0', 'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '-1',
+              'TF_CPP_MIN_LOG_LEVEL': '2'}
+SMOKE_KEYS = ['dataset.augment.crop_padding', 'dataset.augment.flip', 'dataset.shuffle_buffer']
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Search-space checks (no training)
+
+
+def smoke_sweep_with(**space) -> ml_collections.ConfigDict:
+  config = sweep_config.load_config_file(SMOKE_SWEEP)
+  for key, spec in space.items():
+    config.search_space[key] = spec
+  return config
+
+
+def test_smoke_sweep_config_is_valid():
+  assert list(sweep_config.check_sweep_config(sweep_config.load_config_file(SMOKE_SWEEP))) == SMOKE_KEYS
+
+
+@pytest.mark.parametrize('name', ['sweep_fashion_mnist', 'sweep_tiny_imagenet'])
+def test_real_sweep_configs_are_valid_and_stratify_the_block_types(name):
+  config = sweep_config.load_config_file(os.path.join(REPO, 'configs', f'{name}.py'))
+  space = sweep_config.check_sweep_config(config)
+  assert tuple(config.stratify) == sweep_config.BLOCK_KEYS
+  for key in ('model.bw.method', 'model.bw.group_size', 'model.bw.momentum', 'model.bw.epsilon',
+              'model.bw.center_with', 'model.bw.whiten_with', 'learning_rate', 'weight_decay',
+              'model.dropout_rate', 'label_smoothing', 'optimizer', *sweep_config.BLOCK_KEYS):
+    assert key in space, key
+  assert space['learning_rate'][0] == space['weight_decay'][0] == space['model.bw.epsilon'][0] == 'log_float'
+
+
+def test_unknown_search_space_key_is_named_with_the_nearest_key():
+  config = smoke_sweep_with(model=ml_collections.ConfigDict({'bw': {'metod': ('categorical', ('zca',))}}),
+                            learning_rat=('log_float', 0.01, 1.0))
+  with pytest.raises(ValueError) as error:
+    sweep_config.check_sweep_config(config)
+  message = str(error.value)
+  assert "unknown config key 'model.bw.metod' (did you mean 'model.bw.method'?)" in message
+  assert "unknown config key 'learning_rat' (did you mean 'learning_rate'?)" in message
+
+
+def test_run_with_a_misspelt_key_fails_before_anything_is_created(tmp_path):
+  path = tmp_path / 'sweep_typo.py'
+  path.write_text('from configs import sweep_smoke\n\n\ndef get_config():\n  config = sweep_smoke.get_config()\n'
+                  "  config.search_space.model = {'stem_typ': ('categorical', (1, 2))}\n  return config\n")
+  with pytest.raises(SystemExit, match=r"unknown config key 'model.stem_typ' \(did you mean 'model.stem_type'"):
+    sweep.main(['run', f'--config={path}', f'--dir={tmp_path / "sweep"}'])
+  assert not os.path.exists(tmp_path / 'sweep')
+
+
+def test_values_and_specs_are_checked_against_what_the_code_allows():
+  config = smoke_sweep_with(optimizer=('categorical', ('adam', 'sgd')),
+                            model=ml_collections.ConfigDict({'mbconv_type': ('categorical', (0, 4)),
+                                                             'bw': {'epsilon': ('log_float', 0.0, 1.0)}}),
+                            num_epochs=('float', 1.0, 2.0), learning_rate=('float', 0.1))
+  with pytest.raises(ValueError) as error:
+    sweep_config.check_sweep_config(config)
+  message = str(error.value)
+  assert "search_space.optimizer = 'adam': config.optimizer='adam' is not supported; choose one of 'sgd'" in message
+  assert 'search_space.model.mbconv_type = 4: mbconv_type=4 is not supported; choose one of 0, 1, 2, 3' in message
+  assert "search_space.model.bw.epsilon: 'log_float' needs low > 0" in message
+  assert 'search_space.num_epochs: the training length is the trial budget' in message
+  assert "search_space.learning_rate: 'float' takes (low, high)" in message
+  assert "search_space.optimizer = 'sgd'" not in message
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Budget slots and sampling
+
+
+def frozen(number, state=TrialState.COMPLETE, retry_of=None, surplus=False):
+  system_attrs = {} if retry_of is None else {'failed_trial': retry_of, 'retry_history': [retry_of]}
+  trial = optuna.trial.create_trial(state=state, value=0.5 if state == TrialState.COMPLETE else None,
+                                    system_attrs=system_attrs, user_attrs={'surplus': True} if surplus else {})
+  trial.number = number
+  return trial
+
+
+def test_budget_slots_count_fresh_trials_and_give_retries_their_original_slot():
+  # 0 done, 1 killed and retried as 4, 2 running, 3 surplus (asked together with 2 when 1 slot was left).
+  trials = [frozen(0), frozen(1, TrialState.FAIL), frozen(2, TrialState.RUNNING),
+            frozen(3, TrialState.FAIL, surplus=True), frozen(4, TrialState.WAITING, retry_of=1)]
+  assert [sweep_study.budget_slot(trials, t) for t in trials] == [0, 1, 2, 3, 1]
+  assert sweep_study.can_start(trials, 3)  # The retry waits.
+  assert not sweep_study.budget_done(trials, 3)
+  assert sweep_study.finished_count(trials) == 1  # 1 is replaced by its retry, 3 never trained.
+  trials[2] = frozen(2)
+  trials[4] = frozen(4, retry_of=1)
+  assert not sweep_study.can_start(trials, 3) and sweep_study.budget_done(trials, 3)
+  assert sweep_study.finished_count(trials) == 3
+  assert sweep_study.can_start(trials, 5) and not sweep_study.budget_done(trials, 5)
+
+
+def test_sampler_is_seeded_per_slot_and_stratifies_the_block_types():
+  space = {'model.stem_type': ('categorical', (1, 2)), 'model.mbconv_type': ('categorical', (0, 1, 2, 3)),
+           'model.head_type': ('categorical', (1, 2)), 'learning_rate': ('log_float', 0.01, 1.0)}
+  strata = {k: space[k][1] for k in sweep_config.BLOCK_KEYS}
+
+  def draw(seed, n):
+    study = optuna.create_study(sampler=sweep_study.SweepSampler(seed, strata))
+    return [sweep_config.suggest(study.ask(), space) for _ in range(n)]
+
+  first, again, other = draw(0, 20), draw(0, 20), draw(1, 20)
+  assert first == again  # Two workers with one seed draw the same value for a slot …
+  assert len({p['learning_rate'] for p in first}) == 20  # … and different values for different slots.
+  assert first != other
+  combos = [tuple(p[k] for k in sweep_config.BLOCK_KEYS) for p in first]
+  assert len(set(combos[:16])) == 16  # 2 × 4 × 2 combinations: each once in the first 16 slots,
+  assert combos[16:] == combos[:4]  # then the same order again.
+  lr = np.log([p['learning_rate'] for p in first])
+  assert np.all((lr >= np.log(0.01)) & (lr <= np.log(1.0)))
+
+
+def test_qmc_sampler_covers_the_space():
+  config = sweep_config.load_config_file(os.path.join(REPO, 'configs', 'sweep_fashion_mnist.py'))
+  config.sampler, config.stratify = 'qmc', ()
+  space = sweep_config.check_sweep_config(config)
+  study = optuna.create_study(sampler=sweep_study.create_sampler(config, space), direction='maximize')
+  draws = []
+  for _ in range(8):
+    trial = study.ask()
+    draws.append(sweep_config.suggest(trial, space))
+    study.tell(trial, 0.5)
+  rates = [d['learning_rate'] for d in draws]
+  assert len(set(rates)) == 8 and all(0.05 <= r <= 0.8 for r in rates)
+  assert {d['model.mbconv_type'] for d in draws} <= {0, 1, 2, 3}
+
+
+def test_a_non_finite_loss_is_a_result_and_other_errors_are_crashes():
+  from bw_jax import train  # The error that the worker must recognise, raised by the training loop itself.
+  with pytest.raises(RuntimeError) as error:
+    train.check_finite([(3, {'loss': float('nan')})], sweep_config.load_config_file(SMOKE_SWEEP).train, None)
+  assert sweep.is_divergence(error.value)
+  assert not sweep.is_divergence(RuntimeError('XLA ran out of memory'))
+  assert not sweep.is_divergence(ValueError('Training loss is'))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Report and promote on a synthetic study
+
+
+@pytest.fixture(scope='module')
+def synthetic_study():
+  """12 trials of a fake sweep with known results: 10 complete, one pruned, one failed and retried."""
+  config = sweep_config.load_config_file(SMOKE_SWEEP)
+  config.search_space = ml_collections.ConfigDict({
+      'model': {'stem_type': ('categorical', (1, 2)), 'mbconv_type': ('categorical', (1, 2)),
+                'bw': {'method': ('categorical', ('cholesky', 'zca'))}},
+      'learning_rate': ('log_float', 0.01, 1.0), 'optimizer': ('categorical', ('nesterov', 'adamw')),
+      'dataset': {'augment': {'flip': ('categorical', (True, False))}}})
+  space = sweep_config.check_sweep_config(config)
+  study = optuna.create_study(direction='maximize')
+  study.set_user_attr('sweep', sweep_study.experiment_record(config))
+  rng = np.random.RandomState(0)
+  distributions = {k: (CategoricalDistribution(list(s[1])) if s[0] == 'categorical'
+                       else FloatDistribution(s[1], s[2], log=True)) for k, s in space.items()}
+  for number in range(12):
+    params = {'model.stem_type': [1, 2][number % 2], 'model.mbconv_type': [1, 2][number // 2 % 2],
+              'model.bw.method': ['cholesky', 'zca'][number % 3 % 2], 'learning_rate': float(rng.uniform(0.01, 1)),
+              'optimizer': ['nesterov', 'adamw'][number % 2], 'dataset.augment.flip': bool(number % 2)}
+    state = {7: TrialState.PRUNED, 9: TrialState.FAIL}.get(number, TrialState.COMPLETE)
+    accuracy = round(float(rng.uniform(0.5, 0.9)), 4)
+    study.add_trial(optuna.trial.create_trial(
+        state=state, value=accuracy if state == TrialState.COMPLETE else None, params=params,
+        distributions=distributions, intermediate_values={5: accuracy} if state == TrialState.PRUNED else None,
+        system_attrs={'failed_trial': 9, 'retry_history': [9]} if number == 11 else {},
+        user_attrs={'eval_accuracy': accuracy, 'seconds': 10.0 + number, 'model.head_type': 1,
+                    **({'error': 'worker died'} if state == TrialState.FAIL else {})}))
+  return study
+
+
+def test_report_tables_match_an_independent_computation(synthetic_study, tmp_path):
+  results = sweep_report.write_report(synthetic_study, str(tmp_path))
+  for name in ('results.csv', 'block_types.csv', 'summary.md', *sweep_report.PLOTS):
+    assert os.path.getsize(tmp_path / name) > 0, name
+  csv = pd.read_csv(tmp_path / 'results.csv')
+  assert list(csv.columns[:6]) == ['number', 'state', 'eval_accuracy', 'eval_loss', 'seconds', 'step']
+  assert {'model.stem_type', 'model.mbconv_type', 'model.head_type', 'model.bw.method', 'learning_rate',
+          'optimizer', 'dataset.augment.flip', 'retried_from'} <= set(csv.columns)
+  assert list(csv.number) == list(range(12)) and csv.retried_from[11] == 9 and csv.state[9] == 'FAIL'
+  complete = [t for t in synthetic_study.trials if t.state == TrialState.COMPLETE]
+  blocks = pd.read_csv(tmp_path / 'block_types.csv')
+  assert blocks['count'].sum() == len(complete) == 10
+  for _, row in blocks.iterrows():
+    values = [t.value for t in complete
+              if (t.params['model.stem_type'], t.params['model.mbconv_type']) == (row['model.stem_type'],
+                                                                                   row['model.mbconv_type'])]
+    assert row['count'] == len(values) and row['best'] == max(values)
+    assert row['mean'] == pytest.approx(np.mean(values), abs=1e-12)
+  assert list(blocks.best) == sorted(blocks.best, reverse=True)
+  best = synthetic_study.best_trial
+  assert blocks.best_trial[0] == best.number
+  summary = (tmp_path / 'summary.md').read_text()
+  best_row = summary.split('## Best trials')[1].split('\n')[4]
+  assert best_row.startswith(f'| {best.number} | {best.value:.4g} |')
+  assert '12 trials: 10 complete, 1 fail, 1 pruned' in summary
+  assert len(results) == 12
+
+
+def test_promote_writes_configs_that_main_accepts(synthetic_study, tmp_path):
+  lines = sweep_report.promote(synthetic_study, 2, PROMOTE_BASE, str(tmp_path), 'runs/promoted')
+  blocks = sweep_report.block_type_table(sweep_report.results_table(synthetic_study), 'eval_accuracy', True)
+  written = sorted(glob.glob(str(tmp_path / 'stem*.py')))
+  assert len(written) == 2
+  base = sweep_config.load_config_file(PROMOTE_BASE)
+  for rank, row in enumerate(blocks.head(2).to_dict('records')):
+    name = f"stem{row['model.stem_type']}_mbconv{row['model.mbconv_type']}_head1"
+    path = str(tmp_path / f'{name}.py')
+    assert path in written
+    config = sweep_config.load_config_file(path)  # As bw_jax.main loads --config: with the repository on sys.path.
+    validate_config(config)
+    trial = synthetic_study.trials[row['best_trial']]
+    assert config.learning_rate == trial.params['learning_rate']  # Per 256 images: carried as is.
+    assert config.optimizer == trial.params['optimizer']
+    assert config.model.bw.method == trial.params['model.bw.method']
+    assert (config.model.stem_type, config.model.mbconv_type, config.model.head_type) == (
+        trial.params['model.stem_type'], trial.params['model.mbconv_type'], 1)
+    assert config.dataset.to_dict() == base.dataset.to_dict()  # Data keys stay the base's.
+    assert config.batch_size == base.batch_size and config.num_epochs == base.num_epochs
+    assert f'python -m bw_jax.main --config={path} --workdir=runs/promoted/{name}' in lines
+    assert lines[rank].startswith(f'{rank + 1}. {path}: trial {trial.number}')
+  commands = (tmp_path / 'commands.sh').read_text()
+  assert commands.count('python -m bw_jax.main') == 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# End-to-end sweeps: worker processes
+
+
+def start_worker(directory, log_name, *args):
+  """A `python -m bw_jax.sweep run` process of the smoke sweep, its output in DIRECTORY/LOG_NAME.log."""
+  with open(os.path.join(directory, f'{log_name}.log'), 'w') as log:
+    return subprocess.Popen([sys.executable, '-m', 'bw_jax.sweep', 'run', f'--config={SMOKE_SWEEP}',
+                             f'--dir={directory}', *args], cwd=REPO, env=WORKER_ENV, stdout=log,
+                            stderr=subprocess.STDOUT)
+
+
+def wait_all(workers, directory, timeout=900):
+  codes = [w.wait(timeout=timeout) for w in workers]
+  logs = '\n'.join(open(p).read()[-3000:] for p in sorted(glob.glob(os.path.join(directory, '*.log'))))
+  assert codes == [0] * len(workers), logs
+  return logs
+
+
+def run_two_workers(directory, *args):
+  os.makedirs(directory, exist_ok=True)
+  return wait_all([start_worker(directory, f'worker{i}', *args) for i in range(2)], directory)
+
+
+def load(directory, storage=None):
+  return optuna.load_study(study_name='sweep_smoke',
+                           storage=sweep_study.create_storage(storage or sweep_study.default_storage(directory)))
+
+
+def assert_budget_of_distinct_complete_trials(study, n_trials):
+  trials = study.get_trials(deepcopy=False)
+  complete = [t for t in trials if t.state == TrialState.COMPLETE]
+  assert len(complete) == n_trials
+  assert len({tuple(sorted(t.params.items())) for t in complete}) == n_trials
+  assert sorted(sweep_study.original_number(t) for t in complete) == sweep_study.fresh_numbers(trials)[:n_trials]
+  assert sweep_study.finished_count(trials) == n_trials
+  assert not any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
+  return complete
+
+
+@pytest.fixture(scope='module')
+def sqlite_sweep(tmp_path_factory):
+  directory = str(tmp_path_factory.mktemp('sweep_sqlite'))
+  logs = run_two_workers(directory)
+  return directory, load(directory), logs
+
+
+def test_two_workers_on_sqlite_spend_the_budget_exactly(sqlite_sweep):
+  directory, study, logs = sqlite_sweep
+  complete = assert_budget_of_distinct_complete_trials(study, 6)
+  assert len({t.user_attrs['worker'] for t in complete}) == 2
+  for trial in complete:
+    assert trial.user_attrs['workdir'] == os.path.join(directory, 'trials', f'{trial.number:04d}')
+    assert os.path.exists(os.path.join(trial.user_attrs['workdir'], 'summary.json'))
+    assert trial.user_attrs['step'] == 4 and 0 <= trial.value <= 1
+  assert logs.count(' COMPLETE eval_accuracy ') == 6 and '[6/6] trial ' in logs
+  assert logs.count("Sweep 'sweep_smoke': 6/6 trials finished (6 complete") == 2
+
+
+def test_report_of_the_sweep(sqlite_sweep):
+  directory, study, _ = sqlite_sweep
+  sweep.main(['report', f'--dir={directory}'])
+  out = os.path.join(directory, 'report')
+  for name in sweep_report.PLOTS:
+    assert os.path.getsize(os.path.join(out, name)) > 1000, name
+  csv = pd.read_csv(os.path.join(out, 'results.csv'))
+  assert list(csv.columns[:6]) == ['number', 'state', 'eval_accuracy', 'eval_loss', 'seconds', 'step']
+  assert set(SMOKE_KEYS + list(sweep_config.BLOCK_KEYS)) <= set(csv.columns)
+  assert len(csv) == 6 and set(csv.state) == {'COMPLETE'}
+  for _, row in csv.iterrows():
+    trial = study.trials[row.number]
+    assert row.eval_accuracy == trial.value
+    assert [row[k] for k in SMOKE_KEYS] == [trial.params[k] for k in SMOKE_KEYS]
+  best = study.best_trial
+  top = sweep_report.ranked(csv, 'eval_accuracy', True).iloc[0]
+  assert top.eval_accuracy == best.value  # Ties (4 steps of training) break by trial number.
+  assert top.number == min(t.number for t in study.trials if t.value == best.value)
+  summary = open(os.path.join(out, 'summary.md')).read()
+  assert f'| {top.number} | {best.value:.4g} |' in summary.split('## Best trials')[1].split('\n')[4]
+
+
+def test_promote_from_the_sweep(sqlite_sweep, tmp_path):
+  directory, study, _ = sqlite_sweep
+  sweep.main(['promote', f'--dir={directory}', '--top-k=3', f'--base={PROMOTE_BASE}', f'--out={tmp_path}'])
+  written = glob.glob(str(tmp_path / 'stem*.py'))
+  assert [os.path.basename(p) for p in written] == ['stem1_mbconv0_head1.py']  # The one combination.
+  config = sweep_config.load_config_file(written[0])
+  validate_config(config)
+  assert (config.model.stem_type, config.model.mbconv_type, config.model.head_type) == (1, 0, 1)
+
+
+@pytest.fixture(scope='module')
+def killed_sweep(tmp_path_factory):
+  """Two workers, budget 3; worker 0 is SIGKILLed once its trial has checkpointed, then started again."""
+  directory = str(tmp_path_factory.mktemp('sweep_killed'))
+  victim, other = start_worker(directory, 'worker0', '--n-trials=3'), start_worker(directory, 'worker1',
+                                                                                    '--n-trials=3')
+  killed, study, deadline = None, None, time.time() + 600
+  while killed is None and time.time() < deadline and victim.poll() is None:
+    time.sleep(0.2)
+    if not os.path.exists(os.path.join(directory, 'study.db')):
+      continue
+    try:
+      study = study or load(directory)
+    except Exception:  # The workers are still creating the tables or study.
+      continue
+    for t in study.get_trials(deepcopy=False):
+      workdir = t.user_attrs.get('workdir', '')
+      if (t.state == TrialState.RUNNING and t.user_attrs.get('worker', '').endswith(f':{victim.pid}')
+          and (sweep.latest_checkpoint_step(workdir) or 0) >= 2):
+        victim.send_signal(signal.SIGKILL)
+        killed = t.number
+  assert killed is not None, 'worker 0 never reached a checkpoint'
+  assert victim.wait(timeout=60) == -signal.SIGKILL
+  restarted = start_worker(directory, 'worker0_restarted', '--n-trials=3')
+  logs = wait_all([other, restarted], directory)
+  return load(directory), killed, logs
+
+
+def test_killed_worker_trial_is_retried_and_resumes(killed_sweep):
+  study, killed, logs = killed_sweep
+  complete = assert_budget_of_distinct_complete_trials(study, 3)
+  dead = study.trials[killed]
+  assert dead.state == TrialState.FAIL
+  retries = [t for t in complete if sweep_study.is_retry(t)]
+  assert [sweep_study.original_number(t) for t in retries] == [killed]
+  retry = retries[0]
+  assert retry.params == dead.params
+  assert retry.user_attrs['workdir'] == dead.user_attrs['workdir']
+  assert retry.user_attrs['resumed_from_step'] >= 2 and retry.user_attrs['step'] == 4
+  assert f'trial {retry.number} retry of {killed}, resumed at step' in logs
+  results = sweep_report.results_table(study)
+  assert results.set_index('number').retried_from[retry.number] == killed
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PostgreSQL
+
+
+def postgres_binaries():
+  """Directory of initdb / pg_ctl (Debian's postgresql package, newest version), or None."""
+  found = sorted(glob.glob('/usr/lib/postgresql/*/bin/pg_ctl'))
+  if found:
+    return os.path.dirname(found[-1])
+  pg_ctl = shutil.which('pg_ctl')
+  return os.path.dirname(pg_ctl) if pg_ctl else None
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def postgres_url():
+  """A PostgreSQL server of its own in a temporary directory on a loopback port; stopped at the end."""
+  binaries = postgres_binaries()
+  if binaries is None:
+    pytest.skip('PostgreSQL server binaries not found (apt-get install postgresql; .ci/run does it)')
+  as_user = []
+  data = tempfile.mkdtemp(prefix='bw_jax_pg_')
+  if os.geteuid() == 0:  # The server refuses to run as root.
+    shutil.chown(data, 'postgres', 'postgres')
+    as_user = ['runuser', '-u', 'postgres', '--']
+  port = free_port()
+  subprocess.run([*as_user, f'{binaries}/initdb', '-D', data, '-U', 'postgres', '-A', 'trust', '--no-sync'],
+                 check=True, capture_output=True)
+  options = f'-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off'
+  subprocess.run([*as_user, f'{binaries}/pg_ctl', '-D', data, '-o', options, '-l', f'{data}/server.log', '-w',
+                  'start'], check=True, capture_output=True)
+  try:
+    import psycopg2
+    connection = psycopg2.connect(host='127.0.0.1', port=port, user='postgres', dbname='postgres')
+    connection.autocommit = True
+    connection.cursor().execute('CREATE DATABASE sweep')
+    connection.close()
+    yield f'postgresql+psycopg2://postgres@127.0.0.1:{port}/sweep'
+  finally:
+    subprocess.run([*as_user, f'{binaries}/pg_ctl', '-D', data, '-m', 'immediate', 'stop'], capture_output=True)
+    shutil.rmtree(data, ignore_errors=True)
+
+
+def test_two_workers_on_postgresql(postgres_url, sqlite_sweep, tmp_path):
+  run_two_workers(str(tmp_path), f'--storage={postgres_url}', '--n-trials=4')
+  study = load(str(tmp_path), postgres_url)
+  complete = assert_budget_of_distinct_complete_trials(study, 4)
+  assert len({t.user_attrs['worker'] for t in complete}) == 2
+  # Values are seeded by slot: the same four trials as the first four of the SQLite sweep.
+  sqlite_study = sqlite_sweep[1]
+  assert sorted(tuple(sorted(t.params.items())) for t in complete) == sorted(
+      tuple(sorted(sqlite_study.trials[n].params.items())) for n in range(4))
+  assert not os.path.exists(tmp_path / 'study.db')
