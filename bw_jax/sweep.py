@@ -31,7 +31,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from bw_jax.sweep_config import (BLOCK_KEYS, check_sweep_config, config_value, display_order, load_config_file,
-                                 suggest, train_steps, trial_config)
+                                 suggest, trial_config)
 from bw_jax.sweep_study import (FINISHED, budget_done, budget_slot, can_start, default_storage, finished_count,
                                 is_retry, is_surplus, load_study, open_study, original_number)
 
@@ -96,7 +96,8 @@ class Worker:
     trial.set_user_attr('worker', self.name)
     trial.set_user_attr('workdir', workdir)
     trial.set_user_attr('resumed_from_step', latest_checkpoint_step(workdir))
-    last_step, metric = train_steps(config), self.sweep.objective.replace('eval_', '')
+    from bw_jax import train  # Imported here: `report` and `promote` need no JAX.
+    last_step, metric = train.training_length(config)[1], self.sweep.objective.replace('eval_', '')
 
     def on_eval(step: int, metrics: dict[str, float]) -> None:
       trial.set_user_attr('eval_accuracy', metrics['accuracy'])
@@ -107,7 +108,6 @@ class Worker:
         if trial.should_prune():
           raise optuna.TrialPruned(f'eval {metric} {metrics[metric]:.4f} at step {step}')
 
-    from bw_jax import train  # Imported here: `report` and `promote` need no JAX.
     start = time.perf_counter()
     try:
       with open(os.path.join(workdir, 'train.log'), 'a') as log, contextlib.redirect_stdout(log):

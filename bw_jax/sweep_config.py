@@ -16,7 +16,7 @@ import optuna
 
 from bw_jax.checks import check_choice, is_positive_int
 from bw_jax.config_validation import base_config, unknown_keys, validate_config
-from bw_jax.data import dataset_module, default_dataset_config
+from bw_jax.data import default_dataset_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP_BASE_PATH = os.path.join(REPO, 'configs', 'sweep_base.py')
@@ -208,11 +208,3 @@ def suggest(trial: optuna.Trial, space: dict[str, tuple]) -> dict[str, Any]:
     else:
       params[key] = trial.suggest_int(key, args[0], args[1], log=kind == 'log_int')
   return params
-
-
-def train_steps(config: ml_collections.ConfigDict) -> int:
-  """How many steps `bw_jax.train.train_and_evaluate` runs for `config`."""
-  if config.num_train_steps > 0:
-    return config.num_train_steps
-  examples = dataset_module(config.dataset.name).INFO.num_examples[config.dataset.train_split.split('[')[0]]
-  return int(round(config.num_epochs * (examples // config.batch_size)))

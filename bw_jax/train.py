@@ -137,6 +137,15 @@ def check_finite(window: list[tuple[int, dict]], config: ml_collections.ConfigDi
           f'config.model.bw.epsilon (now {config.model.bw.epsilon}) if a BW layer went singular.')
 
 
+def training_length(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(steps per epoch, total steps): `num_train_steps` when > 0, else `num_epochs` of the train split."""
+  info = data.dataset_module(config.dataset.name).INFO
+  steps_per_epoch = info.num_examples[config.dataset.train_split.split('[')[0]] // config.batch_size
+  if config.num_train_steps > 0:
+    return steps_per_epoch, config.num_train_steps
+  return steps_per_epoch, int(round(config.num_epochs * steps_per_epoch))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        on_eval: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
   """Trains `config`'s model, resuming from the latest checkpoint in `workdir`; returns the summary that is
@@ -148,9 +157,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   start_time = time.perf_counter()
   validate_config(config)
   info = data.dataset_module(config.dataset.name).INFO
-  steps_per_epoch = info.num_examples[config.dataset.train_split.split('[')[0]] // config.batch_size
-  num_train_steps = (config.num_train_steps if config.num_train_steps > 0
-                     else int(round(config.num_epochs * steps_per_epoch)))
+  steps_per_epoch, num_train_steps = training_length(config)
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
 
   mesh = Mesh(jax.devices(), ('data',))

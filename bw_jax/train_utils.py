@@ -134,8 +134,8 @@ def _duration(seconds: float) -> str:
 class MetricWriter:
   """TensorBoard event files in `logdir` (process 0 only) through `tf.summary`.
 
-  clu's `metric_writers` would do this but imports the `tensorboard` package, which is not a dependency
-  (tensorflow-cpu 2.21 no longer pulls it in); `tf.summary` writes the same event files without it.
+  The event files are those clu's `metric_writers` would write (scalars tagged for TensorBoard's scalars
+  plugin); the `tensorboard` package is pinned only to read them.
   """
 
   def __init__(self, logdir: str, enabled: bool = True):
