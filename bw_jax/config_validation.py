@@ -91,5 +91,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check_range('label_smoothing', config.label_smoothing, 0.0, 1.0, high_open=True)
   _check_range('ema_decay', config.ema_decay, 0.0, 1.0, high_open=True)
   _check_range('dataset.image_size', config.dataset.image_size, 1, float('inf'))
+  if config.model.dropout_rate is not None:
+    _check_range('model.dropout_rate', config.model.dropout_rate, 0.0, 1.0, high_open=True)
+  _check_range('model.drop_connect_rate', config.model.drop_connect_rate, 0.0, 1.0, high_open=True)
+  for name in ('width_multiplier', 'depth_multiplier'):
+    if config.model[name] is not None:
+      _check_range(f'model.{name}', config.model[name], 0.0, float('inf'), low_open=True)
   from bw_jax.train_utils import create_model  # Builds the model: its checks name the allowed values.
   create_model(config, num_classes=1)

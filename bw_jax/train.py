@@ -25,8 +25,8 @@ import orbax.checkpoint as ocp
 
 from bw_jax import data
 from bw_jax.config_validation import validate_config
-from bw_jax.train_utils import (MetricWriter, Progress, TrainState, bw_health, create_learning_rate_fn, create_model,
-                                create_optimizer, cross_entropy, update_ema)
+from bw_jax.train_utils import (Progress, TrainState, bw_health, create_learning_rate_fn, create_metric_writer,
+                                create_model, create_optimizer, cross_entropy, hyperparameters, update_ema)
 
 
 def train_step(state: TrainState, batch: dict, *, model: Any, learning_rate_fn: Any, num_classes: int,
@@ -124,6 +124,32 @@ class Checkpoints:
     self.manager.close()
 
 
+class PreemptionNotice:
+  """Says at which step to save and stop after a SIGTERM; ask at every step.
+
+  One process: a Python SIGTERM handler raises a flag, seen at the next step. Several processes: the hosts
+  must save the same step, and a scheduler may signal only some of them, so JAX's preemption service
+  (started by `jax.distributed.initialize`, it catches SIGTERM itself) agrees on the step in the background
+  and `reached_preemption_sync_point` turns true on every host at that step; no Python handler then, which
+  would take the signal from it.
+  """
+
+  def __init__(self, manager: ocp.CheckpointManager):
+    self._manager, self._flag, self._previous = manager, threading.Event(), None
+    self._multihost = jax.process_count() > 1
+    if not self._multihost and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+
+  def reached(self, step: int) -> bool:
+    if self._multihost:
+      return self._manager.reached_preemption(step)
+    return self._flag.is_set()
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
 def check_finite(window: list[tuple[int, dict]], config: ml_collections.ConfigDict,
                  last_checkpoint: int | None) -> None:
   """Raises at the first step of the window whose training loss is NaN or infinite."""
@@ -180,15 +206,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   eval_fn = jax.jit(functools.partial(eval_step, model=model, num_classes=num_classes,
                                       use_ema=config.ema_decay > 0),
                     in_shardings=(replicated, data_sharding), out_shardings=replicated)
-  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+  writer = create_metric_writer(workdir)
+  writer.write_hparams(hyperparameters(config))  # TensorBoard's HParams tab lists the run's settings.
   train_batches: Iterator[dict] = data.create_split(
       config.dataset, config.dataset.train_split, config.batch_size, train=True, seed=config.seed,
       start_batch=start_step)[0]
 
-  preempted = threading.Event()
-  previous_handler = None
-  if threading.current_thread() is threading.main_thread():
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.set())
+  preemption = PreemptionNotice(checkpoints.manager)
   progress = Progress(num_train_steps, steps_per_epoch, config.batch_size, start_step)
   window: list[tuple[int, Any]] = []
   last_checkpoint = checkpoints.manager.latest_step()
@@ -223,15 +247,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           print(progress.line(step, means), flush=True)
       checkpoint_now = step % config.checkpoint_every_steps == 0 or step == num_train_steps
       eval_now = step % eval_every == 0 or step == num_train_steps
-      if not (checkpoint_now or eval_now or preempted.is_set()):
+      preempted = preemption.reached(step)
+      if not (checkpoint_now or eval_now or preempted):
         continue
       # Steps run asynchronously: wait for them, so that their time counts as training and only the
       # checkpoint and eval that follow are left out of the images/s.
       jax.block_until_ready(state)
       paused = time.perf_counter()
-      if checkpoint_now or preempted.is_set():
+      if checkpoint_now or preempted:
         save()
-      if preempted.is_set():
+      if preempted:
         logging.warning('SIGTERM: saved the checkpoint of step %d; exiting.', step)
         return {'preempted': True, 'step': step}
       if eval_now:
@@ -248,10 +273,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if not eval_metrics:  # Resumed at the last step: nothing trained, still report the eval.
       eval_metrics = evaluate(eval_fn, state, config, data_sharding)
   finally:
-    writer.flush()
+    writer.close()
     checkpoints.close()
-    if previous_handler is not None:
-      signal.signal(signal.SIGTERM, previous_handler)
+    preemption.close()
 
   steady_seconds = (time.perf_counter() - steady_start - excluded) if steady_start else 0.0
   health = bw_health(state.batch_stats)

@@ -5,6 +5,7 @@ import math
 import time
 from typing import Any
 
+from clu import metric_writers
 from flax.training import train_state
 import flax
 import jax
@@ -131,29 +132,16 @@ def _duration(seconds: float) -> str:
   return f'{hours}:{minutes:02d}:{seconds:02d}'
 
 
-class MetricWriter:
-  """TensorBoard event files in `logdir` (process 0 only) through `tf.summary`.
+def hyperparameters(config: ml_collections.ConfigDict) -> dict[str, bool | int | float | str]:
+  """`config` flattened to 'model.bw.method'-style keys, the values TensorBoard's HParams plugin takes
+  (None, tuples and lists as text)."""
+  flat = flax.traverse_util.flatten_dict(config.to_dict(), sep='.')
+  return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat.items()}
 
-  The event files are those clu's `metric_writers` would write (scalars tagged for TensorBoard's scalars
-  plugin); the `tensorboard` package is pinned only to read them.
-  """
 
-  def __init__(self, logdir: str, enabled: bool = True):
-    import tensorflow as tf  # Already loaded by the data pipeline.
-    self._tf = tf
-    self._writer = tf.summary.create_file_writer(logdir) if enabled else None
-    # What tensorboard.summary.scalar writes: a float32 tensor tagged for TensorBoard's scalars plugin.
-    self._metadata = tf.compat.v1.SummaryMetadata()
-    self._metadata.plugin_data.plugin_name = 'scalars'
-
-  def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
-    if self._writer is None:
-      return
-    with self._writer.as_default():
-      for name, value in scalars.items():
-        self._tf.summary.write(name, self._tf.constant(float(value), self._tf.float32), step=step,
-                              metadata=self._metadata)
-
-  def flush(self) -> None:
-    if self._writer is not None:
-      self._writer.flush()
+def create_metric_writer(logdir: str) -> metric_writers.MetricWriter:
+  """clu's TensorBoard writer on process 0 (event files in `logdir`); a writer of nothing on the other hosts,
+  whose metrics are the same global values."""
+  if jax.process_index() == 0:
+    return metric_writers.SummaryWriter(logdir)
+  return metric_writers.MultiWriter([])

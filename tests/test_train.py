@@ -3,13 +3,16 @@
 import glob
 import json
 import os
+import signal
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import metadata as hparams_metadata
+from tensorboard.util.tensor_util import make_ndarray
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # The configs/ folder is imported as `configs`, as by `python -m bw_jax.main`.
@@ -56,6 +59,25 @@ def test_smoke_writes_summary_events_and_checkpoints(smoke_run):
   assert summary['eval_accuracy'] == written['eval_accuracy']
 
 
+def test_tensorboard_events_hold_the_logged_metrics_and_the_config(smoke_run):
+  """train/* every log_every_steps (2), eval/* and bw_health/* at the last step equal to the summary's, and
+  the resolved config in the HParams plugin."""
+  workdir, summary = smoke_run
+  events = EventAccumulator(workdir, size_guidance={'tensors': 0}).Reload()
+  tags = events.Tags()['tensors']
+  scalars = {tag: {e.step: float(make_ndarray(e.tensor_proto)) for e in events.Tensors(tag)} for tag in tags
+             if events.SummaryMetadata(tag).plugin_data.plugin_name == 'scalars'}
+  assert sorted(scalars['train/loss']) == [2, 4, 6] and 'train/learning_rate' in scalars
+  assert scalars['eval/accuracy'] == {6: pytest.approx(summary['eval_accuracy'], abs=1e-7)}
+  assert scalars['eval/loss'] == {6: pytest.approx(summary['eval_loss'], rel=1e-6)}
+  conditions = [values[6] for tag, values in scalars.items() if tag.endswith('/cov_condition')]
+  assert conditions and max(conditions) == pytest.approx(summary['bw_max_cov_condition'], rel=1e-6)
+  session = hparams_metadata.parse_session_start_info_plugin_data(
+      events.SummaryMetadata('_hparams_/session_start_info').plugin_data.content)
+  assert session.hparams['model.bw.method'].string_value == smoke.get_config().model.bw.method
+  assert session.hparams['batch_size'].number_value == 16
+
+
 def test_eval_accuracy_matches_an_independent_eval_of_the_checkpoint(smoke_run):
   workdir, summary = smoke_run
   state = restore(workdir, 6)
@@ -87,6 +109,26 @@ def test_resumed_run_ends_with_the_same_state(smoke_run, tmp_path):
   for path, value in flat_straight:
     np.testing.assert_array_equal(value, flat_resumed[path], err_msg=jax.tree_util.keystr(path))
   assert straight['step'] == resumed['step'] == 6
+
+
+def test_sigterm_saves_the_step_it_arrives_in_and_the_rerun_finishes(smoke_run, tmp_path):
+  """SIGTERM arriving during step 4 (after its eval): step 5, not a checkpoint step, is saved and the run
+  returns; the handler before the run is back; rerunning restores step 5 and ends with the straight run's
+  state."""
+  straight_dir, _ = smoke_run
+  config = smoke.get_config()
+  config.eval_every_steps = 4
+  handler_before = signal.getsignal(signal.SIGTERM)
+  stopped = train.train_and_evaluate(config, str(tmp_path),
+                                     on_eval=lambda step, _: os.kill(os.getpid(), signal.SIGTERM))
+  assert stopped == {'preempted': True, 'step': 5}
+  assert signal.getsignal(signal.SIGTERM) is handler_before
+  assert sorted(os.listdir(os.path.join(tmp_path, 'checkpoints'))) == ['3', '5']
+  assert not os.path.exists(os.path.join(tmp_path, 'summary.json'))
+  assert train.train_and_evaluate(smoke.get_config(), str(tmp_path))['step'] == 6
+  straight, resumed = restore(straight_dir, 6), restore(str(tmp_path), 6)
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_misspelt_key_names_the_allowed_keys():
@@ -127,6 +169,14 @@ def test_ranges_are_checked():
   config = smoke.get_config()
   config.num_train_steps = 0
   with pytest.raises(ValueError, match='num_train_steps'):
+    validate_config(config)
+  config = smoke.get_config()
+  config.model.dropout_rate = 1.5
+  with pytest.raises(ValueError, match=r'model.dropout_rate=1.5 is out of range.*\[0.0, 1.0\)'):
+    validate_config(config)
+  config = smoke.get_config()
+  config.model.width_multiplier = 0.0
+  with pytest.raises(ValueError, match=r'model.width_multiplier=0.0 is out of range.*\(0.0, inf\]'):
     validate_config(config)
 
 

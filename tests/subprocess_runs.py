@@ -1,0 +1,159 @@
+"""`python -m bw_jax.main` in other processes, for tests that kill, signal or join them (test_train_distributed).
+
+This file is also the script those processes run, with the JAX settings of the test session:
+  python tests/subprocess_runs.py PAUSE_STEP FLAGS...   `bw_jax.main FLAGS...`; when PAUSE_STEP > 0 the run
+      prints PAUSED and waits for a line on stdin when it is about to log the training metrics of that step
+      (on every host), so that a signal arrives at a known step.
+"""
+
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAUSED = 'PAUSED'
+TIMEOUT = 600  # Seconds; only a hung process gets near it.
+
+
+def configure_jax(compilation_cache: bool = True) -> None:
+  """The settings of tests/conftest.py and tests/test_train.py, for this process and the ones it starts."""
+  jax.config.update('jax_cpu_enable_async_dispatch', False)  # Why: tests/conftest.py.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # Used once jax.distributed is initialised.
+  if compilation_cache:  # The runs here compile the same programs: the persistent cache compiles them once.
+    jax.config.update('jax_compilation_cache_dir', os.path.join(REPO, '.pytest_cache', 'jax_compilation'))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+    jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+
+
+def subprocess_env(extra: dict | None = None) -> dict[str, str]:
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('XLA_FLAGS', 'JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID',
+                      'BW_JAX_TEST_NO_CACHE')}
+  return {**env, 'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '2', **(extra or {})}
+
+
+class MainRun:
+  """`python -m bw_jax.main FLAGS` through this file, its stdout read as it comes; stderr (absl and Orbax
+  logs, 'Restored checkpoint of step N') goes to the file `log`."""
+
+  def __init__(self, log: str, *flags: str, pause_at: int = 0, env: dict | None = None):
+    self.log = log
+    with open(log, 'w') as stderr:
+      self.process = subprocess.Popen(
+          [sys.executable, os.path.abspath(__file__), str(pause_at), *flags], cwd=REPO,
+          env=subprocess_env(env), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    self.lines: queue.Queue = queue.Queue()
+    self.stdout_lines: list[str] = []
+    self.reader = threading.Thread(target=self._read, daemon=True)
+    self.reader.start()
+
+  def _read(self) -> None:
+    for line in self.process.stdout:
+      self.stdout_lines.append(line)
+      self.lines.put(line)
+    self.lines.put(None)
+
+  @property
+  def stdout(self) -> str:
+    return ''.join(self.stdout_lines)
+
+  @property
+  def stderr(self) -> str:
+    with open(self.log) as f:
+      return f.read()
+
+  def failure(self, message: str) -> str:
+    return f'{message}\n--- stdout:\n{self.stdout}\n--- stderr (last lines):\n' + ''.join(
+        self.stderr.splitlines(keepends=True)[-40:])
+
+  def wait_for_pause(self) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+      try:
+        line = self.lines.get(timeout=max(1.0, deadline - time.monotonic()))
+      except queue.Empty:
+        raise AssertionError(self.failure(f'no {PAUSED} line after {TIMEOUT} s')) from None
+      if line is None:
+        self.process.wait()
+        raise AssertionError(self.failure(f'exited with status {self.process.returncode} before pausing'))
+      if line.startswith(PAUSED):
+        return
+
+  def resume(self) -> None:
+    try:
+      self.process.stdin.write('\n')
+      self.process.stdin.flush()
+    except BrokenPipeError:  # It is gone already; its exit status tells why.
+      pass
+
+  def finish(self) -> int:
+    """Waits for the exit (killing the process after TIMEOUT seconds); returns the exit status."""
+    try:
+      self.process.wait(timeout=TIMEOUT)
+    finally:
+      if self.process.poll() is None:
+        self.process.kill()
+        self.process.wait()
+      self.reader.join(timeout=60)
+    return self.process.returncode
+
+  def kill(self) -> None:
+    if self.process.poll() is None:
+      self.process.kill()
+      self.process.wait()
+
+
+def progress_steps(stdout: str) -> list[int]:
+  """The steps of the progress lines ('step 7/12  epoch …') in a run's output."""
+  return [int(line.split()[1].split('/')[0]) for line in stdout.splitlines() if line.startswith('step ')]
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def wait_until(condition, what: str) -> None:
+  deadline = time.monotonic() + TIMEOUT
+  while not condition():
+    if time.monotonic() > deadline:
+      raise AssertionError(f'timed out after {TIMEOUT} s waiting for {what}')
+    time.sleep(0.1)
+
+
+def main_with_pause(pause_at: int, flags: list[str]) -> None:
+  """Runs bw_jax.main with `flags`; when `pause_at` > 0, pauses before logging that step's train metrics."""
+  import runpy
+
+  from bw_jax import train_utils
+
+  if pause_at > 0:  # Before bw_jax.train imports it.
+    create_metric_writer = train_utils.create_metric_writer
+
+    def pausing_metric_writer(logdir):
+      writer = create_metric_writer(logdir)
+      write_scalars = writer.write_scalars
+
+      def pause_then_write(step, scalars):
+        if step == pause_at and any(name.startswith('train/') for name in scalars):
+          print(f'{PAUSED} at step {step}', flush=True)
+          sys.stdin.readline()
+        return write_scalars(step, scalars)
+      writer.write_scalars = pause_then_write
+      return writer
+    train_utils.create_metric_writer = pausing_metric_writer
+  sys.argv = ['bw_jax.main', *flags]
+  runpy.run_module('bw_jax.main', run_name='__main__', alter_sys=True)
+
+
+if __name__ == '__main__':
+  sys.path.insert(0, REPO)  # configs/ is imported as `configs`, as by `python -m bw_jax.main` from the repo.
+  configure_jax(compilation_cache=not os.environ.get('BW_JAX_TEST_NO_CACHE'))
+  main_with_pause(int(sys.argv[1]), sys.argv[2:])
