@@ -32,7 +32,7 @@ train: setup data
 	$(BIN)/python -m bw_jax.main --config=configs/default.py --workdir=$(WORKDIR)
 
 test: setup data
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: setup
 	$(BIN)/python benchmarks/bw_layer.py
