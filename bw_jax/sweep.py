@@ -57,7 +57,8 @@ def latest_checkpoint_step(workdir: str) -> int | None:
 
 def is_divergence(error: BaseException) -> bool:
   """The non-finite loss error of `bw_jax.train.check_finite`: a result of the trial's values."""
-  return isinstance(error, RuntimeError) and str(error).startswith('Training loss is ')
+  from bw_jax import train  # Already loaded by the trial that raised `error`.
+  return isinstance(error, train.NonFiniteLossError)
 
 
 @dataclasses.dataclass

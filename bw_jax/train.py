@@ -150,6 +150,10 @@ class PreemptionNotice:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+class NonFiniteLossError(RuntimeError):
+  """The training loss went NaN or infinite (the message says at which step and what to change)."""
+
+
 def check_finite(window: list[tuple[int, dict]], config: ml_collections.ConfigDict,
                  last_checkpoint: int | None) -> None:
   """Raises at the first step of the window whose training loss is NaN or infinite."""
@@ -157,7 +161,7 @@ def check_finite(window: list[tuple[int, dict]], config: ml_collections.ConfigDi
     if not np.isfinite(metrics['loss']):
       kept = (f'the last good checkpoint (step {last_checkpoint}) is kept' if last_checkpoint is not None
               else 'no checkpoint was written')
-      raise RuntimeError(
+      raise NonFiniteLossError(
           f"Training loss is {metrics['loss']} at step {step}; {kept}. Lower config.learning_rate (now "
           f'{config.learning_rate}), lengthen config.warmup_epochs (now {config.warmup_epochs}) or raise '
           f'config.model.bw.epsilon (now {config.model.bw.epsilon}) if a BW layer went singular.')

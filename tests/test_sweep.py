@@ -167,11 +167,11 @@ def test_qmc_sampler_covers_the_space():
 
 def test_a_non_finite_loss_is_a_result_and_other_errors_are_crashes():
   from bw_jax import train  # The error that the worker must recognise, raised by the training loop itself.
-  with pytest.raises(RuntimeError) as error:
+  with pytest.raises(train.NonFiniteLossError) as error:
     train.check_finite([(3, {'loss': float('nan')})], sweep_config.load_config_file(SMOKE_SWEEP).train, None)
   assert sweep.is_divergence(error.value)
   assert not sweep.is_divergence(RuntimeError('XLA ran out of memory'))
-  assert not sweep.is_divergence(ValueError('Training loss is'))
+  assert not sweep.is_divergence(RuntimeError('Training loss is nan at step 3'))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -187,5 +187,5 @@ def test_non_finite_loss_names_the_step(tmp_path):
   config.learning_rate = 1e30
   config.num_train_steps = 4
   config.log_every_steps = 1
-  with pytest.raises(RuntimeError, match=r'at step \d.*Lower config.learning_rate.*bw.epsilon'):
+  with pytest.raises(train.NonFiniteLossError, match=r'at step \d.*Lower config.learning_rate.*bw.epsilon'):
     train.train_and_evaluate(config, str(tmp_path))
