@@ -180,12 +180,20 @@ def test_ranges_are_checked():
     validate_config(config)
 
 
-def test_non_finite_loss_names_the_step(tmp_path):
+def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+  """3 good steps (checkpoint 3), then a rerun at a learning rate of 1e30: the loss goes non-finite within
+  steps 5–6 (step 4's loss is taken before its update); the error names that step and checkpoint 3, and no
+  later checkpoint is written, though step 6 is a checkpoint step."""
   config = smoke.get_config()
   # BatchNorm everywhere: a cheaper compile, and the error does not depend on the normalisation.
   config.model.stem_type, config.model.mbconv_type, config.model.head_type = 1, 0, 1
-  config.learning_rate = 1e30
-  config.num_train_steps = 4
+  config.num_train_steps = 3
   config.log_every_steps = 1
-  with pytest.raises(train.NonFiniteLossError, match=r'at step \d.*Lower config.learning_rate.*bw.epsilon'):
+  train.train_and_evaluate(config, str(tmp_path))
+  config.learning_rate = 1e30
+  config.num_train_steps = 6
+  with pytest.raises(train.NonFiniteLossError, match=r'at step [56]; the last good checkpoint \(step 3\) is kept'
+                     r'.*Lower config.learning_rate.*bw.epsilon'):
     train.train_and_evaluate(config, str(tmp_path))
+  assert os.listdir(os.path.join(tmp_path, 'checkpoints')) == ['3']
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(restore(str(tmp_path), 3)['params']))
