@@ -48,7 +48,7 @@ def _check_range(name: str, value: Any, low: float, high: float, *, low_open: bo
                  high_open: bool = False) -> None:
   below = value <= low if low_open else value < low
   above = value >= high if high_open else value > high
-  if below or above:
+  if below or above or value != value:  # NaN compares false with everything.
     interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
     raise ValueError(f'config.{name}={value!r} is out of range; it must lie in {interval}.')
 

@@ -101,8 +101,12 @@ class Checkpoints:
   """Orbax CheckpointManager over the train state as a plain nested dict (`flax.serialization`)."""
 
   def __init__(self, directory: str, keep: int):
-    self.manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+    # Saved in the background on one process. On several, synchronously: Orbax's background finalisation asks
+    # for the preemption sync point with the saved (older) step, which would move process 0's step counter
+    # back while JAX's preemption service may be reading it (see PreemptionNotice). The state is small
+    # (B0: ~60 MB with optimizer and EMA), so the wait is short.
+    self.manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=jax.process_count() == 1))
 
   def save(self, state: TrainState) -> None:
     step = int(state.step)
@@ -134,15 +138,20 @@ class PreemptionNotice:
   would take the signal from it.
   """
 
-  def __init__(self, manager: ocp.CheckpointManager):
+  def __init__(self, manager: ocp.CheckpointManager, start_step: int):
+    """Call it as soon as the run knows `start_step` (restored): the service's step counter starts at 0, so
+    a notice handled before the first question would pick step 1, which a resumed run never asks about."""
     self._manager, self._flag, self._previous = manager, threading.Event(), None
     self._multihost = jax.process_count() > 1
-    if not self._multihost and threading.current_thread() is threading.main_thread():
+    if self._multihost:
+      if manager.reached_preemption(start_step):  # Every host asks about the same step: all agree.
+        self._flag.set()
+    elif threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
 
   def reached(self, step: int) -> bool:
     if self._multihost:
-      return self._manager.reached_preemption(step)
+      return self._manager.reached_preemption(step) or self._flag.is_set()
     return self._flag.is_set()
 
   def close(self) -> None:
@@ -154,17 +163,27 @@ class NonFiniteLossError(RuntimeError):
   """The training loss went NaN or infinite (the message says at which step and what to change)."""
 
 
+def non_finite_error(what: str, step: int, config: ml_collections.ConfigDict,
+                     last_checkpoint: int | None) -> NonFiniteLossError:
+  kept = (f'the last good checkpoint (step {last_checkpoint}) is kept' if last_checkpoint is not None
+          else 'no checkpoint was written')
+  return NonFiniteLossError(
+      f'{what} at step {step}; {kept}. Lower config.learning_rate (now {config.learning_rate}), lengthen '
+      f'config.warmup_epochs (now {config.warmup_epochs}) or raise config.model.bw.epsilon (now '
+      f'{config.model.bw.epsilon}) if a BW layer went singular.')
+
+
 def check_finite(window: list[tuple[int, dict]], config: ml_collections.ConfigDict,
                  last_checkpoint: int | None) -> None:
   """Raises at the first step of the window whose training loss is NaN or infinite."""
   for step, metrics in window:
     if not np.isfinite(metrics['loss']):
-      kept = (f'the last good checkpoint (step {last_checkpoint}) is kept' if last_checkpoint is not None
-              else 'no checkpoint was written')
-      raise NonFiniteLossError(
-          f"Training loss is {metrics['loss']} at step {step}; {kept}. Lower config.learning_rate (now "
-          f'{config.learning_rate}), lengthen config.warmup_epochs (now {config.warmup_epochs}) or raise '
-          f'config.model.bw.epsilon (now {config.model.bw.epsilon}) if a BW layer went singular.')
+      raise non_finite_error(f"Training loss is {metrics['loss']}", step, config, last_checkpoint)
+
+
+@jax.jit
+def all_finite(tree: Any) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
 def training_length(config: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -216,7 +235,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       config.dataset, config.dataset.train_split, config.batch_size, train=True, seed=config.seed,
       start_batch=start_step)[0]
 
-  preemption = PreemptionNotice(checkpoints.manager)
   progress = Progress(num_train_steps, steps_per_epoch, config.batch_size, start_step)
   window: list[tuple[int, Any]] = []
   last_checkpoint = checkpoints.manager.latest_step()
@@ -231,10 +249,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   def save() -> None:
     nonlocal last_checkpoint
-    flush_window()  # Never checkpoint a state whose loss went non-finite.
+    # Never checkpoint a state whose loss went non-finite, nor one whose last update did (a step's loss is
+    # taken before its update).
+    flush_window()
+    if not all_finite(state.params):
+      raise non_finite_error('The parameters became non-finite', int(state.step), config, last_checkpoint)
     checkpoints.save(state)
     last_checkpoint = int(state.step)
 
+  preemption = PreemptionNotice(checkpoints.manager, start_step)  # Before compiling the steps.
   try:
     for step in range(start_step + 1, num_train_steps + 1):
       state, metrics = train_fn(state, shard_batch(next(train_batches), data_sharding))
@@ -277,9 +300,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if not eval_metrics:  # Resumed at the last step: nothing trained, still report the eval.
       eval_metrics = evaluate(eval_fn, state, config, data_sharding)
   finally:
-    writer.close()
-    checkpoints.close()
-    preemption.close()
+    preemption.close()  # First: a failing close below must not leave this run's handler installed.
+    try:
+      writer.close()
+    finally:
+      checkpoints.close()
 
   steady_seconds = (time.perf_counter() - steady_start - excluded) if steady_start else 0.0
   health = bw_health(state.batch_stats)

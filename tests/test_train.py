@@ -111,7 +111,7 @@ def test_resumed_run_ends_with_the_same_state(smoke_run, tmp_path):
   assert straight['step'] == resumed['step'] == 6
 
 
-def test_sigterm_saves_the_step_it_arrives_in_and_the_rerun_finishes(smoke_run, tmp_path):
+def test_sigterm_saves_the_next_step_and_the_rerun_finishes(smoke_run, tmp_path):
   """SIGTERM arriving during step 4 (after its eval): step 5, not a checkpoint step, is saved and the run
   returns; the handler before the run is back; rerunning restores step 5 and ends with the straight run's
   state."""
@@ -174,6 +174,9 @@ def test_ranges_are_checked():
   config.model.dropout_rate = 1.5
   with pytest.raises(ValueError, match=r'model.dropout_rate=1.5 is out of range.*\[0.0, 1.0\)'):
     validate_config(config)
+  config.model.dropout_rate = float('nan')
+  with pytest.raises(ValueError, match=r'model.dropout_rate=nan is out of range'):
+    validate_config(config)
   config = smoke.get_config()
   config.model.width_multiplier = 0.0
   with pytest.raises(ValueError, match=r'model.width_multiplier=0.0 is out of range.*\(0.0, inf\]'):
@@ -192,6 +195,7 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_p
   train.train_and_evaluate(config, str(tmp_path))
   config.learning_rate = 1e30
   config.num_train_steps = 6
+  config.log_every_steps = 100  # Only the save at step 6 looks at the losses of steps 4–6.
   with pytest.raises(train.NonFiniteLossError, match=r'at step [56]; the last good checkpoint \(step 3\) is kept'
                      r'.*Lower config.learning_rate.*bw.epsilon'):
     train.train_and_evaluate(config, str(tmp_path))

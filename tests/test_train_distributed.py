@@ -23,6 +23,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from typing import Any
 
 import flax
@@ -49,6 +50,7 @@ DEVICES = 8
 HOSTS = 2
 SMOKE_STEPS = smoke.get_config().num_train_steps  # Of the two hosts' run: 6, checkpoints every 3.
 TERM_STEP = 4  # Host 1 gets SIGTERM as it logs this step; the hosts agree on a later step to save.
+PREEMPTION_NOTICE_SECONDS = 3  # Host 1 stays paused after the signal: its notice reaches every host first.
 STEPS, KILL_STEP = 8, 7  # Of the killed run: SIGKILL at step 7, after checkpoint 6.
 # The smoke model (configs/smoke.py) with two changes, passed to every run as SMOKE_FLAGS:
 # - a tenth of its learning rate: at its own, the float32 round-off of sums taken in another order (8 devices
@@ -254,6 +256,9 @@ def run_two_hosts(folder) -> dict[str, Any]:
   try:
     stopped[1].wait_for_pause()
     stopped[1].process.send_signal(signal.SIGTERM)
+    # JAX's SIGTERM listener looks once a second; the hosts then agree on one past the latest step either
+    # has asked about. Host 0 waits in step 5's collectives meanwhile, so that is step 5.
+    time.sleep(PREEMPTION_NOTICE_SECONDS)
     stopped[1].resume()
   finally:
     for run in stopped:
@@ -372,15 +377,15 @@ def test_run_killed_with_sigkill_resumes_from_its_last_checkpoint(killed, straig
 
 @pytest.mark.skipif(bool(GLOO_MISSING), reason=GLOO_MISSING)
 def test_sigterm_on_one_host_stops_both_at_the_same_saved_step(two_hosts):
-  """SIGTERM on host 1 at step 4: both hosts save a later step before the end and exit with status 0; host 0
-  says which; the saved state is the one-process state of that step."""
+  """SIGTERM on host 1 at step 4: both hosts save step 5 and exit with status 0; host 0 says so; the saved
+  state is the one-process state of that step."""
   stopped = two_hosts['stopped']
   for i, run in enumerate(stopped):
     assert run.process.returncode == 0, run.failure(f'host {i} did not stop cleanly')
   said = re.findall(r'Stopped by SIGTERM at step (\d+)', stopped[0].stdout)
   assert len(said) == 1, stopped[0].failure('host 0 did not say where it stopped')
   step = int(said[0])
-  assert TERM_STEP < step < SMOKE_STEPS and two_hosts['after_stop'][-1] == str(step)
+  assert step == TERM_STEP + 1 and two_hosts['after_stop'][-1] == str(step)
   assert progress_steps(stopped[0].stdout)[-1] == step and progress_steps(stopped[1].stdout) == []
   assert_same_state(two_hosts['saved'][step], two_hosts['reference'][step], SHARDED_TOLERANCE,
                     f'{HOSTS} hosts at step {step}')
@@ -406,7 +411,9 @@ def test_two_hosts_resume_and_match_one_process(two_hosts):
     summary = json.load(f)
   assert summary['step'] == SMOKE_STEPS and summary['eval_examples'] == fashion_mnist.INFO.num_examples['test']
   loss, accuracy = evaluate_state(final)
-  assert summary['eval_loss'] == pytest.approx(loss, rel=1e-5) and summary['eval_accuracy'] == accuracy
+  # Other batch layouts sum in another order: a near-tie could flip one or two of the 10,000 predictions.
+  assert summary['eval_loss'] == pytest.approx(loss, rel=1e-5)
+  assert summary['eval_accuracy'] == pytest.approx(accuracy, abs=2e-4)
   assert len(glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))) == 2  # One per run, by host 0.
   assert progress_steps(runs[0].stdout)[-1] == SMOKE_STEPS and progress_steps(runs[1].stdout) == []
 
