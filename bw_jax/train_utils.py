@@ -133,10 +133,11 @@ def _duration(seconds: float) -> str:
 
 
 def hyperparameters(config: ml_collections.ConfigDict) -> dict[str, bool | int | float | str]:
-  """`config` flattened to 'model.bw.method'-style keys, the values TensorBoard's HParams plugin takes
-  (None, tuples and lists as text)."""
+  """`config` flattened to 'model.bw.method'-style keys, the values TensorBoard's HParams plugin takes:
+  tuples and lists as text; None left out (as text it would turn a key that is a number in other runs of a
+  sweep into a text column)."""
   flat = flax.traverse_util.flatten_dict(config.to_dict(), sep='.')
-  return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat.items()}
+  return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat.items() if v is not None}
 
 
 def create_metric_writer(logdir: str) -> metric_writers.MetricWriter:

@@ -76,6 +76,7 @@ def test_tensorboard_events_hold_the_logged_metrics_and_the_config(smoke_run):
       events.SummaryMetadata('_hparams_/session_start_info').plugin_data.content)
   assert session.hparams['model.bw.method'].string_value == smoke.get_config().model.bw.method
   assert session.hparams['batch_size'].number_value == 16
+  assert smoke.get_config().model.num_classes is None and 'model.num_classes' not in session.hparams
 
 
 def test_eval_accuracy_matches_an_independent_eval_of_the_checkpoint(smoke_run):
