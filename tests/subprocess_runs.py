@@ -103,11 +103,6 @@ class MainRun:
       self.reader.join(timeout=60)
     return self.process.returncode
 
-  def kill(self) -> None:
-    if self.process.poll() is None:
-      self.process.kill()
-      self.process.wait()
-
 
 def progress_steps(stdout: str) -> list[int]:
   """The steps of the progress lines ('step 7/12  epoch …') in a run's output."""
