@@ -13,6 +13,7 @@ Each host then reads its own shard of every batch; `batch_size` stays the global
 
 import logging as std_logging
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -21,6 +22,7 @@ import jax
 from ml_collections import config_flags
 
 from bw_jax import train
+from bw_jax.config_files import add_config_root, config_path_in_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard logs and summary.json.')
@@ -61,4 +63,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  if (config_path := config_path_in_flags(sys.argv[1:])) is not None:
+    add_config_root(config_path)  # Before the flags load it: its `from configs import …` works from anywhere.
   app.run(main)

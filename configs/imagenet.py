@@ -7,12 +7,13 @@ prepared as README.md says, and accelerators: 350 epochs of 1.28 M images.
 
 import ml_collections
 
-from configs import base
+from bw_jax import config_schema
+from bw_jax.data import default_dataset_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = base.get_config()
-  config.dataset = base.default_dataset_config('imagenet2012')  # 224×224, Inception crop; eval: centre crop.
+  config = config_schema.get_config()
+  config.dataset = default_dataset_config('imagenet2012')  # 224×224, Inception crop; eval: centre crop.
   config.model.stem_stride = 2
   config.batch_size = 2048
   config.num_epochs = 350.0

@@ -6,12 +6,13 @@ At 64×64 the published stride-2 stem would leave a 2×2 final map; stride 1 kee
 
 import ml_collections
 
-from configs import base
+from bw_jax import config_schema
+from bw_jax.data import default_dataset_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = base.get_config()
-  config.dataset = base.default_dataset_config('tiny_imagenet')
+  config = config_schema.get_config()
+  config.dataset = default_dataset_config('tiny_imagenet')
   config.model.stem_type = 1
   config.model.mbconv_type = 2
   config.model.head_type = 1
