@@ -2,7 +2,7 @@
 
 The architecture is data: `STAGES` (the reference block table of tensorflow/tpu `efficientnet_builder.py`)
 and `VARIANTS` (width, depth, resolution, dropout), read by one builder, `block_specs`. Where BW goes is
-chosen by three independent knobs, each the seed's whiteboard drawing (DESIGN.md §3):
+chosen by three independent knobs, each the seed's whiteboard drawing (docs/design.md §3):
 
   stem_type   1: conv 3×3 s2 → BN → swish
               2: depthwise 3×3 s2 → BW → conv 1×1 (+β) → swish

@@ -1,7 +1,7 @@
 """BW EfficientNet-B0 on Tiny ImageNet (200 classes, 64×64): the dataset of the hyper-parameter sweeps.
 
 Prepare the data once (README.md, "Datasets"): `python -m bw_jax.data.tiny_imagenet --manual_dir DIR`.
-At 64×64 the published stride-2 stem would leave a 2×2 final map; stride 1 keeps 4×4 (DESIGN.md §3).
+At 64×64 the published stride-2 stem would leave a 2×2 final map; stride 1 keeps 4×4 (docs/design.md §3.4).
 """
 
 import ml_collections

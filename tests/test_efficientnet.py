@@ -94,7 +94,7 @@ def test_block_table_and_drop_connect_schedule():
 
 
 def expected_norm_layers(stem_type: int, mbconv_type: int, head_type: int, blocks: list[en.BlockSpec]):
-  """(BW layer paths, BN layer paths) as DESIGN.md §3 draws them."""
+  """(BW layer paths, BN layer paths) as docs/design.md §3 draws them."""
   bw, bn = set(), set()
   (bn if stem_type == 1 else bw).add('stem_bn' if stem_type == 1 else 'stem_bw')
   (bn if head_type == 1 else bw).add('head_bn' if head_type == 1 else 'head_bw')
