@@ -32,10 +32,14 @@ def configure_jax(compilation_cache: bool = True) -> None:
 
 
 def subprocess_env(extra: dict | None = None) -> dict[str, str]:
+  """This environment for a child Python process, without the multi-host and device-count settings; the
+  repository first on its PYTHONPATH, so that it imports the bw_jax and `configs` this test session does."""
   env = {k: v for k, v in os.environ.items()
          if k not in ('XLA_FLAGS', 'JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID',
                       'BW_JAX_TEST_NO_CACHE')}
-  return {**env, 'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '2', **(extra or {})}
+  python_path = os.pathsep.join([REPO, *filter(None, [env.get('PYTHONPATH')])])
+  return {**env, 'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '2', 'PYTHONPATH': python_path,
+          **(extra or {})}
 
 
 class MainRun:
@@ -149,6 +153,5 @@ def main_with_pause(pause_at: int, flags: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  sys.path.insert(0, REPO)  # configs/ is imported as `configs`, as by `python -m bw_jax.main` from the repo.
   configure_jax(compilation_cache=not os.environ.get('BW_JAX_TEST_NO_CACHE'))
   main_with_pause(int(sys.argv[1]), sys.argv[2:])

@@ -20,18 +20,16 @@ from optuna.trial import TrialState
 import pandas as pd
 import pytest
 
+from bw_jax.config_files import load_config_file
+from bw_jax.config_validation import validate_config
+from bw_jax.sweep import __main__ as sweep_cli
+from bw_jax.sweep import promote as sweep_promote
+from bw_jax.sweep import report as sweep_report
+from bw_jax.sweep import space as sweep_space
+from bw_jax.sweep import study as sweep_study
+from bw_jax.sweep import worker as sweep_worker
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # The configs/ folder is imported as `configs`, as by `python -m bw_jax.main`.
-
-from bw_jax.config_files import load_config_file  # noqa: E402
-from bw_jax.sweep import __main__ as sweep_cli  # noqa: E402
-from bw_jax.sweep import promote as sweep_promote  # noqa: E402
-from bw_jax.sweep import report as sweep_report  # noqa: E402
-from bw_jax.sweep import space as sweep_space  # noqa: E402
-from bw_jax.sweep import study as sweep_study  # noqa: E402
-from bw_jax.sweep import worker as sweep_worker  # noqa: E402
-from bw_jax.config_validation import validate_config  # noqa: E402
-
 SMOKE_SWEEP = os.path.join(REPO, 'configs', 'sweeps', 'smoke.py')
 PROMOTE_BASE = os.path.join(REPO, 'configs', 'imagenet.py')
 if not os.path.exists(PROMOTE_BASE):

@@ -4,7 +4,6 @@ import glob
 import json
 import os
 import signal
-import sys
 
 import jax
 import numpy as np
@@ -14,14 +13,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.util.tensor_util import make_ndarray
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # The configs/ folder is imported as `configs`, as by `python -m bw_jax.main`.
+from bw_jax import train
+from bw_jax.config_validation import validate_config
+from bw_jax.data import fashion_mnist
+from bw_jax.train_utils import create_model
+from configs import smoke
 
-from bw_jax import train  # noqa: E402
-from bw_jax.config_validation import validate_config  # noqa: E402
-from bw_jax.data import fashion_mnist  # noqa: E402
-from bw_jax.train_utils import create_model  # noqa: E402
-from configs import smoke  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Each train_and_evaluate builds new jitted functions; the persistent cache lets runs of the same program
 # (smoke, and the two halves of the resumed run) compile once.

@@ -4,7 +4,6 @@ import functools
 import glob
 import math
 import os
-import sys
 
 from absl import flags
 import jax
@@ -14,14 +13,13 @@ import optax
 import pytest
 from ml_collections import config_flags
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # The configs/ folder is imported as `configs`, as by `python -m bw_jax.main`.
-
-from bw_jax import train  # noqa: E402
-from bw_jax.config_validation import validate_config  # noqa: E402
-from bw_jax.train_utils import (TrainState, create_learning_rate_fn, create_model, create_optimizer,  # noqa: E402
+from bw_jax import train
+from bw_jax.config_validation import validate_config
+from bw_jax.train_utils import (TrainState, create_learning_rate_fn, create_model, create_optimizer,
                                 peak_learning_rate)
-from configs import imagenet, smoke  # noqa: E402
+from configs import imagenet, smoke
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TRAINING_CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, 'configs', '*.py'))
                           if not os.path.basename(p).startswith('sweep_'))
