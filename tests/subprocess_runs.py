@@ -16,6 +16,8 @@ import time
 
 import jax
 
+from bw_jax.runtime import configure_cpu_dispatch
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAUSED = 'PAUSED'
 TIMEOUT = 600  # Seconds; only a hung process gets near it.
@@ -23,7 +25,7 @@ TIMEOUT = 600  # Seconds; only a hung process gets near it.
 
 def configure_jax(compilation_cache: bool = True) -> None:
   """The settings of tests/conftest.py and tests/test_train.py, for this process and the ones it starts."""
-  jax.config.update('jax_cpu_enable_async_dispatch', False)  # Why: tests/conftest.py.
+  configure_cpu_dispatch()
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # Used once jax.distributed is initialised.
   if compilation_cache:  # The runs here compile the same programs: the persistent cache compiles them once.
     jax.config.update('jax_compilation_cache_dir', os.path.join(REPO, '.pytest_cache', 'jax_compilation'))

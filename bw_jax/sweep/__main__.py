@@ -15,23 +15,23 @@ import os
 import sys
 from typing import Sequence
 
+import jax
 import optuna
 
 from bw_jax.config_files import load_config_file
+from bw_jax.runtime import configure_cpu_dispatch
 from bw_jax.sweep.space import check_sweep_config
 from bw_jax.sweep.study import default_storage, load_study, open_study
 from bw_jax.sweep.worker import Worker
 
 
 def run(args: argparse.Namespace) -> None:
+  configure_cpu_dispatch()  # Before the checks below create the devices.
   sweep = load_config_file(args.config)
   if args.n_trials is not None:
     sweep.n_trials = args.n_trials
   space = check_sweep_config(sweep)  # Before anything is created: a bad file leaves no trace.
   os.makedirs(args.dir, exist_ok=True)
-  import jax
-  # jax 0.10.2 on CPU: asynchronous dispatch intermittently hangs in block_until_ready (tests/conftest.py).
-  jax.config.update('jax_cpu_enable_async_dispatch', False)
   if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):  # A retried trial need not compile again.
     jax.config.update('jax_compilation_cache_dir', os.path.join(os.path.abspath(args.dir), 'jax_cache'))
   storage = args.storage or default_storage(args.dir)
