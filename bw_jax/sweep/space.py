@@ -16,8 +16,7 @@ import ml_collections
 import optuna
 
 from bw_jax.checks import check_choice, is_positive_int
-from bw_jax.config_validation import base_config, unknown_keys, validate_config
-from bw_jax.data import default_dataset_config
+from bw_jax.config_validation import base_config, config_reference, unknown_keys, validate_config
 
 SPEC_KINDS = ('categorical', 'float', 'log_float', 'int', 'log_int')
 SPEC_FORMS = ("('categorical', (choice, ...)), ('float' | 'log_float', low, high) or "
@@ -112,13 +111,6 @@ def config_value(config: ml_collections.ConfigDict, key: str) -> Any:
   for part in key.split('.'):
     config = config[part]
   return config
-
-
-def config_reference(train: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Every training config key (bw_jax/config_schema.py, with the dataset keys of `train`'s dataset)."""
-  reference = base_config()
-  reference.dataset = default_dataset_config(train.dataset.name)
-  return reference
 
 
 def is_config_leaf(reference: ml_collections.ConfigDict, key: str) -> bool:
