@@ -6,8 +6,10 @@ This file is also the script those processes run, with the JAX settings of the t
       (on every host), so that a signal arrives at a known step.
 """
 
+import ctypes
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -108,6 +110,26 @@ class MainRun:
         self.process.wait()
       self.reader.join(timeout=60)
     return self.process.returncode
+
+
+def die_with_parent() -> None:
+  """For `preexec_fn`: the child is killed when the process that started it dies, even by SIGKILL (Linux)."""
+  PR_SET_PDEATHSIG = 1
+  ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def run_process(args: list[str], *, timeout: float = TIMEOUT, **kwargs) -> subprocess.CompletedProcess:
+  """`subprocess.run(args, capture_output=True, text=True)` in a new session that dies with this process;
+  on time-out its whole process group is killed and TimeoutExpired raised."""
+  with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                        preexec_fn=die_with_parent, **kwargs) as process:
+    try:
+      stdout, stderr = process.communicate(timeout=timeout)
+    finally:
+      if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+  return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
 
 
 def progress_steps(stdout: str) -> list[int]:

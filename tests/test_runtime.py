@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from subprocess_runs import REPO, subprocess_env
+from subprocess_runs import REPO, run_process, subprocess_env
 
 # A call that computes for a while (40 chained 384×384 matmuls), then whether its result is ready the moment
 # the call returns: always with synchronous dispatch, practically never with asynchronous dispatch.
@@ -34,8 +34,7 @@ runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)
 
 
 def run_python(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, *args], cwd=REPO, env=subprocess_env(), capture_output=True,
-                        text=True, timeout=timeout, start_new_session=True)
+  return run_process([sys.executable, *args], cwd=REPO, env=subprocess_env(), timeout=timeout)
 
 
 @pytest.mark.parametrize('setup, expected', [('', 'pending'), ('configure_cpu_dispatch()', 'ready')],

@@ -16,7 +16,12 @@ import sys
 from typing import Sequence
 
 import jax
-import optuna
+
+try:
+  import optuna
+except ImportError as error:  # An install without the extra: say what to install rather than a traceback.
+  raise SystemExit("python -m bw_jax.sweep needs the sweep extra: pip install 'bw_jax[sweep]' "
+                   f'({error}).') from None
 
 from bw_jax.config_files import load_config_file
 from bw_jax.runtime import configure_cpu_dispatch
