@@ -61,6 +61,24 @@ def test_imagenet_config_is_the_published_b0_recipe():
     assert schedule(warmup + after) == pytest.approx(0.128 * 0.97 ** (after // decay_steps), rel=1e-5)
 
 
+@pytest.mark.parametrize('overrides, size', [
+    ((), 224),
+    (('--config.model.variant=b3',), 300),  # Tan & Le (2019), Table 1 / TF efficientnet_builder.py.
+    (('--config.model.variant=b7',), 600),
+    (('--config.model.variant=b3', '--config.dataset.image_size=256'), 256),
+    (('--config.dataset.image_size=128', '--config.model.variant=b5'), 128),
+])
+def test_imagenet_image_size_follows_the_variant_unless_set(overrides, size):
+  config = load_from_command_line(os.path.join(REPO, 'configs', 'imagenet.py'), *overrides)
+  assert config.dataset.image_size == size
+
+
+def test_an_unknown_variant_is_named_with_the_allowed_ones():
+  config = load_from_command_line(os.path.join(REPO, 'configs', 'imagenet.py'), '--config.model.variant=b9')
+  with pytest.raises(ValueError, match="variant='b9' is not supported; choose one of 'b0', 'b1'"):
+    validate_config(config)
+
+
 def test_cosine_schedule_with_warmup_matches_its_formula():
   config = smoke.get_config()
   config.lr_schedule, config.warmup_epochs, config.learning_rate, config.batch_size = 'cosine', 2.0, 0.4, 128
