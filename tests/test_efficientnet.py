@@ -178,6 +178,7 @@ def test_every_combination_gives_finite_logits_in_train_and_eval(stem_type, mbco
   assert not np.allclose(logits, eval_logits), 'train mode must use batch statistics'
 
 
+@pytest.mark.slow  # Compiles a training step of the tiny model.
 @pytest.mark.parametrize('mbconv_type', [0, 2])
 def test_one_training_step_reduces_the_loss(mbconv_type, tiny_batch):
   images, labels = tiny_batch
@@ -216,6 +217,7 @@ def test_b0_builds_at_imagenet_tiny_imagenet_and_cifar_sizes(size, stem_stride, 
   assert final_feature_map(model, size) == (1, expected, expected, 1280)
 
 
+@pytest.mark.slow  # Compiles a training step of the tiny model.
 def test_bfloat16_activations_keep_float32_parameters_and_statistics(tiny_batch):
   images, _ = tiny_batch
   model = en.EfficientNet(num_classes=5, mbconv_type=2, head_type=2, dtype=jnp.bfloat16,

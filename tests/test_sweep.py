@@ -310,6 +310,7 @@ def sqlite_sweep(tmp_path_factory):
   return directory, load(directory), logs
 
 
+@pytest.mark.slow  # Worker processes train smoke trials.
 def test_two_workers_on_sqlite_spend_the_budget_exactly(sqlite_sweep):
   directory, study, logs = sqlite_sweep
   complete = assert_budget_of_distinct_complete_trials(study, 6)
@@ -322,6 +323,7 @@ def test_two_workers_on_sqlite_spend_the_budget_exactly(sqlite_sweep):
   assert logs.count("Sweep 'sweep_smoke': 6/6 trials finished (6 complete") == 2
 
 
+@pytest.mark.slow  # Worker processes train smoke trials.
 def test_report_of_the_sweep(sqlite_sweep):
   directory, study, _ = sqlite_sweep
   sweep_cli.main(['report', f'--dir={directory}'])
@@ -344,6 +346,7 @@ def test_report_of_the_sweep(sqlite_sweep):
   assert f'| {top.number} | {best.value:.4g} |' in summary.split('## Best trials')[1].split('\n')[4]
 
 
+@pytest.mark.slow  # Worker processes train smoke trials.
 def test_promote_from_the_sweep(sqlite_sweep, tmp_path):
   directory, study, _ = sqlite_sweep
   sweep_cli.main(['promote', f'--dir={directory}', '--top-k=3', f'--base={PROMOTE_BASE}', f'--out={tmp_path}'])
@@ -382,6 +385,7 @@ def killed_sweep(tmp_path_factory):
   return load(directory), killed, logs
 
 
+@pytest.mark.slow  # Worker processes train smoke trials.
 def test_killed_worker_trial_is_retried_and_resumes(killed_sweep):
   study, killed, logs = killed_sweep
   complete = assert_budget_of_distinct_complete_trials(study, 3)
@@ -446,6 +450,7 @@ def postgres_url():
     shutil.rmtree(data, ignore_errors=True)
 
 
+@pytest.mark.slow  # Worker processes train smoke trials.
 def test_two_workers_on_postgresql(postgres_url, sqlite_sweep, tmp_path):
   run_two_workers(str(tmp_path), f'--storage={postgres_url}', '--n-trials=4')
   study = load(str(tmp_path), postgres_url)

@@ -42,6 +42,7 @@ from subprocess_runs import (REPO, TIMEOUT, MainRun, configure_jax, free_port, p
                              wait_until)
 
 configure_jax()
+pytestmark = pytest.mark.slow  # Every test here trains in several processes or on 8 devices.
 
 DEVICES = 8
 HOSTS = 2

@@ -174,6 +174,7 @@ def bn_smoke_step():
   return model, state, step, images, labels
 
 
+@pytest.mark.slow  # Compiles and runs training steps of the smoke model.
 def test_weight_ema_is_the_hand_computed_average(bn_smoke_step):
   model, state, step, images, labels = bn_smoke_step
   history = [state.params]
@@ -193,6 +194,7 @@ def test_weight_ema_is_the_hand_computed_average(bn_smoke_step):
   np.testing.assert_allclose(with_ema['loss'], swapped['loss'], rtol=1e-6)
 
 
+@pytest.mark.slow  # Compiles and runs training steps of the smoke model.
 def test_half_precision_keeps_float32_parameters_and_statistics():
   """bf16 activations with float32 parameters and BW/BN statistics, tracking the float32 model's logits."""
   config = smoke.get_config()

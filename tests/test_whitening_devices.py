@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 
+pytestmark = pytest.mark.slow  # Every test here reads a subprocess that compiles on 8 devices.
+
 DEVICES = 8
 BATCH_SHAPE = (16, 4, 4, 8)  # N divisible by DEVICES; m = 256 samples, 32 per device.
 GROUPS = ((0, 1, 2, 3), (4, 5, 6, 7))
