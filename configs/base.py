@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.drop_connect_rate = 0.2  # Stochastic depth of the last block; earlier blocks scale it down.
   model.width_multiplier = FieldReference(None, field_type=float)  # None: the variant's width.
   model.depth_multiplier = FieldReference(None, field_type=float)  # None: the variant's depth.
-  model.depthwise_implementation = 'auto'  # 'auto' (shift on CPU, XLA elsewhere; per lowering platform), 'shift', 'xla'.
+  model.depthwise_implementation = 'auto'  # 'auto' (at lowering: shift on CPU, XLA elsewhere), 'shift', 'xla'.
 
   bw = model.bw = ml_collections.ConfigDict()  # Every BW layer's settings (whitening.BWSettings names).
   bw.method = 'cholesky'  # 'cholesky', 'zca', 'pca' or 'newton': how S is computed from Σ + ε·I.
