@@ -13,7 +13,8 @@ import pytest
 
 from bw_jax import train
 from bw_jax.config_validation import base_config
-from bw_jax.data import default_dataset_config
+from bw_jax.data import default_dataset_config, imagenet
+from bw_jax.data.on_device import normalise_images
 from bw_jax.train_utils import TrainState, create_learning_rate_fn, create_model, create_optimizer
 
 PLATFORMS = ('cuda', 'tpu')
@@ -45,11 +46,13 @@ def lowered_train_step_texts(config) -> dict[str, str]:
                              batch_stats=variables['batch_stats'], ema_params={})
 
   state = jax.eval_shape(init)  # Shapes only: nothing of B0 is computed here.
-  batch = {'image': jax.ShapeDtypeStruct((BATCH, size, size, 3), jnp.float32),
+  # As train_and_evaluate: uint8 pixels in, normalised inside the step.
+  batch = {'image': jax.ShapeDtypeStruct((BATCH, size, size, 3), jnp.uint8),
            'label': jax.ShapeDtypeStruct((BATCH,), jnp.int32)}
+  normalise = functools.partial(normalise_images, mean=imagenet.MEAN, std=imagenet.STD)
   step = jax.jit(functools.partial(train.train_step, model=model, learning_rate_fn=learning_rate_fn,
                                    num_classes=1000, label_smoothing=0.1, ema_decay=0.0,
-                                   dropout_key=jax.random.key(1)))
+                                   dropout_key=jax.random.key(1), normalise=normalise))
   traced = step.trace(state, batch)
   return {platform: traced.lower(lowering_platforms=(platform,)).as_text() for platform in PLATFORMS}
 
@@ -77,7 +80,8 @@ def test_depthwise_layers_are_xla_grouped_convolutions(lowered, platform):
 @pytest.mark.parametrize('platform', PLATFORMS)
 def test_no_host_callbacks_and_no_float64(lowered, platform):
   text = lowered[2][platform]
-  assert 'stablehlo.convolution' in text  # The text really is the train step.
+  assert 'stablehlo.convolution' in text  # The text really is the train step...
+  assert re.search(r'tensor<8x224x224x3xui8>', text)  # ...taking uint8 images.
   for host_round_trip in ('callback', 'outfeed', 'infeed', 'stablehlo.send', 'stablehlo.recv'):
     assert host_round_trip not in text, host_round_trip
   assert re.search(r'\bf64\b', text) is None
