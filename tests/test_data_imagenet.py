@@ -1,11 +1,14 @@
-"""ImageNet 2012: loading on TFDS mock data, preprocessing against coordinate images and NumPy slices."""
+"""ImageNet 2012: loading on TFDS mock data, preprocessing against coordinate images, NumPy slices and
+PIL's decoding of generated JPEGs."""
 
+import io
 import types
 
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from bw_jax.data import imagenet
 
@@ -38,6 +41,69 @@ def _crop_box(output: np.ndarray) -> tuple[float, float, float, float, bool]:
   top = rows[a] - (a + 0.5) * height / size + 0.5
   left = cols[a] - (a + 0.5) * width / size + 0.5
   return top, left, height, width, flipped
+
+
+def jpeg_bytes(height: int, width: int, seed: int = 0) -> bytes:
+  """A photo-like JPEG (smooth colour waves plus noise; quality 90, 4:2:0 chroma) as ImageNet holds them."""
+  rows, cols = np.mgrid[0:height, 0:width]
+  waves = [128 + 100 * np.sin(cols / 17 + c) * np.cos(rows / 23 - c) for c in range(3)]
+  noise = np.random.default_rng(seed).normal(0, 12, (height, width, 3))
+  pixels = np.clip(np.stack(waves, -1) + noise, 0, 255).astype(np.uint8)
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).save(buffer, format='JPEG', quality=90)
+  return buffer.getvalue()
+
+
+def pil_decode(encoded: bytes) -> np.ndarray:
+  return np.asarray(Image.open(io.BytesIO(encoded)).convert('RGB')).astype(np.int64)
+
+
+@pytest.fixture(scope='module')
+def jpeg():
+  """(encoded bytes, PIL's decoding as int64 (375, 500, 3)): an ImageNet-sized landscape image."""
+  encoded = jpeg_bytes(375, 500)
+  return encoded, pil_decode(encoded)
+
+
+# Two JPEG decoders differ by a few levels (IDCT rounding): here TF's and PIL's whole-image decodings by at
+# most 4 and about 1 on average. A crop's last column also upsamples its chroma without the column to its
+# right, a larger difference confined to that column.
+DECODER_LEVELS, MEAN_LEVELS, EDGE_LEVELS = 4, 1.5, 16
+
+
+def test_training_decodes_only_the_crop_and_it_is_the_pil_crop(jpeg):
+  encoded, reference = jpeg
+  shape = imagenet.image_shape(tf.constant(encoded))  # From the header: nothing decoded.
+  np.testing.assert_array_equal(shape, (375, 500, 3))
+  for i in range(8):
+    top, left, height, width = imagenet.random_crop_window(shape, tf.constant([3, i])).numpy()
+    assert 0 <= top and top + height <= 375 and 0 <= left and left + width <= 500
+    assert 0.08 * 375 * 500 * 0.98 <= height * width
+    crop = imagenet.decode_crop(tf.constant(encoded), tf.constant([top, left, height, width])).numpy()
+    assert crop.shape == (height, width, 3) and crop.dtype == np.uint8
+    difference = np.abs(crop.astype(np.int64) - reference[top:top + height, left:left + width])
+    assert difference[:, :-1].max() <= DECODER_LEVELS and difference.mean() <= MEAN_LEVELS
+    assert difference[:, -1].max() <= EDGE_LEVELS
+
+
+def test_train_preprocess_of_the_jpeg_is_that_of_the_decoded_image(jpeg):
+  # Same seed, same crop window and flip: the encoded path differs only by the decoders' few levels.
+  encoded, reference = jpeg
+  for i in range(4):
+    seed = tf.constant([5, i])
+    from_jpeg = imagenet.train_preprocess(tf.constant(encoded), 64, seed).numpy()
+    from_pixels = imagenet.train_preprocess(tf.constant(reference.astype(np.uint8)), 64, seed).numpy()
+    assert from_jpeg.shape == (64, 64, 3) and from_jpeg.dtype == np.float32
+    assert np.abs(from_jpeg - from_pixels).mean() <= MEAN_LEVELS
+    assert np.abs(from_jpeg - from_pixels).max() <= EDGE_LEVELS
+
+
+def test_eval_preprocess_decodes_the_whole_jpeg(jpeg):
+  encoded, reference = jpeg
+  from_jpeg = imagenet.eval_preprocess(tf.constant(encoded), 64).numpy()
+  from_pixels = imagenet.eval_preprocess(tf.constant(reference.astype(np.uint8)), 64).numpy()
+  assert from_jpeg.shape == (64, 64, 3)
+  assert np.abs(from_jpeg - from_pixels).max() <= DECODER_LEVELS
 
 
 def test_train_crop_area_and_aspect_are_in_range():
@@ -87,7 +153,7 @@ def test_eval_preprocess_resizes_the_shorter_side_to_image_size_over_0_875():
   np.testing.assert_allclose([top + height / 2, left + width / 2], [GRID_H / 2, GRID_W / 2], atol=0.5)
 
 
-def test_load_yields_image_and_label(tmp_path, monkeypatch):
+def test_load_yields_encoded_jpegs_and_labels(tmp_path, monkeypatch):
   # mock_data replaces reading, not the "is it prepared?" check, which looks for real files.
   monkeypatch.setattr(tfds.core.DatasetBuilder, 'is_prepared', lambda self: True)
   config = types.SimpleNamespace(data_dir=str(tmp_path), image_size=32)
@@ -96,7 +162,9 @@ def test_load_yields_image_and_label(tmp_path, monkeypatch):
   assert len(examples) == 5
   for ex in examples:
     assert set(ex) == {'image', 'label'}
-    assert ex['image'].dtype == np.uint8 and ex['image'].ndim == 3 and ex['image'].shape[2] == 3
+    assert isinstance(ex['image'], bytes)  # Still encoded: the shuffle buffer holds the JPEG.
+    decoded = pil_decode(ex['image'])
+    assert decoded.ndim == 3 and decoded.shape[2] == 3
     assert ex['label'].dtype == np.int64 and 0 <= ex['label'] < imagenet.NUM_CLASSES
     assert imagenet.eval_preprocess(ex['image'], 32).shape == (32, 32, 3)
 
