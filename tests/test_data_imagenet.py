@@ -10,7 +10,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from bw_jax.data import imagenet
+from bw_jax import data
+from bw_jax.data import imagenet, synthetic
 
 # A coordinate grid: channel 0 holds the row index, channel 1 the column index. Its width / height (1.2) is
 # inside the crop's aspect range, so even the whole-image fallback of train_preprocess is a valid crop.
@@ -43,25 +44,14 @@ def _crop_box(output: np.ndarray) -> tuple[float, float, float, float, bool]:
   return top, left, height, width, flipped
 
 
-def jpeg_bytes(height: int, width: int, seed: int = 0) -> bytes:
-  """A photo-like JPEG (smooth colour waves plus noise; quality 90, 4:2:0 chroma) as ImageNet holds them."""
-  rows, cols = np.mgrid[0:height, 0:width]
-  waves = [128 + 100 * np.sin(cols / 17 + c) * np.cos(rows / 23 - c) for c in range(3)]
-  noise = np.random.default_rng(seed).normal(0, 12, (height, width, 3))
-  pixels = np.clip(np.stack(waves, -1) + noise, 0, 255).astype(np.uint8)
-  buffer = io.BytesIO()
-  Image.fromarray(pixels).save(buffer, format='JPEG', quality=90)
-  return buffer.getvalue()
-
-
 def pil_decode(encoded: bytes) -> np.ndarray:
   return np.asarray(Image.open(io.BytesIO(encoded)).convert('RGB')).astype(np.int64)
 
 
 @pytest.fixture(scope='module')
 def jpeg():
-  """(encoded bytes, PIL's decoding as int64 (375, 500, 3)): an ImageNet-sized landscape image."""
-  encoded = jpeg_bytes(375, 500)
+  """(encoded bytes, PIL's decoding as int64 (375, 500, 3)): an ImageNet-sized landscape photo-like JPEG."""
+  encoded = synthetic.encode_jpeg(synthetic.photo_like_image(375, 500))
   return encoded, pil_decode(encoded)
 
 
@@ -181,3 +171,18 @@ def test_unprepared_dataset_says_how_to_download(tmp_path, monkeypatch):
   for needed in ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar', str(tmp_path / 'downloads' / 'manual'),
                  'image-net.org'):
     assert needed in message
+
+
+def test_training_batches_of_synthetic_jpegs_through_the_tfds_builder():
+  # End to end: TFDS's imagenet2012 builder (reading mocked) -> encoded JPEGs -> crop decoding -> uint8.
+  config = data.default_dataset_config('imagenet2012')
+  config.image_size, config.shuffle_buffer = 32, 16
+  with synthetic.synthetic_data('imagenet2012', num_examples=16):
+    batches, info = data.create_split(config, 'train', 8, train=True, normalise=False)
+    first, second = next(batches), next(batches)
+  assert info is imagenet.INFO
+  for batch in (first, second):
+    assert batch['image'].shape == (8, 32, 32, 3) and batch['image'].dtype == np.uint8
+    assert batch['image'].std() > 10  # Decoded photo-like content, not blank.
+  # One epoch of 16 examples: every label 0..15 once.
+  np.testing.assert_array_equal(np.sort(np.concatenate([first['label'], second['label']])), np.arange(16))
