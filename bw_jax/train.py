@@ -24,10 +24,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from bw_jax import data
-from bw_jax.config_validation import validate_config
+from bw_jax.config_validation import validate_config, with_global_batch_size
 from bw_jax.data.on_device import normalise_images, prefetch_to_device, shard_batch
 from bw_jax.train_utils import (Progress, TrainState, bw_health, create_learning_rate_fn, create_metric_writer,
-                                create_model, create_optimizer, cross_entropy, hyperparameters, update_ema)
+                                create_model, create_optimizer, cross_entropy, hyperparameters, memory_report,
+                                train_batch_spec, update_ema)
 
 
 def train_step(state: TrainState, batch: dict, *, model: Any, learning_rate_fn: Any, num_classes: int,
@@ -207,6 +208,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   exception it raises ends training with the checkpoints already written intact.
   """
   start_time = time.perf_counter()
+  config = with_global_batch_size(config)
   validate_config(config)
   info = data.dataset_module(config.dataset.name).INFO
   steps_per_epoch, num_train_steps = training_length(config)
@@ -233,6 +235,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   eval_fn = jax.jit(functools.partial(eval_step, model=model, num_classes=num_classes,
                                       use_ema=config.ema_decay > 0, normalise=normalise),
                     in_shardings=(replicated, data_sharding), out_shardings=replicated)
+  if config.print_memory:  # Compiles the step once more, ahead of training: off by default.
+    size = config.dataset.image_size
+    batch_spec = train_batch_spec(config.batch_size, (size, size, info.image_shape[2]), data_sharding)
+    report = memory_report(train_fn.lower(state, batch_spec).compile())
+    if jax.process_index() == 0:
+      print(report, flush=True)
   writer = create_metric_writer(workdir)
   writer.write_hparams(hyperparameters(config))  # TensorBoard's HParams tab lists the run's settings.
   train_batches: Iterator[dict] = prefetch_to_device(data.create_split(
