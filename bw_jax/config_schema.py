@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.drop_connect_rate = 0.2  # Stochastic depth of the last block; earlier blocks scale it down.
   model.width_multiplier = FieldReference(None, field_type=float)  # None: the variant's width.
   model.depth_multiplier = FieldReference(None, field_type=float)  # None: the variant's depth.
-  model.depthwise_implementation = 'auto'  # 'auto' (shift on CPU, XLA elsewhere), 'shift' or 'xla'.
+  model.depthwise_implementation = 'auto'  # 'auto' (at lowering: shift on CPU, XLA elsewhere), 'shift', 'xla'.
 
   bw = model.bw = ml_collections.ConfigDict()  # Every BW layer's settings (whitening.BWSettings names).
   bw.method = 'cholesky'  # 'cholesky', 'zca', 'pca' or 'newton': how S is computed from Σ + ε·I.
@@ -41,6 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset = default_dataset_config('fashion_mnist')  # Keys: bw_jax/data/__init__.py.
 
   config.batch_size = 256  # Global batch over all devices and hosts.
+  # Set: the global batch is this × jax.device_count() when training starts (batch_size is then ignored).
+  config.batch_size_per_device = FieldReference(None, field_type=int)
   config.eval_batch_size = FieldReference(None, field_type=int)  # None: batch_size. Eval covers the split.
   config.num_epochs = 10.0  # Training length in epochs of the train split, unless num_train_steps > 0.
   config.num_train_steps = -1  # > 0: train exactly this many steps (overrides num_epochs); -1: epochs.
@@ -58,6 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.seed = 0  # Parameters, dropout and the data order.
   config.half_precision = False  # bfloat16 activations; parameters and statistics stay float32.
+  config.print_memory = False  # Print the compiled train step's memory analysis before training.
 
   config.log_every_steps = 100  # Console progress line and TensorBoard train metrics.
   config.eval_every_steps = -1  # Eval over the whole eval split every this many steps; -1: each epoch.

@@ -59,6 +59,22 @@ def _check_positive_int(name: str, value: Any) -> None:
     raise ValueError(f'config.{name}={value!r} must be a positive integer.')
 
 
+def with_global_batch_size(config: ml_collections.ConfigDict,
+                           device_count: int | None = None) -> ml_collections.ConfigDict:
+  """`config`, or a copy whose `batch_size` is `batch_size_per_device` × the device count when that is set.
+
+  The learning rate follows through `learning_rate` being per 256 images (linear scaling). Call it after
+  `jax.distributed.initialize`: `device_count` defaults to `jax.device_count()`, all hosts' devices.
+  """
+  per_device = config.get('batch_size_per_device')
+  if per_device is None:
+    return config
+  _check_positive_int('batch_size_per_device', per_device)
+  resolved = config.copy_and_resolve_references()
+  resolved.batch_size = per_device * (jax.device_count() if device_count is None else device_count)
+  return resolved
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises a ValueError (all unknown keys at once, else the first bad value) saying what is allowed."""
   errors = unknown_keys(config, config_reference(config))

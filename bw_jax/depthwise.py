@@ -32,14 +32,6 @@ KERNEL_GRAD_CHUNK_BYTES = 1 << 20
 CHUNKED_KERNEL_GRAD_BYTES = 8 << 20
 
 
-def resolve_implementation(implementation: str) -> str:
-  """'auto' -> 'shift' on CPU, 'xla' on GPU/TPU (their grouped convolutions are fast); others unchanged."""
-  check_choice('implementation', implementation, IMPLEMENTATIONS)
-  if implementation == 'auto':
-    return 'shift' if jax.default_backend() == 'cpu' else 'xla'
-  return implementation
-
-
 def same_padding(size: int, kernel_size: int, stride: int) -> tuple[int, tuple[int, int]]:
   """Output size ceil(size / stride) and (low, high) padding of TF/lax 'SAME': the odd pixel goes high."""
   out = -(-size // stride)
@@ -53,8 +45,13 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, strides: int, implementation
   The kernel layout is flax.linen.Conv's with feature_group_count=C. The result has x's dtype (the kernel
   is cast to it, as flax does for a given `dtype`); 'shift' accumulates 16-bit inputs in float32. 'shift'
   has a custom VJP, hence reverse-mode only: forward mode (jax.jvp, jacfwd) needs 'xla' or `shift_sum`.
+
+  'auto' is decided per platform when the program is lowered (`jax.lax.platform_dependent`), not from the
+  backend at trace time: 'shift' on CPU, XLA's grouped convolution on GPU and TPU, where it is fast. So an
+  AOT lowering or `jax.export` for 'cuda' or 'tpu' from a CPU host gets the grouped convolution, a CPU
+  device on a GPU host gets 'shift', and a multi-platform export holds both (chosen at compile time).
   """
-  implementation = resolve_implementation(implementation)
+  check_choice('implementation', implementation, IMPLEMENTATIONS)
   if not isinstance(strides, int) or strides < 1:
     raise ValueError(f'strides must be a positive int (the same along H and W), got {strides!r}.')
   k, channels = kernel.shape[0], x.shape[-1]
@@ -62,10 +59,13 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, strides: int, implementation
     raise ValueError(f'depthwise_conv expects x (N, H, W, C) and kernel (k, k, 1, C); got x {x.shape} '
                      f'and kernel {kernel.shape}.')
   kernel = kernel.astype(x.dtype)
-  if implementation == 'xla':
-    return jax.lax.conv_general_dilated(x, kernel, (strides, strides), 'SAME', feature_group_count=channels,
-                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  return _shift_conv(x, kernel, strides, x.shape)
+  xla = lambda x, kernel: jax.lax.conv_general_dilated(
+      x, kernel, (strides, strides), 'SAME', feature_group_count=channels,
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  shift = lambda x, kernel: _shift_conv(x, kernel, strides, x.shape)
+  if implementation == 'auto':
+    return jax.lax.platform_dependent(x, kernel, cpu=shift, default=xla)
+  return xla(x, kernel) if implementation == 'xla' else shift(x, kernel)
 
 
 def shift_sum(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array:
@@ -184,7 +184,8 @@ class DepthwiseConv(nn.Module):
   Attributes:
     kernel_size: k, the same along H and W.
     strides: s, the same along H and W.
-    implementation: 'auto' ('shift' on CPU, 'xla' elsewhere), 'xla' or 'shift'; see `depthwise_conv`.
+    implementation: 'auto' ('shift' on CPU, 'xla' elsewhere, chosen at lowering), 'xla' or 'shift'; see
+      `depthwise_conv`.
     use_bias: add a learned per-channel bias.
     dtype: computation dtype (None: promoted from the input and the params).
     param_dtype: dtype of the params.

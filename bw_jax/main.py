@@ -3,17 +3,21 @@
 Trains and evaluates (`bw_jax.train.train_and_evaluate`), resuming from the latest checkpoint in
 `DIR/checkpoints`; writes `DIR/summary.json` and TensorBoard event files in `DIR`.
 
-Multi-host: run the same command on every host with these environment variables set, and
-`jax.distributed.initialize` connects the processes before anything else touches JAX:
-  JAX_COORDINATOR_ADDRESS  host:port of process 0's coordinator (e.g. 10.0.0.1:1234);
-  JAX_NUM_PROCESSES        number of processes (hosts);
-  JAX_PROCESS_ID           this process's index, 0 … JAX_NUM_PROCESSES − 1.
+Multi-host: run the same command on every host; `jax.distributed.initialize` connects the processes
+before anything else touches JAX. `--distributed` says how it learns the cluster:
+  env (default)  from these environment variables, when JAX_COORDINATOR_ADDRESS is set (else one process):
+    JAX_COORDINATOR_ADDRESS  host:port of process 0's coordinator (e.g. 10.0.0.1:1234);
+    JAX_NUM_PROCESSES        number of processes (hosts);
+    JAX_PROCESS_ID           this process's index, 0 … JAX_NUM_PROCESSES − 1.
+  auto           JAX detects the cluster itself: Cloud TPU pods, SLURM, Open MPI, Kubernetes jobs.
+  off            one process, whatever the environment says.
 Each host then reads its own shard of every batch; `batch_size` stays the global batch.
 """
 
 import logging as std_logging
 import os
 import sys
+from typing import Any, Mapping
 
 from absl import app
 from absl import flags
@@ -27,6 +31,11 @@ from bw_jax.runtime import configure_cpu_dispatch
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard logs and summary.json.')
+DISTRIBUTED_MODES = ('env', 'auto', 'off')
+flags.DEFINE_enum('distributed', 'env', DISTRIBUTED_MODES,
+                  'How jax.distributed learns the cluster: env (JAX_* variables, if set), auto (Cloud TPU, '
+                  'SLURM, ... detected by JAX) or off (one process).')
+ENV_KEYS = ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID')
 config_flags.DEFINE_config_file('config', None, 'Training configuration file (configs/*.py).',
                                 lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -39,16 +48,31 @@ def quiet_library_info(record: std_logging.LogRecord) -> bool:
   return record.levelno >= std_logging.WARNING or not noisy
 
 
+def distributed_initialize_args(mode: str, environ: Mapping[str, str]) -> dict[str, Any] | None:
+  """Keyword arguments for `jax.distributed.initialize` (an empty dict: JAX detects the cluster), or None
+  for a single process without it."""
+  if mode not in DISTRIBUTED_MODES:
+    raise ValueError(f'--distributed={mode!r} is not supported; choose one of {", ".join(DISTRIBUTED_MODES)}.')
+  if mode == 'auto':
+    return {}
+  if mode == 'off' or not environ.get('JAX_COORDINATOR_ADDRESS'):
+    return None
+  missing = [key for key in ENV_KEYS if not environ.get(key)]
+  if missing:
+    raise ValueError(f'JAX_COORDINATOR_ADDRESS is set but {", ".join(missing)} is not: set all of '
+                     f'{", ".join(ENV_KEYS)}, or pass --distributed=auto to let JAX detect the cluster.')
+  return {'coordinator_address': environ['JAX_COORDINATOR_ADDRESS'],
+          'num_processes': int(environ['JAX_NUM_PROCESSES']), 'process_id': int(environ['JAX_PROCESS_ID'])}
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}; settings go in --config.key=value.')
   logging.get_absl_handler().addFilter(quiet_library_info)
   configure_cpu_dispatch()  # Before anything creates the devices.
-  if os.environ.get('JAX_COORDINATOR_ADDRESS'):
-    jax.distributed.initialize(
-        coordinator_address=os.environ['JAX_COORDINATOR_ADDRESS'],
-        num_processes=int(os.environ['JAX_NUM_PROCESSES']),
-        process_id=int(os.environ['JAX_PROCESS_ID']))
+  initialize_args = distributed_initialize_args(FLAGS.distributed, os.environ)
+  if initialize_args is not None:
+    jax.distributed.initialize(**initialize_args)
   os.makedirs(FLAGS.workdir, exist_ok=True)
   summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   if jax.process_index() == 0:

@@ -24,19 +24,26 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from bw_jax import data
-from bw_jax.config_validation import validate_config
+from bw_jax.config_validation import validate_config, with_global_batch_size
+from bw_jax.data.on_device import normalise_images, prefetch_to_device, shard_batch
 from bw_jax.train_utils import (Progress, TrainState, bw_health, create_learning_rate_fn, create_metric_writer,
-                                create_model, create_optimizer, cross_entropy, hyperparameters, update_ema)
+                                create_model, create_optimizer, cross_entropy, hyperparameters, memory_report,
+                                train_batch_spec, update_ema)
 
 
 def train_step(state: TrainState, batch: dict, *, model: Any, learning_rate_fn: Any, num_classes: int,
-               label_smoothing: float, ema_decay: float, dropout_key: jax.Array
-               ) -> tuple[TrainState, dict]:
-  """One SGD step on a global batch {'image': (B, S, S, C), 'label': (B,)}; returns scalar metrics."""
+               label_smoothing: float, ema_decay: float, dropout_key: jax.Array,
+               normalise: Callable[[jax.Array], jax.Array] | None = None) -> tuple[TrainState, dict]:
+  """One SGD step on a global batch {'image': (B, S, S, C), 'label': (B,)}; returns scalar metrics.
+
+  `normalise` turns the batch's images (uint8 pixels) into the model's input on the device; None: the
+  images are the input already.
+  """
   key = jax.random.fold_in(dropout_key, state.step)
+  images = batch['image'] if normalise is None else normalise(batch['image'])
 
   def loss_fn(params):
-    logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats}, batch['image'],
+    logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats}, images,
                                   train=True, mutable=['batch_stats'], rngs={'dropout': key})
     loss = jnp.mean(cross_entropy(logits, batch['label'], num_classes, label_smoothing))
     return loss, (logits, updates['batch_stats'])
@@ -50,29 +57,26 @@ def train_step(state: TrainState, batch: dict, *, model: Any, learning_rate_fn: 
   return state, metrics
 
 
-def eval_step(state: TrainState, batch: dict, *, model: Any, num_classes: int, use_ema: bool) -> dict:
+def eval_step(state: TrainState, batch: dict, *, model: Any, num_classes: int, use_ema: bool,
+              normalise: Callable[[jax.Array], jax.Array] | None = None) -> dict:
   """Masked sums over a padded eval batch: cross-entropy (no smoothing), correct count, example count."""
   params = state.ema_params if use_ema else state.params
-  logits = model.apply({'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=False)
+  images = batch['image'] if normalise is None else normalise(batch['image'])
+  logits = model.apply({'params': params, 'batch_stats': state.batch_stats}, images, train=False)
   mask = batch['mask']
   loss = cross_entropy(logits, batch['label'], num_classes, 0.0)
   correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
   return {'loss': jnp.sum(loss * mask), 'correct': jnp.sum(correct * mask), 'count': jnp.sum(mask)}
 
 
-def shard_batch(batch: dict, sharding: NamedSharding) -> dict:
-  """This host's NumPy batch -> global jax.Arrays sharded on the `data` axis."""
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
-
-
 def evaluate(eval_fn: Any, state: TrainState, config: ml_collections.ConfigDict,
              sharding: NamedSharding) -> dict[str, float]:
   """Loss and accuracy over the whole eval split (padded batches masked out), and the example count."""
   batches, _ = data.create_split(config.dataset, config.dataset.eval_split, eval_batch_size(config),
-                                 train=False)
+                                 train=False, normalise=False)
   totals = {'loss': 0.0, 'correct': 0.0, 'count': 0.0}
-  for batch in batches:
-    sums = jax.device_get(eval_fn(state, shard_batch(batch, sharding)))
+  for batch in prefetch_to_device(batches, sharding):
+    sums = jax.device_get(eval_fn(state, batch))
     totals = {k: totals[k] + float(sums[k]) for k in totals}
   count = totals['count']
   return {'loss': totals['loss'] / count, 'accuracy': totals['correct'] / count, 'count': int(count)}
@@ -204,6 +208,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   exception it raises ends training with the checkpoints already written intact.
   """
   start_time = time.perf_counter()
+  config = with_global_batch_size(config)
   validate_config(config)
   info = data.dataset_module(config.dataset.name).INFO
   steps_per_epoch, num_train_steps = training_length(config)
@@ -214,6 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   model = create_model(config, info.num_classes)
   num_classes = config.model.num_classes or info.num_classes
   learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch, num_train_steps)
+  normalise = functools.partial(normalise_images, mean=info.mean, std=info.std)  # On the device.
   # Before compiling anything: creating the manager is the hosts' first collective (Orbax syncs them), and
   # gloo (CPU) gives up on a host that joins its first collective over 30 s late, as one compiling longer can.
   checkpoints = Checkpoints(os.path.join(os.path.abspath(workdir), 'checkpoints'), config.keep_checkpoints)
@@ -224,16 +230,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   train_fn = jax.jit(
       functools.partial(train_step, model=model, learning_rate_fn=learning_rate_fn, num_classes=num_classes,
                         label_smoothing=config.label_smoothing, ema_decay=config.ema_decay,
-                        dropout_key=jax.random.fold_in(jax.random.key(config.seed), 1)),
+                        dropout_key=jax.random.fold_in(jax.random.key(config.seed), 1), normalise=normalise),
       in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated), donate_argnums=0)
   eval_fn = jax.jit(functools.partial(eval_step, model=model, num_classes=num_classes,
-                                      use_ema=config.ema_decay > 0),
+                                      use_ema=config.ema_decay > 0, normalise=normalise),
                     in_shardings=(replicated, data_sharding), out_shardings=replicated)
+  if config.print_memory:  # Compiles the step once more, ahead of training: off by default.
+    size = config.dataset.image_size
+    batch_spec = train_batch_spec(config.batch_size, (size, size, info.image_shape[2]), data_sharding)
+    report = memory_report(train_fn.lower(state, batch_spec).compile())
+    if jax.process_index() == 0:
+      print(report, flush=True)
   writer = create_metric_writer(workdir)
   writer.write_hparams(hyperparameters(config))  # TensorBoard's HParams tab lists the run's settings.
-  train_batches: Iterator[dict] = data.create_split(
+  train_batches: Iterator[dict] = prefetch_to_device(data.create_split(
       config.dataset, config.dataset.train_split, config.batch_size, train=True, seed=config.seed,
-      start_batch=start_step)[0]
+      start_batch=start_step, normalise=False)[0], data_sharding)
 
   progress = Progress(num_train_steps, steps_per_epoch, config.batch_size, start_step)
   window: list[tuple[int, Any]] = []
@@ -260,7 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   preemption = PreemptionNotice(checkpoints.manager, start_step)  # Before compiling the steps.
   try:
     for step in range(start_step + 1, num_train_steps + 1):
-      state, metrics = train_fn(state, shard_batch(next(train_batches), data_sharding))
+      state, metrics = train_fn(state, next(train_batches))
       window.append((step, metrics))
       if steady_start is None:  # Compile and the first step are not steady state.
         jax.block_until_ready(state)

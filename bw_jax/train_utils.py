@@ -138,3 +138,23 @@ def create_metric_writer(logdir: str) -> metric_writers.MetricWriter:
   if jax.process_index() == 0:
     return metric_writers.SummaryWriter(logdir)
   return metric_writers.MultiWriter([])
+
+
+def train_batch_spec(batch_size: int, image_shape: tuple[int, int, int], sharding: Any) -> dict:
+  """Shapes of a global training batch as it reaches the step: uint8 images, int32 labels, float32 mask."""
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+  return {'image': spec((batch_size, *image_shape), jnp.uint8), 'label': spec((batch_size,), jnp.int32),
+          'mask': spec((batch_size,), jnp.float32)}
+
+
+def memory_report(compiled: Any) -> str:
+  """Bytes of a compiled step per device, from XLA's `memory_analysis()`: arguments, outputs, temporaries,
+  and the peak estimate arguments + outputs − aliased (donated) + temporaries."""
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return 'memory analysis: not available for this backend'
+  sizes = {'arguments': analysis.argument_size_in_bytes, 'outputs': analysis.output_size_in_bytes,
+           'aliased': analysis.alias_size_in_bytes, 'temporaries': analysis.temp_size_in_bytes,
+           'code': analysis.generated_code_size_in_bytes}
+  sizes['peak estimate'] = sizes['arguments'] + sizes['outputs'] - sizes['aliased'] + sizes['temporaries']
+  return 'train step memory per device: ' + ', '.join(f'{k} {v / 2**30:.3f} GiB' for k, v in sizes.items())

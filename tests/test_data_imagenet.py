@@ -1,13 +1,17 @@
-"""ImageNet 2012: loading on TFDS mock data, preprocessing against coordinate images and NumPy slices."""
+"""ImageNet 2012: loading on TFDS mock data, preprocessing against coordinate images, NumPy slices and
+PIL's decoding of generated JPEGs."""
 
+import io
 import types
 
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from PIL import Image
 
-from bw_jax.data import imagenet
+from bw_jax import data
+from bw_jax.data import imagenet, synthetic
 
 # A coordinate grid: channel 0 holds the row index, channel 1 the column index. Its width / height (1.2) is
 # inside the crop's aspect range, so even the whole-image fallback of train_preprocess is a valid crop.
@@ -38,6 +42,58 @@ def _crop_box(output: np.ndarray) -> tuple[float, float, float, float, bool]:
   top = rows[a] - (a + 0.5) * height / size + 0.5
   left = cols[a] - (a + 0.5) * width / size + 0.5
   return top, left, height, width, flipped
+
+
+def pil_decode(encoded: bytes) -> np.ndarray:
+  return np.asarray(Image.open(io.BytesIO(encoded)).convert('RGB')).astype(np.int64)
+
+
+@pytest.fixture(scope='module')
+def jpeg():
+  """(encoded bytes, PIL's decoding as int64 (375, 500, 3)): an ImageNet-sized landscape photo-like JPEG."""
+  encoded = synthetic.encode_jpeg(synthetic.photo_like_image(375, 500))
+  return encoded, pil_decode(encoded)
+
+
+# Two JPEG decoders differ by a few levels (IDCT rounding): here TF's and PIL's whole-image decodings by at
+# most 4 and about 1 on average. A crop's last column also upsamples its chroma without the column to its
+# right, a larger difference confined to that column.
+DECODER_LEVELS, MEAN_LEVELS, EDGE_LEVELS = 4, 1.5, 16
+
+
+def test_training_decodes_only_the_crop_and_it_is_the_pil_crop(jpeg):
+  encoded, reference = jpeg
+  shape = imagenet.image_shape(tf.constant(encoded))  # From the header: nothing decoded.
+  np.testing.assert_array_equal(shape, (375, 500, 3))
+  for i in range(8):
+    top, left, height, width = imagenet.random_crop_window(shape, tf.constant([3, i])).numpy()
+    assert 0 <= top and top + height <= 375 and 0 <= left and left + width <= 500
+    assert 0.08 * 375 * 500 * 0.98 <= height * width
+    crop = imagenet.decode_crop(tf.constant(encoded), tf.constant([top, left, height, width])).numpy()
+    assert crop.shape == (height, width, 3) and crop.dtype == np.uint8
+    difference = np.abs(crop.astype(np.int64) - reference[top:top + height, left:left + width])
+    assert difference[:, :-1].max() <= DECODER_LEVELS and difference.mean() <= MEAN_LEVELS
+    assert difference[:, -1].max() <= EDGE_LEVELS
+
+
+def test_train_preprocess_of_the_jpeg_is_that_of_the_decoded_image(jpeg):
+  # Same seed, same crop window and flip: the encoded path differs only by the decoders' few levels.
+  encoded, reference = jpeg
+  for i in range(4):
+    seed = tf.constant([5, i])
+    from_jpeg = imagenet.train_preprocess(tf.constant(encoded), 64, seed).numpy()
+    from_pixels = imagenet.train_preprocess(tf.constant(reference.astype(np.uint8)), 64, seed).numpy()
+    assert from_jpeg.shape == (64, 64, 3) and from_jpeg.dtype == np.float32
+    assert np.abs(from_jpeg - from_pixels).mean() <= MEAN_LEVELS
+    assert np.abs(from_jpeg - from_pixels).max() <= EDGE_LEVELS
+
+
+def test_eval_preprocess_decodes_the_whole_jpeg(jpeg):
+  encoded, reference = jpeg
+  from_jpeg = imagenet.eval_preprocess(tf.constant(encoded), 64).numpy()
+  from_pixels = imagenet.eval_preprocess(tf.constant(reference.astype(np.uint8)), 64).numpy()
+  assert from_jpeg.shape == (64, 64, 3)
+  assert np.abs(from_jpeg - from_pixels).max() <= DECODER_LEVELS
 
 
 def test_train_crop_area_and_aspect_are_in_range():
@@ -87,7 +143,7 @@ def test_eval_preprocess_resizes_the_shorter_side_to_image_size_over_0_875():
   np.testing.assert_allclose([top + height / 2, left + width / 2], [GRID_H / 2, GRID_W / 2], atol=0.5)
 
 
-def test_load_yields_image_and_label(tmp_path, monkeypatch):
+def test_load_yields_encoded_jpegs_and_labels(tmp_path, monkeypatch):
   # mock_data replaces reading, not the "is it prepared?" check, which looks for real files.
   monkeypatch.setattr(tfds.core.DatasetBuilder, 'is_prepared', lambda self: True)
   config = types.SimpleNamespace(data_dir=str(tmp_path), image_size=32)
@@ -96,7 +152,9 @@ def test_load_yields_image_and_label(tmp_path, monkeypatch):
   assert len(examples) == 5
   for ex in examples:
     assert set(ex) == {'image', 'label'}
-    assert ex['image'].dtype == np.uint8 and ex['image'].ndim == 3 and ex['image'].shape[2] == 3
+    assert isinstance(ex['image'], bytes)  # Still encoded: the shuffle buffer holds the JPEG.
+    decoded = pil_decode(ex['image'])
+    assert decoded.ndim == 3 and decoded.shape[2] == 3
     assert ex['label'].dtype == np.int64 and 0 <= ex['label'] < imagenet.NUM_CLASSES
     assert imagenet.eval_preprocess(ex['image'], 32).shape == (32, 32, 3)
 
@@ -113,3 +171,18 @@ def test_unprepared_dataset_says_how_to_download(tmp_path, monkeypatch):
   for needed in ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar', str(tmp_path / 'downloads' / 'manual'),
                  'image-net.org'):
     assert needed in message
+
+
+def test_training_batches_of_synthetic_jpegs_through_the_tfds_builder():
+  # End to end: TFDS's imagenet2012 builder (reading mocked) -> encoded JPEGs -> crop decoding -> uint8.
+  config = data.default_dataset_config('imagenet2012')
+  config.image_size, config.shuffle_buffer = 32, 16
+  with synthetic.synthetic_data('imagenet2012', num_examples=16):
+    batches, info = data.create_split(config, 'train', 8, train=True, normalise=False)
+    first, second = next(batches), next(batches)
+  assert info is imagenet.INFO
+  for batch in (first, second):
+    assert batch['image'].shape == (8, 32, 32, 3) and batch['image'].dtype == np.uint8
+    assert batch['image'].std() > 10  # Decoded photo-like content, not blank.
+  # One epoch of 16 examples: every label 0..15 once.
+  np.testing.assert_array_equal(np.sort(np.concatenate([first['label'], second['label']])), np.arange(16))

@@ -33,13 +33,13 @@ def make_config(image_size=H, random_crop=False, crop_padding=0, flip=False):
 
 
 def batches(n, batch_size, *, train, config=None, seed=0, start_batch=0, process_index=0,
-            process_count=1, device_count=1, take=None):
+            process_count=1, device_count=1, take=None, normalise=True):
   images = make_images(n)
   ds = tf.data.Dataset.from_tensor_slices({'image': images, 'label': np.arange(n, dtype=np.int64)})
   out = pipeline.batched_dataset(
       ds, make_info(n), 'train' if train else 'test', config or make_config(), batch_size, train=train,
       seed=seed, start_batch=start_batch, process_index=process_index, process_count=process_count,
-      device_count=device_count)
+      device_count=device_count, normalise=normalise)
   if take is not None:
     out = out.take(take)
   return list(out.as_numpy_iterator())
@@ -83,6 +83,33 @@ def test_normalisation_is_exact_without_augmentation():
   for train in (False, True):
     for batch in batches(n, 5, train=train, take=2):
       np.testing.assert_allclose(batch['image'], normalised(images[batch['label']]), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize('train', [False, True])
+def test_uint8_batches_are_the_same_examples_as_whole_pixels(train):
+  # Crops and flips of native-size images are exact: the uint8 batch is the float batch before
+  # normalisation; the eval padding is zeros with mask 0.
+  config = make_config(random_crop=True, crop_padding=1, flip=True)
+  as_float = batches(23, 5, train=train, config=config, seed=3, take=4)
+  as_uint8 = batches(23, 5, train=train, config=config, seed=3, take=4, normalise=False)
+  assert len(as_uint8) == 4
+  for f, u in zip(as_float, as_uint8):
+    assert u['image'].dtype == np.uint8 and u['image'].shape == f['image'].shape
+    np.testing.assert_array_equal(u['label'], f['label'])
+    np.testing.assert_array_equal(u['mask'], f['mask'])
+    np.testing.assert_array_equal(normalised(u['image']), f['image'])
+
+
+def test_uint8_of_a_resized_image_is_the_rounded_pixel():
+  n, size = 6, 8
+  m = bilinear_matrix(H, size)
+  expected = np.einsum('yh,nhwc,xw->nyxc', m, make_images(n).astype(np.float64), m)
+  for batch in batches(n, 3, train=False, config=make_config(image_size=size), normalise=False):
+    assert batch['image'].dtype == np.uint8
+    # float32 resizing error is ~1e-4 pixel, so only values within that of a half can round either way.
+    np.testing.assert_allclose(batch['image'], np.round(expected[batch['label']]), atol=1)
+    near_half = np.abs(expected[batch['label']] % 1 - 0.5) < 1e-3
+    np.testing.assert_array_equal(batch['image'][~near_half], np.round(expected[batch['label']])[~near_half])
 
 
 def test_training_epoch_is_a_permutation():

@@ -164,15 +164,46 @@ def test_default_kernel_init_is_tf_efficientnet_normal(kernel_size):
   assert 0.035 < np.mean(np.abs(kernel) > 2 * std) < 0.056
 
 
-def test_auto_resolves_to_shift_on_cpu():
-  if jax.default_backend() != 'cpu':
-    pytest.skip('auto picks xla off CPU')
-  assert dw.resolve_implementation('auto') == 'shift'
-  x = jnp.ones((1, 8, 8, 4))
-  module = dw.DepthwiseConv(3, strides=2)
-  variables = module.init(jax.random.key(0), x)
-  jaxpr = str(jax.make_jaxpr(lambda v: module.apply(v, x))(variables))
-  assert 'conv_general_dilated' not in jaxpr and 'custom_vjp_call' in jaxpr
+def auto_value_and_grad(x, kernel):
+  """jit of (y, d/dx, d/dkernel of Σ y²) for 'auto', stride 2: forward and custom backward both lowered."""
+  conv = lambda x, k: dw.depthwise_conv(x, k, 2, 'auto')
+  return jax.jit(lambda x, k: (conv(x, k), jax.grad(lambda x, k: jnp.sum(conv(x, k) ** 2), (0, 1))(x, k)))
+
+
+@pytest.mark.parametrize('platform, grouped', [('cpu', False), ('cuda', True), ('tpu', True)])
+def test_auto_is_chosen_per_lowering_platform_not_by_the_host_backend(platform, grouped):
+  # Lowered from this CPU host: cuda and tpu must get XLA's grouped convolution (4 channels, 4 groups), the
+  # CPU the shifted slices and no convolution at all.
+  x, kernel = inputs(8, (2, 9, 9, 4), 3)
+  text = auto_value_and_grad(x, kernel).trace(x, kernel).lower(lowering_platforms=(platform,)).as_text()
+  assert ('feature_group_count = 4' in text) == grouped
+  assert ('stablehlo.convolution' in text) == grouped
+
+
+def test_auto_compiles_to_no_convolution_on_cpu_and_matches_numpy():
+  x, kernel = inputs(9, (2, 9, 9, 4), 3)
+  fn = auto_value_and_grad(x, kernel)
+  hlo = fn.lower(x, kernel).compile().as_text()
+  assert re.search(r' convolution\(', hlo) is None  # the unused branch is gone (the op, not this name)
+  assert re.search(r' slice\(', hlo)  # the check above can fail: the shift's taps are there
+  y, (dx, dkernel) = fn(x, kernel)
+  y_np, dx_np, dkernel_np = np_depthwise(x, kernel, 2, 2 * np_depthwise(x, kernel, 2)[0])
+  for actual, wanted in ((y, y_np), (dx, dx_np), (dkernel, dkernel_np)):
+    np.testing.assert_allclose(actual, wanted, **F32)
+
+
+def test_one_multi_platform_export_holds_both_implementations():
+  x, kernel = inputs(10, (2, 9, 9, 4), 3)
+  exported = jax.export.export(auto_value_and_grad(x, kernel), platforms=('cpu', 'cuda'))(x, kernel)
+  text = exported.mlir_module()
+  assert exported.platforms == ('cpu', 'cuda')
+  assert 'feature_group_count = 4' in text  # the cuda branch
+  assert 'stablehlo.case' in text  # the platform switch, resolved when compiled
+  # Run here, the artifact takes the CPU branch: the shift's numbers, equal to the float64 loop's.
+  y, (dx, dkernel) = exported.call(x, kernel)
+  y_np, dx_np, dkernel_np = np_depthwise(x, kernel, 2, 2 * np_depthwise(x, kernel, 2)[0])
+  for actual, wanted in ((y, y_np), (dx, dx_np), (dkernel, dkernel_np)):
+    np.testing.assert_allclose(actual, wanted, **F32)
 
 
 def test_bad_implementation_is_rejected_with_the_allowed_names():

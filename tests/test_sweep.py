@@ -257,6 +257,10 @@ def test_promote_writes_configs_that_main_accepts(synthetic_study, tmp_path):
         trial.params['model.stem_type'], trial.params['model.mbconv_type'], 1)
     assert config.dataset.to_dict() == base.dataset.to_dict()  # Data keys stay the base's.
     assert config.batch_size == base.batch_size and config.num_epochs == base.num_epochs
+    assert config.batch_size_per_device == base.batch_size_per_device == 128
+    lr = trial.params['learning_rate']  # The docstring states the peak rate per device count.
+    assert f'{lr * 128 / 256:.4g} × the device count at 128 images per device' in ' '.join(
+        open(path).read().split())
     assert f'python -m bw_jax.main --config={path} --workdir=runs/promoted/{name}' in lines
     assert lines[rank].startswith(f'{rank + 1}. {path}: trial {trial.number}')
   commands = (tmp_path / 'commands.sh').read_text()

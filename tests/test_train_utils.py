@@ -14,10 +14,10 @@ import pytest
 from ml_collections import config_flags
 
 from bw_jax import train
-from bw_jax.config_validation import validate_config
+from bw_jax.config_validation import validate_config, with_global_batch_size
 from bw_jax.train_utils import (TrainState, create_learning_rate_fn, create_model, create_optimizer,
-                                peak_learning_rate)
-from configs import imagenet, smoke
+                                memory_report, peak_learning_rate, train_batch_spec)
+from configs import imagenet, smoke, tiny_imagenet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,8 +45,8 @@ def test_every_config_takes_num_train_steps_from_the_command_line(path):
 def test_imagenet_config_is_the_published_b0_recipe():
   """Tan & Le (2019) and TF's efficientnet/main.py: RMSProp(0.9, momentum 0.9, ε 1e-3), 0.016 per 256
   images, 5 warm-up epochs, ×0.97 every 2.4 epochs, EMA 0.9999, weight decay 1e-5, smoothing 0.1."""
-  config = imagenet.get_config()
-  validate_config(config)
+  config = with_global_batch_size(imagenet.get_config(), device_count=16)  # The published 16 TPU cores.
+  validate_config(with_global_batch_size(imagenet.get_config()))
   assert (config.model.variant, config.dataset.name, config.dataset.image_size) == ('b0', 'imagenet2012', 224)
   assert (config.batch_size, config.num_epochs, config.optimizer) == (2048, 350.0, 'rmsprop_tf')
   assert peak_learning_rate(config) == pytest.approx(0.128)
@@ -77,6 +77,26 @@ def test_an_unknown_variant_is_named_with_the_allowed_ones():
   config = load_from_command_line(os.path.join(REPO, 'configs', 'imagenet.py'), '--config.model.variant=b9')
   with pytest.raises(ValueError, match="variant='b9' is not supported; choose one of 'b0', 'b1'"):
     validate_config(config)
+
+
+@pytest.mark.parametrize('module, per_device, lr_per_256', [(imagenet, 128, 0.016), (tiny_imagenet, 256, 0.2)])
+@pytest.mark.parametrize('devices', [1, 8])
+def test_accelerator_configs_scale_batch_and_learning_rate_with_the_device_count(module, per_device,
+                                                                                 lr_per_256, devices):
+  config = module.get_config()
+  resolved = with_global_batch_size(config, device_count=devices)
+  assert resolved.batch_size == per_device * devices
+  assert peak_learning_rate(resolved) == pytest.approx(lr_per_256 * per_device * devices / 256)
+  assert config.batch_size_per_device == per_device  # The config itself is left as it was.
+
+
+def test_batch_size_per_device_must_be_positive():
+  config = smoke.get_config()
+  config.batch_size_per_device = 0
+  with pytest.raises(ValueError, match=r'config.batch_size_per_device=0 must be a positive integer'):
+    with_global_batch_size(config, device_count=1)
+  config.batch_size_per_device = None
+  assert with_global_batch_size(config, device_count=8) is config  # Unset: batch_size is global as before.
 
 
 def test_cosine_schedule_with_warmup_matches_its_formula():
@@ -218,3 +238,30 @@ def test_half_precision_keeps_float32_parameters_and_statistics():
   # ~15 layers); a wrong cast (e.g. bf16 statistics) or a float32-only path would leave this window.
   relative_error = np.linalg.norm(half - full) / np.linalg.norm(full)
   assert 0 < relative_error <= 0.15, relative_error
+
+
+def test_print_memory_reports_xla_memory_analysis_of_the_smoke_step(bn_smoke_step):
+  # The schema has the key; the report's numbers are the compiled step's, and its arguments are exactly
+  # the state plus the batch (bytes counted here from the shapes).
+  config = smoke.get_config()
+  config.print_memory = True
+  validate_config(config)
+  model, state, _, _, _ = bn_smoke_step
+  step = jax.jit(functools.partial(train.train_step, model=model, learning_rate_fn=optax.constant_schedule(0.1),
+                                   num_classes=10, label_smoothing=0.1, ema_decay=0.5,
+                                   dropout_key=jax.random.key(1)), donate_argnums=0)
+  spec = train_batch_spec(16, (28, 28, 1), None)
+  compiled = step.lower(state, spec).compile()
+  report = memory_report(compiled)
+  analysis = compiled.memory_analysis()
+  state_bytes = sum(jnp.asarray(leaf).nbytes for leaf in jax.tree.leaves(state))  # step: a Python int
+  batch_bytes = 16 * 28 * 28 * 1 + 16 * 4  # uint8 images, int32 labels (the unused mask is pruned by jit)
+  assert analysis.argument_size_in_bytes == state_bytes + batch_bytes
+  assert analysis.alias_size_in_bytes > 0  # The donated state is updated in place.
+  gib = lambda n: f'{n / 2**30:.3f} GiB'
+  peak = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
+          + analysis.temp_size_in_bytes)
+  assert report == (f'train step memory per device: arguments {gib(analysis.argument_size_in_bytes)}, '
+                    f'outputs {gib(analysis.output_size_in_bytes)}, aliased {gib(analysis.alias_size_in_bytes)}, '
+                    f'temporaries {gib(analysis.temp_size_in_bytes)}, '
+                    f'code {gib(analysis.generated_code_size_in_bytes)}, peak estimate {gib(peak)}')

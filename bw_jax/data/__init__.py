@@ -65,18 +65,21 @@ def default_dataset_config(name: str = 'fashion_mnist') -> ml_collections.Config
 
 
 def create_split(dataset_config: Any, split: str, global_batch_size: int, *, train: bool,
-                 seed: int = 0, start_batch: int = 0) -> tuple[Iterator[dict], DatasetInfo]:
+                 seed: int = 0, start_batch: int = 0, normalise: bool = True
+                 ) -> tuple[Iterator[dict], DatasetInfo]:
   """This host's batches of `split` as NumPy arrays, and the dataset's info.
 
   Batches: {'image': float32 (B, S, S, C), 'label': int32 (B,), 'mask': float32 (B,)}, with
-  B = global_batch_size // jax.process_count(). Training iterators are endless and start at batch
-  `start_batch` (pass the number of steps already taken when resuming); eval iterators cover the split
-  once, the last batch padded with mask 0. Missing data raises before anything is compiled.
+  B = global_batch_size // jax.process_count(); normalise=False gives uint8 pixels instead, for
+  `on_device.normalise_images(images, info.mean, info.std)` inside the step. Training iterators are
+  endless and start at batch `start_batch` (pass the number of steps already taken when resuming); eval
+  iterators cover the split once, the last batch padded with mask 0. Missing data raises before anything
+  is compiled.
   """
   module = dataset_module(dataset_config.name)
   ds = module.load(split, dataset_config)
   batches = batched_dataset(
       ds, module.INFO, split, dataset_config, global_batch_size, train=train, seed=seed,
       start_batch=start_batch, train_preprocess=getattr(module, 'train_preprocess', None),
-      eval_preprocess=getattr(module, 'eval_preprocess', None))
+      eval_preprocess=getattr(module, 'eval_preprocess', None), normalise=normalise)
   return batches.as_numpy_iterator(), module.INFO

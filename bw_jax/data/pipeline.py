@@ -1,11 +1,15 @@
 """The input pipeline shared by every dataset: shard, shuffle, augment, normalise, batch, pad.
 
 A dataset module hands over a `tf.data.Dataset` of raw examples `{'image': uint8 (H, W, C), 'label': int}`
-and a `DatasetInfo`; `batched_dataset` turns it into batches of
+(or, with its own preprocessing hooks, still-encoded images: see ImageNet) and a `DatasetInfo`;
+`batched_dataset` turns it into batches of
 
-    {'image': float32 (B, S, S, C), 'label': int32 (B,), 'mask': float32 (B,)}
+    {'image': float32 (B, S, S, C), 'label': int32 (B,), 'mask': float32 (B,)}      normalise=True
+    {'image': uint8 (B, S, S, C), ...}                                                 normalise=False
 
 with `B = global_batch_size // process_count` (this host's share) and `S = dataset_config.image_size`.
+Training sends uint8 (a quarter of the bytes) and normalises on the device (`on_device.normalise_images`,
+the same float32 formula); a preprocessed image is rounded to whole pixels first.
 
 Guarantees:
 - Each host reads a disjoint shard (example i goes to host i % process_count), taken before shuffling.
@@ -35,7 +39,8 @@ except RuntimeError:  # TensorFlow's devices were already initialised by someone
 # A preprocessing hook. A dataset module may define `train_preprocess` and/or `eval_preprocess` with it:
 #
 #   preprocess(image, image_size, seed) -> image
-#     image:      uint8 tf.Tensor (H, W, C), one raw example (H, W may vary from example to example).
+#     image:      uint8 tf.Tensor (H, W, C), one raw example (H, W may vary from example to example), or
+#                 whatever the dataset's `load` yields as 'image' (ImageNet: the encoded JPEG string).
 #     image_size: int, the side S of the square output.
 #     seed:       int64 tf.Tensor (2,), a per-example seed for `tf.random.stateless_*` ops; unique for
 #                 every (seed, host, position in the stream). Eval hooks get a constant and must ignore it.
@@ -121,6 +126,11 @@ def _normalise(image: tf.Tensor, info: DatasetInfo) -> tf.Tensor:
   return (image - tf.constant(info.mean, tf.float32)) / tf.constant(info.std, tf.float32)
 
 
+def to_uint8(image: tf.Tensor) -> tf.Tensor:
+  """float32 pixels -> uint8, rounded to the nearest whole pixel (exact for unresized images)."""
+  return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
 def _train_stream(ds: tf.data.Dataset, num_host: int, seed: int, shuffle_buffer: int,
                   start_element: int) -> tf.data.Dataset:
   """Endless (index, example) stream, epoch after epoch, starting at element `start_element`.
@@ -146,7 +156,7 @@ def batched_dataset(ds: tf.data.Dataset, info: DatasetInfo, split: str, dataset_
                     train_preprocess: Optional[PreprocessFn] = None,
                     eval_preprocess: Optional[PreprocessFn] = None,
                     process_index: Optional[int] = None, process_count: Optional[int] = None,
-                    device_count: Optional[int] = None) -> tf.data.Dataset:
+                    device_count: Optional[int] = None, normalise: bool = True) -> tf.data.Dataset:
   """Batches of this host's share of `split`, ready for `as_numpy_iterator()`.
 
   ds: raw examples {'image': uint8 (H, W, C), 'label': int}, the whole split in a fixed order.
@@ -155,8 +165,9 @@ def batched_dataset(ds: tf.data.Dataset, info: DatasetInfo, split: str, dataset_
   train: shuffle, repeat forever and augment; otherwise one ordered, padded and masked pass.
   start_batch: training only; the first batch yielded is batch `start_batch` of a fresh iterator.
   process_index / process_count / device_count: default to jax's; tests pass them to simulate hosts.
-  Returns batches {'image': float32 (B, S, S, C), 'label': int32 (B,), 'mask': float32 (B,)} with
-  B = global_batch_size // process_count.
+  normalise: True: float32 images normalised by info.mean / info.std; False: uint8 pixels.
+  Returns batches {'image': float32 or uint8 (B, S, S, C), 'label': int32 (B,), 'mask': float32 (B,)}
+  with B = global_batch_size // process_count.
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -173,6 +184,7 @@ def batched_dataset(ds: tf.data.Dataset, info: DatasetInfo, split: str, dataset_
 
   batch = global_batch_size // process_count
   size = int(dataset_config.image_size)
+  finish = (lambda image: _normalise(image, info)) if normalise else to_uint8
   options = tf.data.Options()
   options.deterministic = True
   ds = ds.with_options(options).shard(process_count, process_index)  # Before any shuffle.
@@ -186,7 +198,7 @@ def batched_dataset(ds: tf.data.Dataset, info: DatasetInfo, split: str, dataset_
     def prepare(index, example):
       # Unique per (seed, host, position): hosts interleave the second counter.
       example_seed = tf.stack([tf.constant(seed, tf.int64), index * process_count + process_index])
-      return {'image': _normalise(preprocess(example['image'], size, example_seed), info),
+      return {'image': finish(preprocess(example['image'], size, example_seed)),
               'label': tf.cast(example['label'], tf.int32), 'mask': tf.constant(1.0)}
 
     out = stream.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(batch, drop_remainder=True)
@@ -195,12 +207,13 @@ def batched_dataset(ds: tf.data.Dataset, info: DatasetInfo, split: str, dataset_
     constant_seed = tf.zeros((2,), tf.int64)
 
     def prepare(example):
-      return {'image': _normalise(preprocess(example['image'], size, constant_seed), info),
+      return {'image': finish(preprocess(example['image'], size, constant_seed)),
               'label': tf.cast(example['label'], tf.int32), 'mask': tf.constant(1.0)}
 
     channels = info.image_shape[-1]
     padding = tf.data.Dataset.from_tensors({
-        'image': tf.zeros((size, size, channels), tf.float32), 'label': tf.constant(0, tf.int32),
+        'image': tf.zeros((size, size, channels), tf.float32 if normalise else tf.uint8),
+        'label': tf.constant(0, tf.int32),
         'mask': tf.constant(0.0)})
     num_padding = num_eval_batches(num_examples, global_batch_size, process_count) * batch - num_host
     out = (ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)

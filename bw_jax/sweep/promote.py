@@ -45,6 +45,7 @@ def promoted_source(study: optuna.Study, trial: optuna.trial.FrozenTrial, base: 
   blocks = ', '.join(f'{k.split(".")[1]} {values[k]}' for k in BLOCK_KEYS)
   import_line, expression = base_import(base)
   trial_batch, batch = record['train']['batch_size'], base_config.batch_size
+  per_device = base_config.get('batch_size_per_device')
   paragraphs = [
       f'{objective} {trial.value:.4f} after {budget_text(record)}; {trials_of_combination(count)} of this '
       f'block-type combination (rank {rank}). The searched values are carried over; everything else (data, '
@@ -54,7 +55,8 @@ def promoted_source(study: optuna.Study, trial: optuna.trial.FrozenTrial, base: 
     paragraphs.append(
         f"learning_rate is per 256 images (bw_jax/config_schema.py), so the trial's value carries over as is and the peak "
         f"rate scales with the batch: {lr * trial_batch / 256:.4g} at the trial's batch {trial_batch}, "
-        f'{lr * batch / 256:.4g} at batch_size {batch}.')
+        + (f'{lr * per_device / 256:.4g} × the device count at {per_device} images per device.' if per_device
+           else f'{lr * batch / 256:.4g} at batch_size {batch}.'))
     optimizer = record['train']['optimizer']
     if 'optimizer' not in values and optimizer != base_config.optimizer:
       paragraphs.append(f'Caution: the trial trained with optimizer {optimizer!r}, this config uses '

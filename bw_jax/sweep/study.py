@@ -22,6 +22,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 import sqlalchemy
 
+from bw_jax.config_validation import with_global_batch_size
 from bw_jax.sweep.space import OBJECTIVES
 
 # What defines the experiment: a worker whose sweep file differs here from the study's record is refused.
@@ -143,8 +144,9 @@ def create_storage(target: str, sweep: ml_collections.ConfigDict | None = None) 
 
 def experiment_record(sweep: ml_collections.ConfigDict) -> dict[str, Any]:
   """The EXPERIMENT_KEYS of `sweep` as JSON values; the data directory may differ between machines."""
-  record = json.loads(json.dumps({k: sweep[k].to_dict() if hasattr(sweep[k], 'to_dict') else sweep[k]
-                                  for k in EXPERIMENT_KEYS}))
+  values = {k: sweep[k] for k in EXPERIMENT_KEYS}
+  values['train'] = with_global_batch_size(values['train'])  # The batch the trials train with here.
+  record = json.loads(json.dumps({k: v.to_dict() if hasattr(v, 'to_dict') else v for k, v in values.items()}))
   record['train']['dataset'].pop('data_dir', None)
   return record
 
