@@ -13,6 +13,9 @@ import numpy as np
 from scipy import stats
 
 
+IDENTICAL = 1e-12
+
+
 @dataclasses.dataclass(frozen=True)
 class Estimate:
   """Mean of n observations, their sample standard deviation (ddof 1) and a t-based confidence interval.
@@ -47,12 +50,13 @@ class PairedDifference:
 
 def paired_difference(arm: dict[int, float], baseline: dict[int, float], level: float = 0.95) -> PairedDifference:
   """{seed: value} of an arm and of the baseline → the paired difference over their common seeds. p is NaN
-  with fewer than two pairs, and when all differences are equal (the t statistic is undefined)."""
+  with fewer than two pairs, and when all differences are equal (the t statistic is undefined; accuracies and
+  losses are O(1), so a spread below IDENTICAL is float round-off)."""
   seeds = sorted(set(arm) & set(baseline))
   a = np.array([arm[s] for s in seeds], np.float64)
   b = np.array([baseline[s] for s in seeds], np.float64)
   estimate = t_interval(a - b, level)
-  if len(seeds) < 2 or not estimate.std > 0:
+  if len(seeds) < 2 or not estimate.std > IDENTICAL:
     return PairedDifference(estimate, math.nan)
   return PairedDifference(estimate, float(stats.ttest_rel(a, b).pvalue))
 

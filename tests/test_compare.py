@@ -1,0 +1,431 @@
+"""Tests of `python -m bw_jax.sweep compare`: the compare file's checks, the run order and sampler, the
+statistics against scipy and hand-computed values on made-up tables (one arm significantly better, one not),
+the generated conclusion, the seed → randomness contract of a training run, and an end-to-end comparison by
+two worker processes on SQLite."""
+
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import optuna
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState
+import pandas as pd
+import pytest
+from scipy import stats
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # The configs/ folder is imported as `configs`, as by `python -m bw_jax.main`.
+
+from bw_jax import data, train  # noqa: E402
+from bw_jax.config_files import load_config_file  # noqa: E402
+from bw_jax.sweep import __main__ as sweep_cli  # noqa: E402
+from bw_jax.sweep import compare, compare_report, compare_stats  # noqa: E402
+from bw_jax.sweep.space import check_sweep_config, suggest  # noqa: E402
+from bw_jax.sweep.study import create_storage, default_storage, experiment_record  # noqa: E402
+from bw_jax.train_utils import create_model, create_optimizer  # noqa: E402
+
+COMPARE_SMOKE = os.path.join(REPO, 'configs', 'sweeps', 'compare_smoke.py')
+STUDY_FILES = ('compare_fashion_mnist.py', 'compare_fashion_mnist_lr.py', 'compare_tiny_imagenet.py',
+               'compare_imagenet.py')
+T_975_4 = 2.776445  # Student's t, 0.975 quantile, 4 degrees of freedom (printed tables).
+
+
+def smoke_compare(**overrides) -> ml_collections.ConfigDict:
+  config = load_config_file(COMPARE_SMOKE)
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def check_errors(**overrides) -> str:
+  with pytest.raises(ValueError) as error:
+    compare.check_compare_config(smoke_compare(**overrides))
+  return str(error.value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The compare file
+
+
+def test_parse_arm_reads_literals_and_bare_words():
+  assert compare.parse_arm('bn: model.mbconv_type=0, model.head_type=1, learning_rate=0.4') == (
+      'bn', {'model.mbconv_type': 0, 'model.head_type': 1, 'learning_rate': 0.4})
+  assert compare.parse_arm('z: model.bw.method=zca, model.bw.group_size=None') == (
+      'z', {'model.bw.method': 'zca', 'model.bw.group_size': None})
+  assert compare.parse_arm('as_is:') == ('as_is', {})
+  for bad in ('no colon', 'two words: learning_rate=1', 'x: learning_rate', 'x: a=1, a=2'):
+    with pytest.raises(ValueError):
+      compare.parse_arm(bad)
+
+
+@pytest.mark.parametrize('name', STUDY_FILES + ('compare_smoke.py',))
+def test_shipped_compare_files_are_valid(name):
+  config = load_config_file(os.path.join(REPO, 'configs', 'sweeps', name))
+  params = compare.check_compare_config(config)
+  check_sweep_config(compare.sweep_config(config))
+  assert len(config.seeds) >= (2 if name == 'compare_smoke.py' else 3)
+  assert compare.baseline_arm(config) in params
+
+
+def test_fashion_mnist_study_has_the_issues_arms():
+  config = load_config_file(os.path.join(REPO, 'configs', 'sweeps', 'compare_fashion_mnist.py'))
+  params = compare.check_compare_config(config)
+  blocks = {label: (v.get('model.stem_type', 1), v['model.mbconv_type'], v['model.head_type'])
+            for label, v in params.items()}
+  assert compare.baseline_arm(config) == 'bn' and blocks['bn'] == (1, 0, 1)
+  assert set(blocks.values()) == {(1, 0, 1), (1, 2, 2), (1, 2, 1), (1, 1, 2), (1, 3, 2), (2, 2, 2)}
+  defaults = [v for v in params.values() if (v['model.bw.group_size'], v['model.bw.epsilon']) == (16, 1e-3)]
+  assert len(defaults) == 1 and len(config.seeds) >= 5
+
+
+def test_bad_compare_files_are_refused_with_every_reason():
+  message = check_errors(arms=('a: model.mbconv=2', 'b: seed=3', 'c: num_train_steps=9', 'a: learning_rate=1.0'),
+                         baseline='zz', seeds=(1, 1), target_accuracy=2.0, colour='red')
+  for expected in ("'model.mbconv' is not a training config key (did you mean 'model.mbconv_type'?)",
+                   "arm 'b' sets 'seed'", "arm 'c' sets 'num_train_steps'", 'arm labels must be distinct',
+                   "baseline='zz' is not an arm", 'seeds must be distinct', 'target_accuracy=2.0',
+                   "unknown config key 'colour'"):
+    assert expected in message, message
+  assert 'same config as an earlier arm' in check_errors(arms=('a: dataset.augment.flip=False', 'b:'))
+  assert "arm 'x'" in check_errors(arms=('x: model.bw.method=qr',))  # Validated by the training code.
+  assert 'arms is empty' in check_errors(arms=())
+
+
+def test_run_compare_with_a_bad_file_fails_before_anything_is_created(tmp_path):
+  path = tmp_path / 'configs' / 'bad.py'
+  path.parent.mkdir()
+  path.write_text('from bw_jax.sweep.compare import base_compare_config\n'
+                  'def get_config():\n  c = base_compare_config()\n  c.arms = ("a: seed=1",)\n  return c\n')
+  with pytest.raises(SystemExit, match="arm 'a' sets 'seed'"):
+    sweep_cli.main(['compare', 'run', f'--config={path}', f'--dir={tmp_path / "out"}'])
+  assert not (tmp_path / 'out').exists()
+
+
+def test_run_order_is_seed_major_with_every_run_once():
+  order = compare.run_order(['a', 'b', 'c'], [7, 8, 9, 10])
+  assert sorted(order) == sorted((a, s) for a in 'abc' for s in (7, 8, 9, 10))
+  assert [s for _, s in order] == [7] * 3 + [8] * 3 + [9] * 3 + [10] * 3
+  assert order == compare.run_order(['a', 'b', 'c'], [7, 8, 9, 10])
+  assert len({tuple(a for a, _ in order[i:i + 3]) for i in range(0, 12, 3)}) > 1  # Shuffled per seed.
+
+
+def test_sampler_gives_each_budget_slot_its_run_and_retries_keep_it():
+  config = smoke_compare(arms=('a: dataset.augment.flip=False', 'b: dataset.augment.flip=True, learning_rate=0.1',
+                               'c: dataset.augment.crop_padding=1'), seeds=(3, 5))
+  compare.check_compare_config(config)
+  sweep = compare.sweep_config(config)
+  space = check_sweep_config(sweep)
+  record = compare.compare_record(config)
+  study = optuna.create_study(sampler=compare.RunSampler(record), direction='maximize')
+  for slot in range(sweep.n_trials):
+    trial = study.ask()
+    params = suggest(trial, space)
+    assert params == compare.run_params(record, slot)
+    assert (compare.arm_of(params, record), params['seed']) == tuple(record['runs'][slot])
+    if slot == 2:
+      study.tell(trial, state=TrialState.FAIL)
+    else:
+      study.tell(trial, 0.5)
+  failed = study.trials[2]
+  optuna.storages.RetryHeartbeatStaleTrialCallback(3)(study, failed)
+  retry = study.trials[-1]
+  assert retry.state == TrialState.WAITING and retry.params == failed.params
+  assert [t.number for t in compare_report.current_trials(study)] == [0, 1, 3, 4, 5, retry.number]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Statistics on made-up tables
+
+
+def test_t_interval_matches_the_textbook_formula_and_scipy():
+  values = [1.0, 2.0, 3.0, 4.0, 5.0]
+  estimate = compare_stats.t_interval(values)
+  assert estimate.mean == 3.0 and estimate.std == pytest.approx(math.sqrt(2.5))
+  half = T_975_4 * math.sqrt(2.5) / math.sqrt(5)  # = 1.963243 by hand.
+  assert (estimate.low, estimate.high) == pytest.approx((3 - half, 3 + half), abs=1e-6)
+  x = np.array([0.91, 0.905, 0.899, 0.912, 0.903, 0.908])
+  low, high = stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x))
+  estimate = compare_stats.t_interval(x)
+  assert (estimate.low, estimate.high) == pytest.approx((low, high), abs=1e-12)
+  assert compare_stats.t_interval([0.9]).n == 1 and math.isnan(compare_stats.t_interval([0.9]).low)
+  assert compare_stats.t_interval([]).n == 0
+
+
+def test_paired_difference_significant_case_against_hand_computation_and_scipy():
+  baseline = {0: 0.80, 1: 0.81, 2: 0.79, 3: 0.82, 4: 0.80, 9: 0.5}  # Seed 9 has no pair: left out.
+  arm = {s: baseline[s] + d for s, d in zip(range(5), (0.01, 0.02, 0.03, 0.04, 0.05))}
+  result = compare_stats.paired_difference(arm, baseline)
+  # By hand: d = 1..5 pp, mean 3 pp, sd √2.5 pp, t = 3 / (√2.5 / √5) = 4.2426 on 4 df, two-sided p = 0.01324.
+  assert result.difference.n == 5 and result.difference.mean == pytest.approx(0.03)
+  assert result.difference.std == pytest.approx(math.sqrt(2.5) / 100)
+  half = T_975_4 * math.sqrt(2.5) / 100 / math.sqrt(5)
+  assert (result.difference.low, result.difference.high) == pytest.approx((0.03 - half, 0.03 + half), abs=1e-7)
+  assert result.p_value == pytest.approx(0.013236, abs=1e-5)
+  a, b = [arm[s] for s in range(5)], [baseline[s] for s in range(5)]
+  assert result.p_value == pytest.approx(stats.ttest_rel(a, b).pvalue, rel=1e-9)
+  assert result.p_value == pytest.approx(2 * stats.t.sf(3 / math.sqrt(0.5), 4), rel=1e-6)
+
+
+def test_paired_difference_without_a_real_difference():
+  baseline = {s: v for s, v in enumerate((0.80, 0.81, 0.79, 0.82, 0.80))}
+  arm = {s: baseline[s] + d for s, d in enumerate((0.010, -0.020, 0.005, 0.000, -0.010))}
+  result = compare_stats.paired_difference(arm, baseline)
+  # By hand: mean −0.3 pp, sd = √(580e-6 / 4) = 0.012042, t = −0.5571 on 4 df, p = 0.607.
+  assert result.difference.mean == pytest.approx(-0.003) and result.difference.std == pytest.approx(0.0120416)
+  assert result.p_value == pytest.approx(0.6072, abs=1e-4)
+  assert result.p_value == pytest.approx(stats.ttest_rel(list(arm.values()), list(baseline.values())).pvalue)
+  assert result.difference.low < 0 < result.difference.high
+  assert math.isnan(compare_stats.paired_difference({0: 0.9, 1: 0.8}, {0: 0.8, 1: 0.7}).p_value)  # Equal d.
+  assert math.isnan(compare_stats.paired_difference({0: 0.9}, {0: 0.8}).p_value)  # One pair.
+
+
+def test_holm_adjustment_by_hand():
+  # Sorted 0.01, 0.03, 0.04 of m = 3: 3·0.01 = 0.03; 2·0.03 = 0.06; max(0.06, 1·0.04) = 0.06.
+  assert compare_stats.holm([0.04, 0.01, float('nan'), 0.03]) == pytest.approx([0.06, 0.03, float('nan'), 0.06],
+                                                                              nan_ok=True)
+  assert compare_stats.holm([0.6, 0.9]) == [1.0, 1.0]
+
+
+def test_steps_to_target_and_the_censored_median():
+  history = [[300, 0.86, 0.4], [100, 0.7, 0.9], [200, 0.85, 0.5]]
+  assert compare_stats.steps_to_target(history, 0.85) == 200
+  assert compare_stats.steps_to_target(history, 0.9) == math.inf
+  assert compare_stats.censored_median([300, 100, 200]) == 200
+  assert compare_stats.censored_median([100, 200, math.inf, math.inf]) == math.inf  # Half reached: unknown.
+  assert compare_stats.censored_median([100, 200, 300, math.inf]) == 250
+  assert compare_stats.censored_median([100, math.inf, 200]) == 200
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The report of a made-up study
+
+BASE = (0.80, 0.81, 0.79, 0.82, 0.80, 0.81)
+BETTER = tuple(b + d for b, d in zip(BASE, (0.01, 0.02, 0.03, 0.04, 0.05)))
+SAME = tuple(b + d for b, d in zip(BASE, (0.010, -0.020, 0.005, 0.000, -0.010)))
+BASE_LOSS = (0.60, 0.58, 0.62, 0.57, 0.61, 0.59)
+BETTER_LOSS = tuple(b - d for b, d in zip(BASE_LOSS, (0.02, 0.03, 0.01, 0.04, 0.02)))
+SAME_LOSS = tuple(b + d for b, d in zip(BASE_LOSS, (0.01, -0.01, 0.02, -0.02, 0.0)))
+ARMS = ('base: dataset.augment.flip=False', 'better: dataset.augment.flip=True',
+        'same: dataset.augment.crop_padding=3')
+
+
+def made_up_study(arms=ARMS, target=0.805) -> optuna.Study:
+  """Seeds 0–5: `better` is 1..5 pp above `base` on seeds 0–4 and diverged on seed 5; `same` differs by
+  noise on seeds 0–4 and is still running on seed 5. Two evals per run (steps 100, 200), 1000 images/s."""
+  config = smoke_compare(arms=arms, seeds=tuple(range(6)), target_accuracy=target)
+  compare.check_compare_config(config)
+  sweep = compare.sweep_config(config)
+  space, record = check_sweep_config(sweep), compare.compare_record(config)
+  study = optuna.create_study(direction='maximize')
+  study.set_user_attr('sweep', experiment_record(sweep))
+  study.set_user_attr('compare', record)
+  distributions = {k: CategoricalDistribution(spec[1]) for k, spec in space.items()}
+  table = {'base': (BASE, BASE_LOSS), 'better': (BETTER, BETTER_LOSS), 'same': (SAME, SAME_LOSS)}
+  for label, seed in record['runs']:
+    params = compare.run_params(record, record['runs'].index([label, seed]))
+    accuracy, loss = table[label][0], table[label][1]
+    if seed >= len(accuracy):
+      state = TrialState.FAIL if label == 'better' else TrialState.RUNNING
+      attrs = {'outcome': 'diverged'} if label == 'better' else {}
+      study.add_trial(optuna.create_trial(state=state, params=params, distributions=distributions,
+                                          user_attrs=attrs))
+      continue
+    history = [[100, accuracy[seed] - 0.02, loss[seed] + 0.1], [200, accuracy[seed], loss[seed]]]
+    study.add_trial(optuna.create_trial(
+        value=accuracy[seed], params=params, distributions=distributions,
+        user_attrs={'eval_accuracy': accuracy[seed], 'eval_loss': loss[seed], 'step': 200,
+                    'train_images_per_sec': 1000.0, 'eval_history': history, 'seconds': 60.0}))
+  return study
+
+
+@pytest.fixture(scope='module')
+def made_up_report(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp('compare_report'))
+  study = made_up_study()
+  runs = compare_report.write_report(study, out)
+  return study, runs, out
+
+
+def test_report_tables_match_an_independent_computation(made_up_report):
+  _, runs, out = made_up_report
+  assert len(runs) == 18 and (runs.state == 'COMPLETE').sum() == 16
+  arms = pd.read_csv(os.path.join(out, 'arms.csv')).set_index('arm')
+  assert list(arms.index) == ['base', 'better', 'same']
+  assert list(arms.n) == [6, 5, 5] and list(arms.failed) == [0, 1, 0]
+  for label, (accuracy, loss) in {'base': (BASE, BASE_LOSS), 'better': (BETTER, BETTER_LOSS),
+                                  'same': (SAME, SAME_LOSS)}.items():
+    for name, values in (('accuracy', accuracy), ('loss', loss)):
+      x = np.array(values[:int(arms.n[label])])
+      low, high = stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x))
+      assert arms.loc[label, [f'{name}_mean', f'{name}_std', f'{name}_ci_low', f'{name}_ci_high']].tolist() == \
+          pytest.approx([x.mean(), x.std(ddof=1), low, high], abs=1e-12)
+  # Target 0.805: base reaches it at step 200 on seeds 1, 3, 5 only (3 of 6: median unknown); better at
+  # step 100 on seeds 1, 3, 4 and 200 on 0, 2 (median 100 steps = 100 · 16 images / 1000 images/s = 1.6 s).
+  assert list(arms.reached_target) == [3, 5, 2]  # same: 0.81 (seed 0) and 0.82 (seed 3).
+  assert math.isinf(arms.median_steps_to_target['base']) and arms.median_steps_to_target['better'] == 100
+  assert arms.median_seconds_to_target['better'] == pytest.approx(1.6)
+  assert list(arms.images_per_sec) == [1000.0] * 3
+
+
+def test_report_differences_match_scipy(made_up_report):
+  _, _, out = made_up_report
+  differences = pd.read_csv(os.path.join(out, 'differences.csv')).set_index(['arm', 'metric'])
+  for label, accuracy, loss in (('better', BETTER, BETTER_LOSS), ('same', SAME, SAME_LOSS)):
+    for name, values, base in (('accuracy', accuracy, BASE), ('loss', loss, BASE_LOSS)):
+      row = differences.loc[(label, name)]
+      test = stats.ttest_rel(values[:5], base[:5])
+      assert row.pairs == 5 and row.p_value == pytest.approx(test.pvalue, rel=1e-9)
+      assert row.mean_difference == pytest.approx(np.mean(np.subtract(values[:5], base[:5])), abs=1e-12)
+  p = differences.xs('accuracy', level='metric').p_value
+  assert differences.xs('accuracy', level='metric').p_holm.tolist() == pytest.approx(
+      [2 * min(p), max(2 * min(p), max(p))])
+
+
+def test_conclusion_names_significant_and_non_significant_arms(made_up_report):
+  _, _, out = made_up_report
+  summary = open(os.path.join(out, 'summary.md')).read()
+  conclusion = summary.split('## Conclusion')[1].split('##')[0]
+  assert '`better` is significantly better: +3.00 pp (95 % CI [+1.04 pp, +4.96 pp], p = 0.0132, n = 5)' \
+      in conclusion
+  assert '`same` is not significantly different: -0.30 pp' in conclusion
+  assert "After Holm's correction for 2 comparisons, `better` remains significant." in conclusion
+  assert '`better` significantly lower' in conclusion  # Eval loss.
+  assert 'Failed runs (diverged or crashed, left out of the statistics): `better` 1.' in conclusion
+  assert 'Runs not complete yet (2): better/5, same/5.' in summary
+  for name in compare_report.FILES:
+    assert os.path.getsize(os.path.join(out, name)) > 100, name
+
+
+def test_conclusion_without_a_significant_difference(tmp_path):
+  compare_report.write_report(made_up_study(arms=(ARMS[0], ARMS[2])), str(tmp_path))
+  conclusion = open(tmp_path / 'summary.md').read().split('## Conclusion')[1].split('##')[0]
+  assert '`same` is not significantly different' in conclusion
+  assert 'No arm differs from `base` at the 0.05 level' in conclusion
+  assert 'significantly better' not in conclusion and 'Holm' not in conclusion
+
+
+def test_report_refuses_a_sweep_study():
+  study = optuna.create_study()
+  study.set_user_attr('sweep', {})
+  with pytest.raises(ValueError, match='is a sweep, not a comparison'):
+    compare_report.compare_record_of(study)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The seed → randomness contract of a training run
+
+
+@pytest.fixture(scope='module')
+def smoke_config():
+  return load_config_file(os.path.join(REPO, 'configs', 'smoke.py'))
+
+
+def init_params(config, seed):
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.seed = seed
+  mesh = jax.sharding.Mesh(jax.devices(), ('data',))
+  model = create_model(config, 10)
+  tx = create_optimizer(config, lambda step: 0.1)
+  state = train.initial_state(config, model, tx, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  return jax.tree.leaves(jax.device_get(state.params))
+
+
+def test_seed_sets_the_initial_parameters(smoke_config):
+  first, again, other = (init_params(smoke_config, s) for s in (0, 0, 1))
+  assert all(np.array_equal(a, b) for a, b in zip(first, again))
+  kernels = [(a, b) for a, b in zip(first, other) if a.ndim > 1]
+  assert kernels and all(not np.array_equal(a, b) for a, b in kernels)
+
+
+def first_batch(config, seed, *, shuffle: bool, crop: bool):
+  dataset = ml_collections.ConfigDict(config.dataset.to_dict())
+  dataset.shuffle_buffer = 60_000 if shuffle else 1  # A buffer of 1 keeps the file order.
+  dataset.augment.random_crop, dataset.augment.crop_padding = crop, 2
+  batches, _ = data.create_split(dataset, 'train', 16, train=True, seed=seed)
+  return next(batches)
+
+
+@pytest.mark.parametrize('shuffle, crop', [(True, False), (False, True)], ids=['order', 'augmentation'])
+def test_seed_sets_the_data_order_and_the_augmentation(smoke_config, shuffle, crop):
+  first, again, other = (first_batch(smoke_config, s, shuffle=shuffle, crop=crop) for s in (0, 0, 1))
+  assert np.array_equal(first['image'], again['image']) and np.array_equal(first['label'], again['label'])
+  assert not np.array_equal(first['image'], other['image'])
+  if not shuffle:  # Same examples, differently cropped.
+    assert np.array_equal(first['label'], other['label'])
+
+
+class Captured(Exception):
+  pass
+
+
+def test_training_passes_the_seed_to_the_data_and_dropout(smoke_config, tmp_path, monkeypatch):
+  """train_and_evaluate's own plumbing: the data iterator gets config.seed and train_step a dropout key
+  derived from it (stopped at the first traced step)."""
+  seen = {}
+  create_split, train_step = data.create_split, train.train_step
+
+  def recording_split(*args, **kwargs):
+    if kwargs.get('train'):
+      seen.setdefault('data_seeds', []).append(kwargs['seed'])
+    return create_split(*args, **kwargs)
+
+  def recording_step(*args, dropout_key, **kwargs):
+    seen.setdefault('dropout_keys', []).append(np.asarray(jax.random.key_data(dropout_key)))
+    raise Captured
+
+  monkeypatch.setattr(data, 'create_split', recording_split)
+  monkeypatch.setattr(train, 'train_step', recording_step)
+  for seed in (3, 4):
+    config = ml_collections.ConfigDict(smoke_config.to_dict())
+    config.seed = seed
+    with pytest.raises(Captured):
+      train.train_and_evaluate(config, str(tmp_path / str(seed)))
+  assert seen['data_seeds'] == [3, 4]
+  expected = [np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(s), 1))) for s in (3, 4)]
+  assert all(np.array_equal(a, b) for a, b in zip(seen['dropout_keys'], expected))
+  assert not np.array_equal(*seen['dropout_keys'])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# End to end: two worker processes on SQLite
+
+
+@pytest.mark.slow
+def test_two_workers_run_every_arm_and_seed_exactly_once(tmp_path):
+  env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2',
+         'JAX_COMPILATION_CACHE_DIR': os.path.join(REPO, '.pytest_cache', 'jax_compilation'),
+         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0', 'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '-1'}
+  workers = []
+  try:
+    for i in range(2):
+      with open(tmp_path / f'worker{i}.log', 'w') as log:
+        workers.append(subprocess.Popen(
+            [sys.executable, '-m', 'bw_jax.sweep', 'compare', 'run', f'--config={COMPARE_SMOKE}',
+             f'--dir={tmp_path}'], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True))
+    codes = [w.wait(timeout=900) for w in workers]
+  finally:
+    for w in workers:
+      if w.poll() is None:
+        os.killpg(w.pid, 9)
+        w.wait()
+  logs = '\n'.join((tmp_path / f'worker{i}.log').read_text()[-3000:] for i in range(2))
+  assert codes == [0, 0], logs
+  study = optuna.load_study(study_name='compare_smoke', storage=create_storage(default_storage(str(tmp_path))))
+  record = study.user_attrs['compare']
+  complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+  runs = sorted((compare.arm_of(t.params, record), t.params['seed']) for t in complete)
+  assert runs == sorted(map(tuple, record['runs'])) == [('flip', 0), ('flip', 1), ('plain', 0), ('plain', 1)]
+  assert len({t.user_attrs['worker'] for t in complete}) == 2, logs
+  for trial in complete:
+    assert [h[0] for h in trial.user_attrs['eval_history']] == [2, 4]
+    assert trial.user_attrs['eval_history'][-1][1:] == [trial.value, trial.user_attrs['eval_loss']]
+  assert 'Report: python -m bw_jax.sweep compare report' in logs
+  sweep_cli.main(['compare', 'report', f'--dir={tmp_path}'])
+  table = pd.read_csv(tmp_path / 'report' / 'runs.csv')
+  assert sorted(zip(table.arm, table.seed)) == runs and set(table.state) == {'COMPLETE'}
