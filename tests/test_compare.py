@@ -3,6 +3,7 @@ statistics against scipy and hand-computed values on made-up tables (one arm sig
 the generated conclusion, the seed → randomness contract of a training run, and an end-to-end comparison by
 two worker processes on SQLite."""
 
+import functools
 import math
 import os
 import subprocess
@@ -29,9 +30,13 @@ from bw_jax.sweep.space import check_sweep_config, suggest  # noqa: E402
 from bw_jax.sweep.study import create_storage, default_storage, experiment_record  # noqa: E402
 from bw_jax.train_utils import create_model, create_optimizer  # noqa: E402
 
+# Each training run builds new jitted functions; the persistent cache compiles a program once (test_train.py).
+jax.config.update('jax_compilation_cache_dir', os.path.join(REPO, '.pytest_cache', 'jax_compilation'))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
 COMPARE_SMOKE = os.path.join(REPO, 'configs', 'sweeps', 'compare_smoke.py')
 STUDY_FILES = ('compare_fashion_mnist.py', 'compare_fashion_mnist_lr.py', 'compare_tiny_imagenet.py',
-               'compare_imagenet.py')
+               'compare_tiny_imagenet_lr.py', 'compare_imagenet.py')
 T_975_4 = 2.776445  # Student's t, 0.975 quantile, 4 degrees of freedom (printed tables).
 
 
@@ -68,8 +73,12 @@ def test_shipped_compare_files_are_valid(name):
   config = load_config_file(os.path.join(REPO, 'configs', 'sweeps', name))
   params = compare.check_compare_config(config)
   check_sweep_config(compare.sweep_config(config))
-  assert len(config.seeds) >= (2 if name == 'compare_smoke.py' else 3)
+  assert len(config.seeds) >= (1 if name.endswith('_lr.py') else 2 if name == 'compare_smoke.py' else 3)
   assert compare.baseline_arm(config) in params
+  if name.endswith('_lr.py'):  # Every arm of the study at every rate of the grid, on a seed outside the study's.
+    study = load_config_file(os.path.join(REPO, 'configs', 'sweeps', name.replace('_lr', '')))
+    assert len(params) == len(study.arms) * 4 and not set(config.seeds) & set(study.seeds)
+    assert {p['learning_rate'] for p in params.values()} == {0.1, 0.2, 0.4, 0.8}
 
 
 def test_fashion_mnist_study_has_the_issues_arms():
@@ -309,6 +318,14 @@ def test_conclusion_without_a_significant_difference(tmp_path):
   assert 'significantly better' not in conclusion and 'Holm' not in conclusion
 
 
+def test_best_variant_per_arm_of_a_pilot():
+  arms = pd.DataFrame({'arm': ['bn@0.1', 'bn@0.2', 'bw@0.1', 'bw@0.2', 'bw@0.4', 'plain'],
+                       'n': [1, 1, 1, 0, 1, 1], 'accuracy_mean': [0.85, 0.87, 0.86, math.nan, 0.84, 0.9]})
+  best = compare_report.best_variants(arms)
+  assert best[['arm', 'best', 'accuracy']].values.tolist() == [['bn', '0.2', 0.87], ['bw', '0.1', 0.86]]
+  assert best['all variants'][1] == '0.1: 0.8600, 0.4: 0.8400'  # The run that has not finished is left out.
+
+
 def test_report_refuses_a_sweep_study():
   study = optuna.create_study()
   study.set_user_attr('sweep', {})
@@ -364,29 +381,34 @@ class Captured(Exception):
 
 
 def test_training_passes_the_seed_to_the_data_and_dropout(smoke_config, tmp_path, monkeypatch):
-  """train_and_evaluate's own plumbing: the data iterator gets config.seed and train_step a dropout key
-  derived from it (stopped at the first traced step)."""
-  seen = {}
-  create_split, train_step = data.create_split, train.train_step
+  """train_and_evaluate's own plumbing, stopped when it asks for the training data (nothing trains): the
+  train step is bound to a dropout key derived from config.seed, and the data iterator gets config.seed."""
+  seen = {'dropout_keys': [], 'data_seeds': []}
+  create_split = data.create_split
+
+  class RecordingFunctools:  # jax.jit traces a partial's bound arguments, so read the key where it is bound.
+    @staticmethod
+    def partial(func, *args, **kwargs):
+      if func is train.train_step:
+        seen['dropout_keys'].append(np.asarray(jax.random.key_data(kwargs['dropout_key'])))
+      return functools.partial(func, *args, **kwargs)
 
   def recording_split(*args, **kwargs):
     if kwargs.get('train'):
-      seen.setdefault('data_seeds', []).append(kwargs['seed'])
+      seen['data_seeds'].append(kwargs['seed'])
+      raise Captured
     return create_split(*args, **kwargs)
 
-  def recording_step(*args, dropout_key, **kwargs):
-    seen.setdefault('dropout_keys', []).append(np.asarray(jax.random.key_data(dropout_key)))
-    raise Captured
-
+  monkeypatch.setattr(train, 'functools', RecordingFunctools)
   monkeypatch.setattr(data, 'create_split', recording_split)
-  monkeypatch.setattr(train, 'train_step', recording_step)
-  for seed in (3, 4):
+  for seed in (0, 1):  # The seeds of test_seed_sets_the_initial_parameters: its compilations are cached.
     config = ml_collections.ConfigDict(smoke_config.to_dict())
     config.seed = seed
     with pytest.raises(Captured):
       train.train_and_evaluate(config, str(tmp_path / str(seed)))
-  assert seen['data_seeds'] == [3, 4]
-  expected = [np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(s), 1))) for s in (3, 4)]
+  assert seen['data_seeds'] == [0, 1]
+  expected = [np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(s), 1))) for s in (0, 1)]
+  assert len(seen['dropout_keys']) == 2
   assert all(np.array_equal(a, b) for a, b in zip(seen['dropout_keys'], expected))
   assert not np.array_equal(*seen['dropout_keys'])
 

@@ -45,6 +45,20 @@ def base_compare_config() -> ml_collections.ConfigDict:
   return config
 
 
+def learning_rate_pilot(study: ml_collections.ConfigDict, arms: dict[str, str], rates: Sequence[float],
+                        seed: int, baseline: str) -> ml_collections.ConfigDict:
+  """A copy of a study that runs every arm ({label: overrides without the rate}) with every learning rate on
+  one seed: arms `label@rate`, baseline `baseline@rate` at the middle rate. Its report's "Best variant per
+  arm" table names each arm's rate, chosen the same way for every arm."""
+  pilot = ml_collections.ConfigDict(study.to_dict())
+  pilot.study_name = f'{study.study_name}_lr'
+  pilot.arms = tuple(f'{label}@{rate}: {overrides}, learning_rate={rate}'
+                     for label, overrides in arms.items() for rate in rates)
+  pilot.baseline = f'{baseline}@{rates[len(rates) // 2]}'
+  pilot.seeds = (seed,)
+  return pilot
+
+
 def parse_value(text: str) -> Any:
   """'0.4' → 0.4, 'None' → None, 'True' → True, "'zca'" or 'zca' → 'zca'."""
   try:

@@ -132,14 +132,10 @@ def points(value: float) -> str:
 
 
 def difference_sentence(row: Any, alpha: float) -> str:
+  """'`bw` is significantly better: +0.42 pp (95 % CI [...], p = 0.01, n = 5)' for a testable row."""
   arm = f'`{row.arm}`'
-  if not row.pairs:
-    return f'{arm} has no run paired with the baseline yet'
-  interval = f'95 % CI [{points(row.ci_low)}, {points(row.ci_high)}]' if row.pairs > 1 else 'no CI from one pair'
-  estimate = f'{points(row.mean_difference)} ({interval}'
-  if math.isnan(row.p_value):
-    return f'{arm}: {estimate}; not testable: fewer than two pairs or identical differences)'
-  estimate += f', p = {row.p_value:.3g}, n = {row.pairs})'
+  estimate = (f'{points(row.mean_difference)} (95 % CI [{points(row.ci_low)}, {points(row.ci_high)}], '
+              f'p = {row.p_value:.3g}, n = {row.pairs})')
   if row.p_value < alpha:
     return f"{arm} is significantly {'better' if row.mean_difference > 0 else 'worse'}: {estimate}"
   return f'{arm} is not significantly different: {estimate}'
@@ -155,8 +151,14 @@ def conclusion(arms: pd.DataFrame, differences: pd.DataFrame, baseline: str, alp
                                           if base.n > 1 else ').')]
   if accuracy.empty:
     return text[0]
-  text.append('Against it, paired by seed (differences in percentage points of accuracy): ' +
-              '; '.join(difference_sentence(row, alpha) for row in accuracy.itertuples()) + '.')
+  tested, untested = accuracy[accuracy.p_value.notna()], accuracy[accuracy.p_value.isna()]
+  if not tested.empty:
+    text.append('Against it, paired by seed (differences in percentage points of accuracy): ' +
+                '; '.join(difference_sentence(row, alpha) for row in tested.itertuples()) + '.')
+  if not untested.empty:
+    text.append('Not testable (fewer than two paired seeds, or identical differences): ' + ', '.join(
+        f'`{r.arm}`' + (f' ({points(r.mean_difference)})' if r.pairs else ' (no pair yet)')
+        for r in untested.itertuples()) + '.')
   significant = accuracy[accuracy.p_value < alpha]
   tests = int(accuracy.p_value.notna().sum())
   if significant.empty:
@@ -178,6 +180,19 @@ def conclusion(arms: pd.DataFrame, differences: pd.DataFrame, baseline: str, alp
     text.append('Failed runs (diverged or crashed, left out of the statistics): ' +
                 ', '.join(f'`{r.arm}` {r.failed}' for r in failed.itertuples()) + '.')
   return ' '.join(text)
+
+
+def best_variants(arms: pd.DataFrame) -> pd.DataFrame:
+  """For labels `name@variant` (a pilot, e.g. `bn@0.4`): per name, the variant with the highest mean final
+  eval accuracy, and every variant's accuracy in label order."""
+  named = arms[arms.arm.str.contains('@') & (arms.n > 0)]
+  rows = []
+  for name, group in named.groupby(named.arm.str.split('@').str[0], sort=False):
+    best = group.loc[group.accuracy_mean.idxmax()]
+    rows.append({'arm': name, 'best': best.arm.split('@', 1)[1], 'accuracy': best.accuracy_mean,
+                 'all variants': ', '.join(f"{r.arm.split('@', 1)[1]}: {r.accuracy_mean:.4f}"
+                                           for r in group.itertuples())})
+  return pd.DataFrame(rows, columns=['arm', 'best', 'accuracy', 'all variants'])
 
 
 def mean_std_by_step(histories: list[list], column: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -284,22 +299,26 @@ def summary_markdown(study: optuna.Study, runs: pd.DataFrame, arms: pd.DataFrame
            f"{budget_text(sweep)}; baseline `{record['baseline']}`. Training time {format_seconds(seconds.sum())} "
            f"in all; {format_seconds(wall_seconds(study))} from the first start to the last finish.", '',
            '## Conclusion', '', conclusion(arms, differences, record['baseline']), '',
-           '## Arms', '', markdown_table(arms[['arm', 'overrides']]), '',
-           '## Final eval accuracy and loss per arm', '', markdown_table(readable_arm_table(arms)), '',
-           '## Paired differences against the baseline', '',
-           markdown_table(readable_difference_table(differences)), '',
-           '![paired differences](differences.png)', '', '## Eval curves', '', '![eval curves](curves.png)', '',
-           '## How the numbers are computed', '',
-           '- mean ± std (sample, ddof 1) and the t-based 95 % CI, mean ± t₀.₉₇₅,ₙ₋₁·std/√n, of the final eval '
-           'of each complete run; failed runs (diverged, or crashed more often than retried) are counted, '
-           'not averaged.',
-           '- Paired difference: arm − baseline for each seed both completed (same seed: same initialisation '
-           'seed and data order); 95 % CI as above; p from the paired t-test (`scipy.stats.ttest_rel`); '
-           "`p holm`: Holm's step-down adjustment over the arms of one metric.",
-           f'- Steps to target: the first periodic eval with accuracy ≥ {target}; median over runs, infinite '
-           'when half or more never reached it. Seconds to target: those steps × batch size ÷ the run\'s '
-           'steady-state training images/s (compilation and evals excluded; images/s depend on the machine '
-           'and its load).', '']
+           '## Arms', '', markdown_table(arms[['arm', 'overrides']]), '']
+  variants = best_variants(arms)
+  if not variants.empty:
+    lines += ['## Best variant per arm', '', markdown_table(variants), '',
+              'The variant (after `@` in the label) with the highest mean final eval accuracy of each arm.', '']
+  lines += ['## Final eval accuracy and loss per arm', '', markdown_table(readable_arm_table(arms)), '',
+            '## Paired differences against the baseline', '',
+            markdown_table(readable_difference_table(differences)), '',
+            '![paired differences](differences.png)', '', '## Eval curves', '', '![eval curves](curves.png)', '',
+            '## How the numbers are computed', '',
+            '- mean ± std (sample, ddof 1) and the t-based 95 % CI, mean ± t₀.₉₇₅,ₙ₋₁·std/√n, of the final eval '
+            'of each complete run; failed runs (diverged, or crashed more often than retried) are counted, '
+            'not averaged.',
+            '- Paired difference: arm − baseline for each seed both completed (same seed: same initialisation '
+            'seed and data order); 95 % CI as above; p from the paired t-test (`scipy.stats.ttest_rel`); '
+            "p (Holm): Holm's step-down adjustment over the arms of one metric.",
+            f'- Steps to target: the first periodic eval with accuracy ≥ {target}; median over runs, infinite '
+            'when half or more never reached it. Seconds to target: those steps × batch size ÷ the run\'s '
+            'steady-state training images/s (compilation and evals excluded; images/s depend on the machine '
+            'and its load).', '']
   if missing:
     lines += [f'Runs not complete yet ({len(missing)}): {", ".join(missing)}. Start `compare run` again to '
               'finish them.', '']
