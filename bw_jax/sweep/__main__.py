@@ -116,15 +116,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == 'compare' and args.compare_command == 'run':
       run_compare(args)
       return
+    study = load_study(args.dir, args.storage, args.study_name)
     if args.command == 'compare':
       from bw_jax.sweep import compare_report  # Matplotlib, pandas and scipy: only for the report.
-      study = load_study(args.dir, args.storage, args.study_name)
       out = args.out or os.path.join(args.dir, 'report')
       compare_report.write_report(study, out, args.target_accuracy)
       print(f'Report of {study.study_name!r} in {out}: summary.md, {", ".join(compare_report.FILES)}')
       return
     from bw_jax.sweep import promote, report  # Matplotlib and pandas: only for these commands.
-    study = load_study(args.dir, args.storage, args.study_name)
     if args.command == 'report':
       out = args.out or os.path.join(args.dir, 'report')
       report.write_report(study, out)

@@ -22,11 +22,13 @@ LEARNING_RATES below holds the chosen rates; until the pilot has run they are al
 (tuned for `bw`; unfair to the others), so run the pilot first and copy its choice here.
 
 Budget per run: 600 steps of 128 images (1.28 epochs; the main job trains 7), cosine schedule, an eval of the
-10,000 test images every 100 steps (the learning curves). Cost, estimated from CPU time measured on a shared
-2-core machine (2026-11-27: 0.22–0.24 CPU-seconds per step for bn, bw and bw_g16, ~60 CPU-seconds of start-up
-and compilation and ~3.5 per eval per run): ~230 CPU-seconds a run, 35 runs ≈ 8,000 CPU-seconds ≈ 65 minutes
-with two workers on a quiet 2-core machine (approximate: the machine was loaded ~6× while measuring). The
-pilot (28 runs) takes ≈ 55 minutes more.
+10,000 test images every 100 steps (the learning curves). At this length the result is about early training:
+if the curves show eval accuracy still climbing steeply at the end, the ranking may change with more steps.
+Cost, estimated from CPU time measured on a shared 2-core machine (2026-11-27, load ~6× the cores, so
+approximate): 0.22–0.24 CPU-seconds per step for every arm (bn 0.22, bw 0.24, bw_g16 0.23, bw_mbconv3 0.22,
+bw_stem2 0.23), 40–60 CPU-seconds of data loading and compilation and ~3.6 per eval, so ~220 CPU-seconds a
+run; 35 runs ≈ 7,600 CPU-seconds ≈ 65 minutes with two workers on a quiet 2-core machine. The pilot (28 runs)
+takes ≈ 50 minutes more.
 """
 
 import ml_collections

@@ -1,5 +1,5 @@
 """The learning-rate pilot of compare_fashion_mnist.py: every arm with every rate of its LEARNING_RATE_GRID on
-one seed (PILOT_SEED, not one of the study's), with the study's budget: 7 arms × 4 rates = 28 runs, ≈ 55
+one seed (PILOT_SEED, not one of the study's), with the study's budget: 7 arms × 4 rates = 28 runs, ≈ 50
 minutes with two workers on a quiet 2-core machine (the estimate of compare_fashion_mnist.py).
 
   python -m bw_jax.sweep compare run --config=configs/sweeps/compare_fashion_mnist_lr.py --dir=runs/compare_fashion_mnist_lr
