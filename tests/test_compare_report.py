@@ -198,6 +198,17 @@ def test_conclusion_without_a_significant_difference(tmp_path):
   assert 'significantly better' not in conclusion and 'Holm' not in conclusion
 
 
+def test_conclusion_before_the_baseline_has_a_run(tmp_path):
+  study = made_up_study()
+  record = study.user_attrs['compare']
+  runs, _ = compare_report.run_table(study, 0.8)
+  runs = runs[runs.arm != 'base']
+  arms, differences = compare_report.arm_table(runs, record), compare_report.difference_table(runs, record)
+  assert list(differences.pairs) == [0, 0, 0, 0]
+  assert compare_report.conclusion(arms, differences, 'base') == \
+      'The baseline `base` has no complete run yet: nothing can be compared.'
+
+
 def test_best_variant_per_arm_of_a_pilot():
   arms = pd.DataFrame({'arm': ['bn@0.1', 'bn@0.2', 'bw@0.1', 'bw@0.2', 'bw@0.4', 'plain'],
                        'n': [1, 1, 1, 0, 1, 1], 'accuracy_mean': [0.85, 0.87, 0.86, math.nan, 0.84, 0.9]})

@@ -145,10 +145,12 @@ def conclusion(arms: pd.DataFrame, differences: pd.DataFrame, baseline: str, alp
   """One plain-language paragraph from the tables: the baseline's accuracy, every arm's paired difference in
   accuracy and whether it is significant at `alpha`, what survives Holm's correction, and the loss."""
   base = arms.set_index('arm').loc[baseline]
+  if not base.n:
+    return f'The baseline `{baseline}` has no complete run yet: nothing can be compared.'
   accuracy = differences[differences.metric == 'accuracy']
   text = [f'The baseline `{baseline}` reached a final eval accuracy of {base.accuracy_mean:.4f} '
-          f'(mean of {base.n} seeds' + (f', 95 % CI [{base.accuracy_ci_low:.4f}, {base.accuracy_ci_high:.4f}]).'
-                                          if base.n > 1 else ').')]
+          f"(mean of {base.n} seed{'s' if base.n > 1 else ''}" +
+          (f', 95 % CI [{base.accuracy_ci_low:.4f}, {base.accuracy_ci_high:.4f}]).' if base.n > 1 else ').')]
   if accuracy.empty:
     return text[0]
   tested, untested = accuracy[accuracy.p_value.notna()], accuracy[accuracy.p_value.isna()]
