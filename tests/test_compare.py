@@ -5,6 +5,7 @@ of them killed). The statistics and the report are tested in test_compare_report
 import functools
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -286,6 +287,8 @@ def test_two_workers_run_every_arm_and_seed_exactly_once(tmp_path, workers):
   sweep_cli.main(['compare', 'report', f'--dir={tmp_path}'])
   table = pd.read_csv(tmp_path / 'report' / 'runs.csv')
   assert len(table) == 4 and set(table.state) == {'COMPLETE'}
+  summary = (tmp_path / 'report' / 'summary.md').read_text()
+  assert f'Machines: {socket.gethostname()}: {os.cpu_count()} CPUs, {jax.device_count()} × cpu' in summary
 
 
 @pytest.mark.slow

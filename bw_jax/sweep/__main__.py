@@ -25,7 +25,8 @@ from typing import Sequence
 import optuna
 
 from bw_jax.config_files import load_config_file
-from bw_jax.sweep.compare import RunSampler, check_compare_config, join_compare_record, sweep_config
+from bw_jax.sweep.compare import (RunSampler, check_compare_config, join_compare_record, machine_record,
+                                  sweep_config)
 from bw_jax.sweep.space import check_sweep_config
 from bw_jax.sweep.study import default_storage, load_study, open_study
 from bw_jax.sweep.worker import Worker
@@ -65,6 +66,7 @@ def run_compare(args: argparse.Namespace) -> None:
   storage = args.storage or default_storage(args.dir)
   study = open_study(sweep, space, storage)
   study.sampler = RunSampler(join_compare_record(study, compare))
+  study.set_user_attr(*machine_record())
   print(f"Comparison '{sweep.study_name}' in {storage}: {len(params)} arms × {len(compare.seeds)} seeds = "
         f"{sweep.n_trials} runs; run workdirs in "
         f"{os.path.join(os.path.abspath(args.dir), 'trials')}", flush=True)

@@ -15,6 +15,9 @@ workers; a dead worker's run is queued again with the same values and resumes fr
 
 import ast
 import difflib
+import os
+import platform
+import socket
 from typing import Any, Sequence
 
 import ml_collections
@@ -215,6 +218,15 @@ def join_compare_record(study: optuna.Study, compare: ml_collections.ConfigDict)
                      '\n  '.join(record_differences(recorded, current)[:20]) +
                      '\nUse the same file, or another --dir / study_name for a new comparison.')
   return current
+
+
+def machine_record() -> tuple[str, dict[str, Any]]:
+  """(user-attribute name, what a worker's machine is): the report says where the runs trained."""
+  import jax
+  device = jax.devices()[0]
+  return f'machine {socket.gethostname()}', {
+      'cpus': os.cpu_count(), 'platform': platform.platform(terse=True),
+      'devices': f'{jax.device_count()} × {device.device_kind}'}
 
 
 def run_params(record: dict[str, Any], slot: int) -> dict[str, Any]:

@@ -296,10 +296,13 @@ def summary_markdown(study: optuna.Study, runs: pd.DataFrame, arms: pd.DataFrame
   missing = [f'{arm}/{seed}' for arm, seed in record['runs']
              if complete_runs(runs).query('arm == @arm and seed == @seed').empty]
   seconds = runs.seconds.dropna().astype(float)
+  machines = '; '.join(f"{name.split(' ', 1)[1]}: {m['cpus']} CPUs, {m['devices']}, {m['platform']}"
+                       for name, m in sorted(study.user_attrs.items()) if name.startswith('machine '))
   lines = [f"# Comparison `{study.study_name}`", '',
            f"{len(record['arm_order'])} arms × {len(record['seeds'])} seeds (seeds {record['seeds']}); each run "
            f"{budget_text(sweep)}; baseline `{record['baseline']}`. Training time {format_seconds(seconds.sum())} "
-           f"in all; {format_seconds(wall_seconds(study))} from the first start to the last finish.", '',
+           f"in all; {format_seconds(wall_seconds(study))} from the first start to the last finish. "
+           f"Machines: {machines or 'not recorded'}.", '',
            '## Conclusion', '', conclusion(arms, differences, record['baseline']), '',
            '## Arms', '', markdown_table(arms[['arm', 'overrides']]), '']
   variants = best_variants(arms)
