@@ -6,6 +6,9 @@ One module per concern:
   worker.py   a worker process: pulls trials, trains them, retries dead workers' trials
   report.py   results.csv, summary.md and plots of a finished sweep
   promote.py  ready-to-run configs for the winning block-type combinations
+  compare.py  a compare file (arms × seeds) as a sweep whose budget slot k trains run k
+  compare_stats.py   t intervals, paired t-tests, Holm's correction, steps to a target accuracy
+  compare_report.py  runs.csv, arms.csv, differences.csv, summary.md with its conclusion, and plots
   __main__.py the command line
 
 Nothing is imported here, so that `python -m bw_jax.sweep` loads each module once.

@@ -1,13 +1,20 @@
-"""`python -m bw_jax.sweep run | report | promote`: hyper-parameter random search with Optuna.
+"""`python -m bw_jax.sweep run | report | promote | compare`: random search and multi-seed comparisons.
 
   run      --config=configs/sweeps/X.py --dir=DIR [--storage=URL] [--n-trials=N]
   report   --dir=DIR [--storage=URL] [--out=DIR/report]
   promote  --dir=DIR [--storage=URL] --top-k=K --base=configs/imagenet.py --out=OUT
+  compare run     --config=configs/sweeps/compare_X.py --dir=DIR [--storage=URL]
+  compare report  --dir=DIR [--storage=URL] [--out=DIR/report] [--target-accuracy=A]
 
 A sweep file (`configs/sweeps/*.py`; its keys in `bw_jax/sweep/space.py`) holds every trial's training
 config, the per-trial budget, the search space and the objective. `run` may be started any number of times,
 on any number of machines, against one storage (`DIR/study.db` by default; a PostgreSQL URL for many
 machines): each process pulls trials until `n_trials` budget slots have finished, over all processes.
+
+A compare file (`configs/sweeps/compare_*.py`; its keys in `bw_jax/sweep/compare.py`) names arms (a label
+and training-config overrides) and seeds; `compare run` trains every (arm, seed) once with the same workers,
+storage, heartbeats and retries as `run`, and `compare report` writes the statistics (mean ± 95 % CI per
+arm, paired differences against the baseline arm with paired t-tests), learning curves and a conclusion.
 """
 
 import argparse
@@ -25,9 +32,19 @@ except ImportError as error:  # An install without the extra: say what to instal
 
 from bw_jax.config_files import load_config_file
 from bw_jax.runtime import configure_cpu_dispatch
+from bw_jax.sweep.compare import (RunSampler, check_compare_config, join_compare_record, machine_record,
+                                  sweep_config)
 from bw_jax.sweep.space import check_sweep_config
 from bw_jax.sweep.study import default_storage, load_study, open_study
 from bw_jax.sweep.worker import Worker
+
+
+def start_worker_process(directory: str) -> None:
+  """JAX settings of a worker; the directory exists afterwards."""
+  os.makedirs(directory, exist_ok=True)
+  if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):  # A retried trial need not compile again.
+    jax.config.update('jax_compilation_cache_dir', os.path.join(os.path.abspath(directory), 'jax_cache'))
+  optuna.logging.set_verbosity(optuna.logging.ERROR)  # Our progress lines replace Optuna's.
 
 
 def run(args: argparse.Namespace) -> None:
@@ -36,15 +53,31 @@ def run(args: argparse.Namespace) -> None:
   if args.n_trials is not None:
     sweep.n_trials = args.n_trials
   space = check_sweep_config(sweep)  # Before anything is created: a bad file leaves no trace.
-  os.makedirs(args.dir, exist_ok=True)
-  if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):  # A retried trial need not compile again.
-    jax.config.update('jax_compilation_cache_dir', os.path.join(os.path.abspath(args.dir), 'jax_cache'))
+  start_worker_process(args.dir)
   storage = args.storage or default_storage(args.dir)
-  optuna.logging.set_verbosity(optuna.logging.ERROR)  # Our progress lines replace Optuna's.
   study = open_study(sweep, space, storage)
   print(f"Sweep '{sweep.study_name}' in {storage}: budget {sweep.n_trials} trials; trial workdirs in "
         f"{os.path.join(os.path.abspath(args.dir), 'trials')}", flush=True)
   worker = Worker(sweep, space, os.path.abspath(args.dir), study, sweep.n_trials, storage)
+  worker.run(lambda line: print(line, flush=True))
+
+
+def run_compare(args: argparse.Namespace) -> None:
+  configure_cpu_dispatch()  # Before the checks below create the devices.
+  compare = load_config_file(args.config)
+  params = check_compare_config(compare)  # Before anything is created: a bad file leaves no trace.
+  sweep = sweep_config(compare)
+  space = check_sweep_config(sweep)
+  start_worker_process(args.dir)
+  storage = args.storage or default_storage(args.dir)
+  study = open_study(sweep, space, storage)
+  study.sampler = RunSampler(join_compare_record(study, compare))
+  study.set_user_attr(*machine_record())
+  print(f"Comparison '{sweep.study_name}' in {storage}: {len(params)} arms × {len(compare.seeds)} seeds = "
+        f"{sweep.n_trials} runs; run workdirs in "
+        f"{os.path.join(os.path.abspath(args.dir), 'trials')}", flush=True)
+  worker = Worker(sweep, space, os.path.abspath(args.dir), study, sweep.n_trials, storage,
+                  report_command='compare report')
   worker.run(lambda line: print(line, flush=True))
 
 
@@ -68,6 +101,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   promote_parser.add_argument('--base', required=True, help='Config the winners start from (configs/imagenet.py).')
   promote_parser.add_argument('--out', required=True, help='Directory for the written configs.')
   promote_parser.add_argument('--workdir-root', default='runs/imagenet', help='Where their commands train.')
+  compare_parser = commands.add_parser('compare', help='Every arm of a compare file with every seed, and '
+                                                       'the statistics of the differences.')
+  compare_commands = compare_parser.add_subparsers(dest='compare_command', required=True)
+  compare_run = compare_commands.add_parser('run', parents=[common], help='Train the runs not yet trained.')
+  compare_run.add_argument('--config', required=True, help='Compare file, e.g. configs/sweeps/compare_smoke.py.')
+  compare_report = compare_commands.add_parser('report', parents=[common],
+                                               help='runs.csv, arms.csv, differences.csv, summary.md, plots.')
+  compare_report.add_argument('--study-name')
+  compare_report.add_argument('--out', help='Report directory (default: DIR/report).')
+  compare_report.add_argument('--target-accuracy', type=float,
+                              help="Eval accuracy whose steps to reach are counted (default: the file's).")
   return parser.parse_args(argv)
 
 
@@ -77,8 +121,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == 'run':
       run(args)
       return
-    from bw_jax.sweep import promote, report  # Matplotlib and pandas: only for these commands.
+    if args.command == 'compare' and args.compare_command == 'run':
+      run_compare(args)
+      return
     study = load_study(args.dir, args.storage, args.study_name)
+    if args.command == 'compare':
+      from bw_jax.sweep import compare_report  # Matplotlib, pandas and scipy: only for the report.
+      out = args.out or os.path.join(args.dir, 'report')
+      compare_report.write_report(study, out, args.target_accuracy)
+      print(f'Report of {study.study_name!r} in {out}: summary.md, {", ".join(compare_report.FILES)}')
+      return
+    from bw_jax.sweep import promote, report  # Matplotlib and pandas: only for these commands.
     if args.command == 'report':
       out = args.out or os.path.join(args.dir, 'report')
       report.write_report(study, out)

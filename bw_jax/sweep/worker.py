@@ -61,6 +61,7 @@ class Worker:
   name: str = dataclasses.field(default_factory=lambda: f'{socket.gethostname()}:{os.getpid()}')
   ran: int = 0
   crash: str | None = None
+  report_command: str = 'report'  # `python -m bw_jax.sweep <this> --dir=…` ends the final summary.
 
   @property
   def heartbeat(self) -> bool:
@@ -88,7 +89,13 @@ class Worker:
     from bw_jax import train  # Imported here: `report` and `promote` need no JAX.
     last_step, metric = train.training_length(config)[1], self.sweep.objective.replace('eval_', '')
 
+    # [[step, accuracy, loss], …] of every periodic eval (the compare report's learning curves); a retry
+    # starts with its original's list, and evals it repeats after resuming replace the earlier ones.
+    history = [list(h) for h in frozen.user_attrs.get('eval_history') or []]
+
     def on_eval(step: int, metrics: dict[str, float]) -> None:
+      history[:] = [h for h in history if h[0] < step] + [[step, metrics['accuracy'], metrics['loss']]]
+      trial.set_user_attr('eval_history', history)
       trial.set_user_attr('eval_accuracy', metrics['accuracy'])
       trial.set_user_attr('eval_loss', metrics['loss'])
       trial.set_user_attr('step', step)
@@ -183,7 +190,7 @@ class Worker:
       if crashes >= 3:
         raise RuntimeError(f'{crashes} trials in a row crashed in this worker (tracebacks above, errors in '
                            f'the report); fix the cause and start `run` again: their retries are queued.')
-    report = f'python -m bw_jax.sweep report --dir={self.directory}'
+    report = f'python -m bw_jax.sweep {self.report_command} --dir={self.directory}'
     if self.storage != default_storage(self.directory):
       report += ' --storage=URL'
     log(final_summary(self.study, self.n_trials, self.ran, time.perf_counter() - start) + f'\nReport: {report}')
