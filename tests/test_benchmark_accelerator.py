@@ -26,10 +26,10 @@ def test_quick_run_fills_every_section(tmp_path, capsys):
   assert [r['method'] for r in layer] == ['batchnorm', 'cholesky', 'zca', 'newton']
   assert all(r['ms'] > 0 for r in layer) and layer[0]['ratio_to_bn'] == 1.0
   assert results['input_pipeline']['dataset'] == 'imagenet2012' and results['input_pipeline']['images_per_sec'] > 0
-  # float32 whitening of a correlated batch (condition number ~1e3 per group) against float64: round-off
-  # of ~1e-7 amplified by at most the condition number; a wrong formula would be off by O(1).
+  # float32 whitening against float64 on O(1) outputs: measured 3e-6 (cholesky) and 5e-6 (zca) on this CPU;
+  # 1e-4 leaves room for another device's reduction order, while a wrong formula is off by O(1).
   errors = {r['method']: r['max_abs_error'] for r in results['correctness']}
-  assert set(errors) == {'cholesky', 'zca'} and max(errors.values()) < 1e-3, errors
+  assert set(errors) == {'cholesky', 'zca'} and max(errors.values()) < 1e-4, errors
   printed = capsys.readouterr().out
   for header in ('| B0 train step, bf16 |', '| layer shape (N×H×W×C) |', '| dataset |',
                  '| BW on the device vs float64 NumPy |'):
