@@ -23,6 +23,8 @@ import jax.numpy as jnp
 
 from bw_jax import spectral
 from bw_jax.checks import check_choice, is_positive_int
+from bw_jax.group_products import DENSE_MAX_CHANNELS, group_matmul, group_scatter, shifted_moments
+from bw_jax.whitening_vjp import apply_whitening_folded, autodiff_backward, whiten_training
 
 METHODS = ('cholesky', 'zca', 'pca', 'newton')
 STAT_SOURCES = ('batch', 'running')
@@ -65,36 +67,6 @@ def stat_dtype(dtype: Any) -> Any:
   return jnp.promote_types(dtype, jnp.float32)
 
 
-# Up to this many channels one dense (C, C) product beats G batched (g, g) ones on the CPU despite G× the
-# flops (2× faster at C = 32, even at C = 96, 2-10× slower from C = 240 on; see BENCHMARKS.md).
-DENSE_MAX_CHANNELS = 64
-
-
-def _group_major(a: jax.Array, groups: int) -> jax.Array:
-  """(m, C) -> (G, m, g): each group's samples contiguous, for a batched matmul."""
-  return a.reshape(a.shape[0], groups, -1).transpose(1, 0, 2)
-
-
-def group_scatter(a: jax.Array, groups: int) -> jax.Array:
-  """Per-group aᵀa: (m, C) -> (G, g, g)."""
-  if a.shape[1] <= DENSE_MAX_CHANNELS:
-    g = a.shape[1] // groups
-    blocks = (a.T @ a).reshape(groups, g, groups, g)
-    return blocks[jnp.arange(groups), :, jnp.arange(groups), :]
-  a = _group_major(a, groups)
-  return jnp.einsum('gmi,gmj->gij', a, a)
-
-
-def group_matmul(a: jax.Array, matrices: jax.Array) -> jax.Array:
-  """Each group's samples times its matrix transposed, y_g = a_g M_gᵀ: (m, C), (G, g, g) -> (m, C)."""
-  groups, g, _ = matrices.shape
-  if a.shape[1] <= DENSE_MAX_CHANNELS:
-    block_diagonal = jnp.einsum('gij,gh->gihj', matrices, jnp.eye(groups, dtype=matrices.dtype))
-    return a @ block_diagonal.reshape(groups * g, groups * g).T
-  y = jnp.einsum('gmj,gij->gmi', _group_major(a, groups), matrices)
-  return y.transpose(1, 0, 2).reshape(a.shape)
-
-
 def batch_moments(
     x: jax.Array,
     group_size: int | None = None,
@@ -112,7 +84,8 @@ def batch_moments(
       collective and describe the global batch.
     axis_index_groups: optional device subsets to reduce over separately (see `jax.lax.psum`).
     shift: (C,) a value close to the mean (the running mean), subtracted before the one-pass moments used
-      with `axis_name` to avoid cancellation; ignored otherwise and never differentiated.
+      with `axis_name` to avoid cancellation; never differentiated. Without `axis_name` the first sample
+      of the batch is the shift (`group_products.shifted_moments`).
 
   Returns:
     mean (C,) and cov (G, g, g) with the 1/(m−1) normalisation, m counted over all reduced devices;
@@ -120,11 +93,11 @@ def batch_moments(
   """
   channels = x.shape[-1]
   groups = num_groups(channels, group_size)
+  if axis_name is None:  # one pass, shifted by a sample; XLA inserts the collectives when x is sharded.
+    samples = x.reshape(-1, channels)
+    return shifted_moments(samples, groups, samples[0])
   samples = x.reshape(-1, channels).astype(stat_dtype(x.dtype))
   m = samples.shape[0]
-  if axis_name is None:  # two passes: exact centring, XLA inserts the collectives when x is sharded.
-    mean = jnp.mean(samples, axis=0)
-    return mean, group_scatter(samples - mean, groups) / (m - 1)
   shift = jnp.zeros((channels,), samples.dtype) if shift is None else jax.lax.stop_gradient(shift)
   shifted = samples - shift
   local = (jnp.mean(shifted, axis=0), group_scatter(shifted, groups) / m)
@@ -161,13 +134,16 @@ def pca_whitening(cov: jax.Array) -> jax.Array:
   return jax.lax.rsqrt(w)[..., :, None] * jnp.swapaxes(u, -1, -2)
 
 
-def newton_whitening(cov: jax.Array, iterations: int = 5) -> jax.Array:
+def newton_whitening(cov: jax.Array, iterations: int = 5, *, unroll: bool | None = None) -> jax.Array:
   """IterNorm: S ≈ Σ^{-1/2} by `iterations` Newton–Schulz steps on Σ/tr(Σ): (G, g, g) -> (G, g, g).
 
   IterNorm's P₀ = I, P_k = ½(3P_{k−1} − P_{k−1}³ Σ_N) with Σ_N = Σ/tr(Σ) (eigenvalues in (0, 1], so it
   converges), then S = P_T / √tr(Σ). That recursion amplifies round-off once Σ is ill-conditioned (Higham,
   Functions of Matrices §6.4), so we run the coupled form with the same iterates in exact arithmetic:
   Y₀ = Σ_N, Z₀ = I, T = ½(3I − Z Y), Y ← Y T, Z ← T Z, and Z_k = P_k. Matrix products only.
+
+  `unroll` (default: per platform) unrolls the loop: on accelerators a while loop may read its condition back
+  on the host every iteration; the CPU keeps the rolled loop, which compiles faster. Same operations.
   """
   trace = jnp.trace(cov, axis1=-2, axis2=-1)[:, None, None]
   eye = _eye_like(cov)
@@ -177,14 +153,31 @@ def newton_whitening(cov: jax.Array, iterations: int = 5) -> jax.Array:
     t = 0.5 * (3.0 * eye - z @ y)
     return y @ t, t @ z
 
-  _, z = jax.lax.fori_loop(0, iterations, step, (cov / trace, eye))
+  def iterate(unrolled: bool) -> jax.Array:
+    if not unrolled:
+      return jax.lax.fori_loop(0, iterations, step, (cov / trace, eye))[1]
+    yz = (cov / trace, eye)
+    for i in range(iterations):
+      yz = step(i, yz)
+    return yz[1]
+
+  z = per_platform(unroll, lambda: iterate(False), lambda: iterate(True))
   return z * jax.lax.rsqrt(trace)
 
 
-def _whitening_fn(method: str, newton_iterations: int) -> Callable[[jax.Array], jax.Array]:
+def per_platform(accelerator_choice: bool | None, cpu: Callable[[], Any], accelerator: Callable[[], Any]) -> Any:
+  """`accelerator()` if accelerator_choice, `cpu()` if False; None: decided per platform at lowering
+  (`jax.lax.platform_dependent`, so that an export for cuda/tpu from a CPU host gets the accelerator form)."""
+  if accelerator_choice is None:
+    return jax.lax.platform_dependent(cpu=cpu, default=accelerator)
+  return accelerator() if accelerator_choice else cpu()
+
+
+def _whitening_fn(method: str, newton_iterations: int, unroll: bool | None = None,
+                  ) -> Callable[[jax.Array], jax.Array]:
   check_choice('method', method, METHODS)
   if method == 'newton':
-    return functools.partial(newton_whitening, iterations=newton_iterations)
+    return functools.partial(newton_whitening, iterations=newton_iterations, unroll=unroll)
   return {'cholesky': cholesky_whitening, 'zca': zca_whitening, 'pca': pca_whitening}[method]
 
 
@@ -200,22 +193,28 @@ def _is_usable(whitening: jax.Array, ridge: jax.Array) -> jax.Array:
 
 
 def whitening_matrix_with_fallbacks(
-    cov: jax.Array, method: str = 'cholesky', epsilon: float = 1e-5, newton_iterations: int = 5
+    cov: jax.Array, method: str = 'cholesky', epsilon: float = 1e-5, newton_iterations: int = 5, *,
+    accelerator_form: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """S for Σ + ε·I, per group, never NaN for a finite Σ; and which groups needed a fallback.
 
   A group whose factorisation of Σ + ε·I fails (rank deficiency at a scale where ε drowns in round-off)
   is retried with the scale-relative ridge ε + FALLBACK_RIDGE·tr(Σ)/g, then standardised on its diagonal
-  only. Trials run without gradients, so that no NaN of a rejected trial can leak into the backward pass,
-  and the retry only when some group needs it; the gradient is then attached to the chosen matrix — from
-  the chosen S alone for Cholesky, by factorising the chosen matrix once more for the other methods.
+  only. Trials run without gradients, so that no NaN of a rejected trial can leak into the backward pass;
+  the gradient is then attached to the chosen matrix — from the chosen S alone for Cholesky, by
+  factorising the chosen matrix once more for the other methods.
+
+  On a CPU the retry runs only when some group needs it (`lax.cond`); on accelerators, where a conditional
+  may wait for its predicate on the host, the retry always runs and is selected per group, and Newton's
+  loop is unrolled. Both forms give the same result (`accelerator_form`: None decides per platform at
+  lowering, True/False force one, for tests).
 
   Args:
     cov: (G, g, g) covariance (no ridge); symmetrised here.
   Returns:
     S (G, g, g) in the statistics dtype and fell_back (G,) bool.
   """
-  factorise = _whitening_fn(method, newton_iterations)
+  factorise = _whitening_fn(method, newton_iterations, accelerator_form)
   cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2)).astype(stat_dtype(cov.dtype))
   g = cov.shape[-1]
   variances = jnp.maximum(jnp.diagonal(cov, axis1=-2, axis2=-1), 0.0)
@@ -229,8 +228,10 @@ def whitening_matrix_with_fallbacks(
     trial = factorise(jax.lax.stop_gradient(relative_cov))
     return trial, _is_usable(trial, relative)
 
-  # lax.cond runs one branch: the common case, where every group factorises, pays for no retry.
-  relative_trial, relative_ok = jax.lax.cond(jnp.all(exact_ok), lambda: (exact_trial, exact_ok), retry)
+  # lax.cond runs one branch: the common case, where every group factorises, pays for no retry. Where no
+  # retry ran, `pick` never reads its result: exact_ok holds for every group.
+  retry_if_needed = lambda: jax.lax.cond(jnp.all(exact_ok), lambda: (exact_trial, exact_ok), retry)
+  relative_trial, relative_ok = per_platform(accelerator_form, retry_if_needed, retry)
   pick = lambda first, second, otherwise: jnp.where(
       exact_ok[:, None, None], first, jnp.where(relative_ok[:, None, None], second, otherwise))
   chosen = pick(exact_cov, relative_cov, _eye_like(cov))
@@ -282,8 +283,14 @@ def whitening_matrix(
 
 def apply_whitening(x: jax.Array, mean: jax.Array, whitening: jax.Array) -> jax.Array:
   """y = S (x − μ) per group: x (..., C), mean (C,), whitening (G, g, g) -> (..., C) in float32 or wider."""
-  centred = x.reshape(-1, x.shape[-1]).astype(stat_dtype(x.dtype)) - mean
-  return group_matmul(centred, whitening).reshape(x.shape)
+  samples = x.reshape(-1, x.shape[-1])
+  return apply_whitening_folded(samples, mean, whitening.astype(stat_dtype(x.dtype))).reshape(x.shape)
+
+
+def _batch_statistics(mean: jax.Array, cov: jax.Array, state: Any, **settings: Any):
+  """`whiten`'s statistics: the batch mean and S of the batch covariance (see `whiten_training`)."""
+  del state
+  return (mean, whitening_matrix(cov, **settings)), ()
 
 
 def whiten(
@@ -291,8 +298,10 @@ def whiten(
     newton_iterations: int = 5,
 ) -> jax.Array:
   """Whiten a batch with its own statistics (training-mode BatchWhitening, no affine): (N, ..., C)."""
-  mean, cov = batch_moments(x, group_size)
-  return apply_whitening(x, mean, whitening_matrix(cov, method, epsilon, newton_iterations))
+  groups = num_groups(x.shape[-1], group_size)
+  statistics = functools.partial(_batch_statistics, method=method, epsilon=epsilon,
+                                 newton_iterations=newton_iterations)
+  return whiten_training(x, groups, statistics)[0]
 
 
 def check_bw_settings(settings: Any) -> None:
@@ -417,7 +426,7 @@ class BatchWhitening(nn.Module):
     skipped = self.variable('batch_stats', 'skipped_updates', lambda: jnp.zeros((), jnp.int32))
 
     if use_running_average:
-      mean, whitening = ra_mean.value, ra_whitening.value
+      y = apply_whitening(x, ra_mean.value, ra_whitening.value)
     else:
       # As in flax's BatchNorm, `init` runs outside shard_map/pmap: the axis may not exist yet.
       axis_name = None if self.is_initializing() else self.axis_name
@@ -426,24 +435,21 @@ class BatchWhitening(nn.Module):
         raise ValueError(f'BatchWhitening needs at least 2 samples per batch in training to estimate a '
                          f'covariance; got shape {x.shape} ({samples} sample). Use a larger batch or '
                          f'use_running_average=True.')
-      batch_mean, batch_cov = batch_moments(x, self.group_size, axis_name=axis_name,
-                                            axis_index_groups=self.axis_index_groups, shift=ra_mean.value)
-      new_mean = ema(ra_mean.value, batch_mean, self.momentum)
-      new_cov = ema(ra_cov.value, batch_cov, self.momentum)
-      mean = batch_mean if self.center_with == 'batch' else new_mean
-      whiten_cov = batch_cov if self.whiten_with == 'batch' else new_cov
       update_stats = not self.is_initializing()
-      # The S used now and, in 'batch' mode, the running S for eval: one batched factorisation.
-      covs = [whiten_cov]
-      if update_stats and self.whiten_with == 'batch':
-        covs.append(jax.lax.stop_gradient(new_cov))
-      whitenings, fell_back = whitening_matrix_with_fallbacks(jnp.concatenate(covs), self.method,
-                                                              self.epsilon, self.newton_iterations)
-      if self.method == 'pca':
-        whitenings = align_row_signs(whitenings, jnp.tile(ra_whitening.value, (len(covs), 1, 1)))
-      whitening, new_whitening = whitenings[:groups], whitenings[-groups:]
+      statistics = functools.partial(
+          training_statistics, method=self.method, epsilon=self.epsilon,
+          newton_iterations=self.newton_iterations, momentum=self.momentum, center_with=self.center_with,
+          whiten_with=self.whiten_with, running_whitening=update_stats and self.whiten_with == 'batch')
+      running = (ra_mean.value, ra_cov.value, ra_whitening.value)
+      if axis_name is None:  # the closed-form backward pass (whitening_vjp.py)
+        y, (new_mean, new_cov, new_whitening, fell_back, finite) = whiten_training(x, groups, statistics,
+                                                                                  running)
+      else:  # per-device moments and one collective, differentiated by autodiff
+        batch = batch_moments(x, self.group_size, axis_name=axis_name,
+                              axis_index_groups=self.axis_index_groups, shift=ra_mean.value)
+        (mean, whitening), (new_mean, new_cov, new_whitening, fell_back, finite) = statistics(*batch, running)
+        y = apply_whitening(x, mean, whitening)
       if update_stats:
-        finite = jnp.all(jnp.isfinite(batch_mean)) & jnp.all(jnp.isfinite(batch_cov))
         keep_if_finite = lambda new, old: jnp.where(finite, jax.lax.stop_gradient(new), old).astype(old.dtype)
         ra_mean.value = keep_if_finite(new_mean, ra_mean.value)
         ra_cov.value = keep_if_finite(new_cov, ra_cov.value)
@@ -451,12 +457,41 @@ class BatchWhitening(nn.Module):
         fallbacks.value += jnp.sum(fell_back & finite, dtype=jnp.int32)
         skipped.value += (~finite).astype(jnp.int32)
 
-    y = apply_whitening(x, mean, whitening)
     if self.use_scale:
       y = y * self.param('scale', self.scale_init, (channels,), self.param_dtype).astype(y.dtype)
     if self.use_bias:
       y = y + self.param('bias', self.bias_init, (channels,), self.param_dtype).astype(y.dtype)
     return y.astype(self.dtype or x.dtype)
+
+
+def training_statistics(
+    batch_mean: jax.Array, batch_cov: jax.Array, running: tuple[jax.Array, jax.Array, jax.Array], *,
+    method: str, epsilon: float, newton_iterations: int, momentum: float, center_with: str,
+    whiten_with: str, running_whitening: bool,
+) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, ...]]:
+  """A training step's (μ_c, S) and updated running statistics, from the batch moments: the (C,) and
+  (G, g, g) part of BatchWhitening, which `whiten_training` differentiates by autodiff.
+
+  Args:
+    batch_mean, batch_cov: (C,), (G, g, g) moments of the batch.
+    running: the stored (mean, cov, whitening).
+    running_whitening: also factorise the updated running covariance (for eval), in the same batched call.
+  Returns:
+    (μ_c (C,), S (G, g, g)) and (new mean, new cov, new whitening, fell_back (G or 2G,), finite ()).
+  """
+  ra_mean, ra_cov, ra_whitening = running
+  groups = batch_cov.shape[0]
+  new_mean, new_cov = ema(ra_mean, batch_mean, momentum), ema(ra_cov, batch_cov, momentum)
+  mean = batch_mean if center_with == 'batch' else new_mean
+  covs = [batch_cov if whiten_with == 'batch' else new_cov]
+  if running_whitening:
+    covs.append(jax.lax.stop_gradient(new_cov))
+  whitenings, fell_back = whitening_matrix_with_fallbacks(jnp.concatenate(covs), method, epsilon,
+                                                          newton_iterations)
+  if method == 'pca':
+    whitenings = align_row_signs(whitenings, jnp.tile(ra_whitening, (len(covs), 1, 1)))
+  finite = jnp.all(jnp.isfinite(batch_mean)) & jnp.all(jnp.isfinite(batch_cov))
+  return (mean, whitenings[:groups]), (new_mean, new_cov, whitenings[-groups:], fell_back, finite)
 
 
 def ema(running: jax.Array, batch: jax.Array, momentum: float) -> jax.Array:
