@@ -20,11 +20,12 @@ from typing import Any
 
 from flax import linen as nn
 from flax.linen import initializers
+from flax.linen.dtypes import canonicalize_dtype
 import jax
 import jax.numpy as jnp
 
 from bw_jax.checks import check_choice, is_positive_int
-from bw_jax.group_products import DENSE_MAX_CHANNELS, group_matmul, group_scatter, shifted_moments
+from bw_jax.group_products import DENSE_MAX_CHANNELS, group_cross, group_matmul, shifted_moments
 from bw_jax.whitening_matrices import (  # the public names of the factorisations, re-exported
     FALLBACK_RIDGE, METHODS, align_row_signs, cholesky_whitening, newton_whitening, pca_whitening,
     stat_dtype, whitening_matrix, whitening_matrix_with_fallbacks, zca_whitening)
@@ -69,18 +70,21 @@ def batch_moments(
     axis_name: str | None = None,
     axis_index_groups: Any = None,
     shift: jax.Array | None = None,
+    mask: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Per-channel mean and unbiased per-group covariance of a batch, in float32.
 
   Args:
     x: (N, ..., C) activations; every position of every example is a sample (m = N·H·W for NHWC).
     group_size: g, channels per group (None: all C channels form one group).
-    axis_name: under `shard_map`/`pmap`, the mapped batch axis: moments are averaged over it in a single
+    axis_name: under `shard_map`/`pmap`, the mapped batch axis: moments are summed over it in a single
       collective and describe the global batch.
     axis_index_groups: optional device subsets to reduce over separately (see `jax.lax.psum`).
     shift: (C,) a value close to the mean (the running mean), subtracted before the one-pass moments used
-      with `axis_name` to avoid cancellation; never differentiated. Without `axis_name` the first sample
-      of the batch is the shift (`group_products.shifted_moments`).
+      with `axis_name` to avoid cancellation; never differentiated. Without it: the first included sample
+      (`group_products.shifted_moments`), or 0 with `axis_name`.
+    mask: (N, ...) booleans broadcastable to x.shape[:-1]: the samples the moments count (True), as
+      BatchNorm's mask but one value for all channels of a sample. m is the number of True samples.
 
   Returns:
     mean (C,) and cov (G, g, g) with the 1/(m−1) normalisation, m counted over all reduced devices;
@@ -88,18 +92,27 @@ def batch_moments(
   """
   channels = x.shape[-1]
   groups = num_groups(channels, group_size)
-  if axis_name is None:  # one pass, shifted by a sample; XLA inserts the collectives when x is sharded.
+  if axis_name is None and mask is None:  # one pass, shifted by a sample; XLA inserts any collectives.
     samples = x.reshape(-1, channels)
     return shifted_moments(samples, groups, samples[0])
   samples = x.reshape(-1, channels).astype(stat_dtype(x.dtype))
-  m = samples.shape[0]
-  shift = jnp.zeros((channels,), samples.dtype) if shift is None else jax.lax.stop_gradient(shift)
+  if mask is None:
+    weights = jnp.ones(samples.shape[:1], samples.dtype)
+  else:
+    weights = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape[:-1]).reshape(-1).astype(samples.dtype)
+  if shift is None:  # the first included sample; under axis_name a shift common to all devices: 0
+    shift = jnp.zeros((channels,), samples.dtype) if axis_name is not None else samples[jnp.argmax(weights)]
+  shift = jax.lax.stop_gradient(shift).astype(samples.dtype)  # its influence on the moments cancels
   shifted = samples - shift
-  local = (jnp.mean(shifted, axis=0), group_scatter(shifted, groups) / m)
-  offset, second = jax.lax.pmean(local, axis_name, axis_index_groups=axis_index_groups)
-  total = m * jax.lax.psum(1, axis_name, axis_index_groups=axis_index_groups)
+  weighted = shifted * weights[:, None]
+  sums = (jnp.sum(weights), jnp.sum(weighted, axis=0), group_cross(weighted, shifted, groups,
+                                                                   accumulate=samples.dtype))
+  if axis_name is not None:
+    sums = jax.lax.psum(sums, axis_name, axis_index_groups=axis_index_groups)
+  count, total, second = sums
+  offset = total / count
   offset_g = offset.reshape(groups, -1)
-  cov = (second - offset_g[:, :, None] * offset_g[:, None, :]) * (total / (total - 1))
+  cov = (second - count * offset_g[:, :, None] * offset_g[:, None, :]) / (count - 1)
   return offset + shift, cov
 
 
@@ -170,28 +183,63 @@ class BWSettings:
 # Flax module
 
 
+HEALTH_COLLECTION = 'bw_health'
+HEALTH_COUNTERS = ('fallbacks', 'skipped_updates')
+
+
+def feature_axis(ndim: int, axis: int | tuple[int, ...]) -> int:
+  """`axis` (an int or a 1-tuple, as BatchNorm takes it) as a non-negative index into an ndim-D input."""
+  axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
+  if len(axes) != 1 or not isinstance(axes[0], int) or not -ndim <= axes[0] < ndim:
+    raise ValueError(f'BatchWhitening whitens along one feature axis: axis must be an int in [-{ndim}, '
+                     f'{ndim}) for a {ndim}-D input, got {axis!r}.')
+  return axes[0] % ndim
+
+
+def sample_mask(mask: Any, shape: tuple[int, ...], axis: int) -> jax.Array:
+  """BatchNorm's mask, broadcastable to an input of `shape` with features on `axis`, as booleans over the
+  samples: (…) -> shape without `axis` (the feature axis moved last and dropped)."""
+  mask = jnp.asarray(mask, bool)
+  padded = (1,) * (len(shape) - mask.ndim) + mask.shape
+  if mask.ndim > len(shape) or padded[axis] != 1:
+    raise ValueError(f'BatchWhitening needs whole samples masked in or out: the mask must broadcast to the '
+                     f'input {shape} with size 1 on the feature axis {axis} (covariances pair all channels '
+                     f'of a sample); got mask shape {mask.shape}.')
+  samples = jnp.moveaxis(mask.reshape(padded), axis, -1)[..., 0]
+  return jnp.broadcast_to(samples, tuple(n for i, n in enumerate(shape) if i != axis))
+
+
 class BatchWhitening(nn.Module):
   """Batch Whitening: a drop-in for `flax.linen.BatchNorm` that also decorrelates channels.
 
-  Input (N, ..., C), channels last; output the same shape, in `dtype` (default: the input's dtype).
-  Statistics are float32 whatever the input dtype. Running statistics live in `batch_stats`:
+  Input (..., C, ...) with the C features on `axis` (default last); output the same shape. Statistics are
+  float32 whatever the input dtype. Running statistics live in `batch_stats`, float32 arrays only (so code
+  that treats them as BatchNorm's, e.g. `jax.lax.pmean` over devices, keeps working):
 
-    mean (C,) init 0;  cov (G, g, g) init I;  whitening (G, g, g) init I = S(cov) of the updated cov;
-    fallbacks () — number of group factorisations (of the batch S and of the running S) in training
-      steps that needed a fallback;
-    skipped_updates () — training steps whose batch moments were not finite and were left out (also
-      inputs so large, |x| ≳ 1e18 in float32, that the covariance overflows: such a step outputs zeros).
-    Both counters are int32.
+    mean (C,) init 0;  cov (G, g, g) init I;  whitening (G, g, g) init I = S(cov) of the updated cov.
+
+  Health counters live in their own collection `'bw_health'` (float32 scalars, exact up to 2²⁴ events),
+  kept only when that collection is mutable (declare it like `batch_stats`); BatchNorm code that never
+  names it works unchanged, without counters:
+
+    fallbacks — group factorisations (of the batch S and of the running S) in training steps that needed a
+      fallback;
+    skipped_updates — training steps whose batch moments were not finite and were left out (also inputs
+      so large, |x| ≳ 1e18 in float32, that the covariance overflows: such a step outputs zeros).
 
   A training step updates `stat ← momentum·stat + (1−momentum)·batch_stat` (Flax convention) for mean and
-  the unbiased cov (without ridge), then recomputes `whitening`; `init` updates nothing. In eval
-  (`use_running_average=True`) y = whitening·(x − mean): no factorisation.
+  the unbiased cov (1/(m−1), where BatchNorm's var is 1/m; without ridge), then recomputes `whitening`;
+  `init` updates nothing. In eval (`use_running_average=True`) y = whitening·(x − mean): no factorisation.
+  Group size 1 is BatchNorm with the 1/(m−1) variance (tests/test_whitening_batchnorm.py).
 
-  Attributes:
-    use_running_average: use the stored statistics (eval) instead of the batch's (training).
+  Attributes (BatchNorm's, in its order, then BW's own):
+    use_running_average: use the stored statistics (eval) instead of the batch's (training); merged with
+      `__call__`'s argument as BatchNorm does.
+    axis: the feature axis (an int, or a 1-tuple); moved last internally and back. Several feature axes
+      (BatchNorm allows a tuple) are not supported: flatten them into one axis.
     momentum: decay of the exponential moving averages.
     epsilon: ridge ε added to the covariance diagonal before factorising.
-    dtype: output dtype (None: the input's).
+    dtype: output dtype (None: inferred from the input and the parameters, as BatchNorm's).
     param_dtype: dtype of γ and β.
     use_bias: add a learned per-channel β after whitening.
     use_scale: multiply by a learned per-channel γ after whitening.
@@ -200,6 +248,11 @@ class BatchWhitening(nn.Module):
     axis_name: the mapped batch axis under `shard_map`/`pmap` (not needed under `jax.jit` sharding).
     axis_index_groups: device subsets reduced separately along `axis_name` (under `shard_map` JAX 0.10
       supports this only with `check_vma=False`).
+    use_fast_variance: accepted for BatchNorm's signature; no effect: the moments are always one pass over
+      samples shifted by a sample (or the running mean), as fast as the fast variance and as accurate as
+      the two-pass one.
+    force_float32_reductions: must be True (the default): factorising a bfloat16 covariance loses the
+      whitening, so statistics and `batch_stats` are always float32 (float64 for float64 input).
     group_size: g, channels per group (must divide C); None whitens all C channels together.
     method: 'cholesky' (default), 'zca', 'pca' or 'newton': how S is computed from Σ + ε·I.
     newton_iterations: Newton–Schulz steps T for method='newton'.
@@ -209,6 +262,7 @@ class BatchWhitening(nn.Module):
   """
 
   use_running_average: bool | None = None
+  axis: int = -1
   momentum: float = 0.99
   epsilon: float = 1e-5
   dtype: Any = None
@@ -219,6 +273,8 @@ class BatchWhitening(nn.Module):
   scale_init: Callable[..., jax.Array] = initializers.ones
   axis_name: str | None = None
   axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  force_float32_reductions: bool = True
   group_size: int | None = None
   method: str = 'cholesky'
   newton_iterations: int = 5
@@ -227,63 +283,91 @@ class BatchWhitening(nn.Module):
 
   def __post_init__(self):
     check_bw_settings(self)
+    if not self.force_float32_reductions:
+      raise ValueError('force_float32_reductions=False is not supported: BatchWhitening factorises its '
+                       'covariances in float32 (bfloat16 loses the whitening); leave it True.')
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
-    """Whitens x: (N, ..., C) -> (N, ..., C)."""
+  def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
+               mask: jax.Array | None = None) -> jax.Array:
+    """Whitens x along `axis`: (..., C, ...) -> the same shape.
+
+    Args:
+      x: activations with at least a batch and the feature axis.
+      use_running_average: as the field (merged with it).
+      mask: booleans broadcastable to x with size 1 on the feature axis: the samples the training
+        statistics count (BatchNorm's mask, whole samples). Every sample is still whitened. Training with a
+        mask (or `axis_name`) is differentiated by autodiff, not the closed form.
+    """
     use_running_average = nn.merge_param('use_running_average', self.use_running_average,
                                          use_running_average)
     if x.ndim < 2:
       raise ValueError(f'BatchWhitening expects (N, ..., C) with a batch and a channel axis; got shape '
                        f'{x.shape}.')
-    channels = x.shape[-1]
+    axis = feature_axis(x.ndim, self.axis)
+    samples_mask = None if mask is None else sample_mask(mask, x.shape, axis)
+    x_last = jnp.moveaxis(x, axis, -1)
+    channels = x_last.shape[-1]
     groups = num_groups(channels, self.group_size)
     g = channels // groups
     stacked_eye = lambda: jnp.tile(jnp.eye(g, dtype=jnp.float32), (groups, 1, 1))
     ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((channels,), jnp.float32))
     ra_cov = self.variable('batch_stats', 'cov', stacked_eye)
     ra_whitening = self.variable('batch_stats', 'whitening', stacked_eye)
-    fallbacks = self.variable('batch_stats', 'fallbacks', lambda: jnp.zeros((), jnp.int32))
-    skipped = self.variable('batch_stats', 'skipped_updates', lambda: jnp.zeros((), jnp.int32))
+    counters = self._health_counters()
 
     if use_running_average:
-      y = apply_whitening(x, ra_mean.value, ra_whitening.value)
+      y = apply_whitening(x_last, ra_mean.value, ra_whitening.value)
     else:
-      # As in flax's BatchNorm, `init` runs outside shard_map/pmap: the axis may not exist yet.
-      axis_name = None if self.is_initializing() else self.axis_name
-      samples = x.size // channels
-      if axis_name is None and samples < 2:
-        raise ValueError(f'BatchWhitening needs at least 2 samples per batch in training to estimate a '
-                         f'covariance; got shape {x.shape} ({samples} sample). Use a larger batch or '
-                         f'use_running_average=True.')
-      update_stats = not self.is_initializing()
-      statistics = functools.partial(
-          training_statistics, method=self.method, epsilon=self.epsilon,
-          newton_iterations=self.newton_iterations, momentum=self.momentum, center_with=self.center_with,
-          whiten_with=self.whiten_with, running_whitening=update_stats and self.whiten_with == 'batch')
-      running = (ra_mean.value, ra_cov.value, ra_whitening.value)
-      if axis_name is None:  # the closed-form backward pass (whitening_vjp.py)
-        y, (new_mean, new_cov, new_whitening, fell_back, finite) = whiten_training(x, groups, statistics,
-                                                                                  running)
-      else:  # per-device moments and one collective, differentiated by autodiff
-        batch = batch_moments(x, self.group_size, axis_name=axis_name,
-                              axis_index_groups=self.axis_index_groups, shift=ra_mean.value)
-        (mean, whitening), (new_mean, new_cov, new_whitening, fell_back, finite) = statistics(*batch, running)
-        y = apply_whitening(x, mean, whitening)
-      if update_stats:
+      y, (new_mean, new_cov, new_whitening, fell_back, finite) = self._train(
+          x_last, groups, samples_mask, (ra_mean.value, ra_cov.value, ra_whitening.value))
+      if not self.is_initializing():
         keep_if_finite = lambda new, old: jnp.where(finite, jax.lax.stop_gradient(new), old).astype(old.dtype)
         ra_mean.value = keep_if_finite(new_mean, ra_mean.value)
         ra_cov.value = keep_if_finite(new_cov, ra_cov.value)
         ra_whitening.value = keep_if_finite(new_whitening, ra_whitening.value)
-        fallbacks.value += jnp.sum(fell_back & finite, dtype=jnp.int32)
-        skipped.value += (~finite).astype(jnp.int32)
+        for name, events in zip(HEALTH_COUNTERS, (jnp.sum(fell_back & finite), ~finite)):
+          if name in counters:
+            counters[name].value += events.astype(jnp.float32)
 
+    args = [x]
     if self.use_scale:
-      y = y * self.param('scale', self.scale_init, (channels,), self.param_dtype).astype(y.dtype)
+      scale = self.param('scale', self.scale_init, (channels,), self.param_dtype)
+      y, args = y * scale.astype(y.dtype), args + [scale]
     if self.use_bias:
-      y = y + self.param('bias', self.bias_init, (channels,), self.param_dtype).astype(y.dtype)
-    return y.astype(self.dtype or x.dtype)
+      bias = self.param('bias', self.bias_init, (channels,), self.param_dtype)
+      y, args = y + bias.astype(y.dtype), args + [bias]
+    return jnp.moveaxis(y, -1, axis).astype(canonicalize_dtype(*args, dtype=self.dtype))
+
+  def _train(self, x: jax.Array, groups: int, mask: jax.Array | None, running: tuple[jax.Array, ...]
+             ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """y and `training_statistics`' updates for channels-last x (N, ..., C) and mask (N, ...) or None."""
+    # As in flax's BatchNorm, `init` runs outside shard_map/pmap: the axis may not exist yet.
+    axis_name = None if self.is_initializing() else self.axis_name
+    if axis_name is None and mask is None and x.size // x.shape[-1] < 2:
+      raise ValueError(f'BatchWhitening needs at least 2 samples per batch in training to estimate a '
+                       f'covariance; got {x.size // x.shape[-1]} sample (shape {x.shape}, channels last). '
+                       f'Use a larger batch or use_running_average=True.')
+    statistics = functools.partial(
+        training_statistics, method=self.method, epsilon=self.epsilon,
+        newton_iterations=self.newton_iterations, momentum=self.momentum, center_with=self.center_with,
+        whiten_with=self.whiten_with,
+        running_whitening=not self.is_initializing() and self.whiten_with == 'batch')
+    if axis_name is None and mask is None:  # the closed-form backward pass (whitening_vjp.py)
+      return whiten_training(x, groups, statistics, running)
+    # per-device (masked) sums and one collective, differentiated by autodiff
+    batch = batch_moments(x, self.group_size, axis_name=axis_name, axis_index_groups=self.axis_index_groups,
+                          shift=running[0] if axis_name is not None else None, mask=mask)
+    (mean, whitening), updates = statistics(*batch, running)
+    return apply_whitening(x, mean, whitening), updates
+
+  def _health_counters(self) -> dict[str, Any]:
+    """The `bw_health` counter variables, or none when the caller does not keep that collection."""
+    if not self.is_mutable_collection(HEALTH_COLLECTION):
+      return {}
+    return {name: self.variable(HEALTH_COLLECTION, name, lambda: jnp.zeros((), jnp.float32))
+            for name in HEALTH_COUNTERS}
 
 
 def training_statistics(

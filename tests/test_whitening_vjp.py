@@ -75,7 +75,7 @@ def test_closed_form_takes_the_fallback_on_a_rank_deficient_group_at_large_scale
   x = jnp.asarray(degenerate_batches()['duplicated_at_scale_1e6'])
   module = bw.BatchWhitening(group_size=8)
   variables = module.init(jax.random.key(0), x, use_running_average=False)
-  assert train_apply(module, variables, x)[1]['batch_stats']['fallbacks'] >= 1
+  assert train_apply(module, variables, x)[1]['bw_health']['fallbacks'] >= 1
   grad = jax.grad(lambda x: jnp.sum(jnp.tanh(train_apply(module, variables, x)[0])))(x)
   assert np.all(np.isfinite(grad))
 
