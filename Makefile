@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup data train test bench clean
+.PHONY: setup data train test test-fast bench clean
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
@@ -33,6 +33,10 @@ train: setup data
 
 test: setup data
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+# The edit-test loop: everything but the tests marked slow (≤ 3 minutes on 2 cores).
+test-fast: setup data
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 bench: setup
 	$(BIN)/python benchmarks/bw_layer.py

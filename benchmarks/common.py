@@ -15,9 +15,9 @@ from typing import Any
 import flax
 import jax
 
-# jax 0.10.2 on CPU: with async dispatch, block_until_ready intermittently never returned (all XLA threads
-# idle) in bw_layer.py; synchronous dispatch avoided it and times each call in the calling thread anyway.
-jax.config.update('jax_cpu_enable_async_dispatch', False)
+from bw_jax.runtime import configure_cpu_dispatch
+
+configure_cpu_dispatch()  # Why: bw_jax/runtime.py; it also times each call in the calling thread.
 
 
 def environment() -> list[str]:

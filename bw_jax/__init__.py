@@ -1,0 +1,44 @@
+"""Batch Whitening for JAX/Flax: the layer, EfficientNet with BW, sharded training and sweeps.
+
+    from bw_jax import BatchWhitening, EfficientNet
+
+The names below are imported on first use, so that `import bw_jax` stays cheap: the layer and the model
+need JAX and Flax only; `train_and_evaluate` also loads TensorFlow (the input pipeline). Submodules:
+`whitening` (the layer and its functions), `efficientnet`, `depthwise`, `train`, `data`, `sweep`.
+"""
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = '0.1.0'
+
+# Public name -> the module that defines it.
+_EXPORTS = {
+    'BatchWhitening': 'bw_jax.whitening',
+    'BWSettings': 'bw_jax.whitening',
+    'batch_moments': 'bw_jax.whitening',
+    'whitening_matrix': 'bw_jax.whitening',
+    'whiten': 'bw_jax.whitening',
+    'DepthwiseConv': 'bw_jax.depthwise',
+    'EfficientNet': 'bw_jax.efficientnet',
+    'train_and_evaluate': 'bw_jax.train',
+}
+__all__ = ['__version__', *_EXPORTS]
+
+if TYPE_CHECKING:  # What type checkers and IDEs see; at run time `__getattr__` imports on demand.
+  from bw_jax.depthwise import DepthwiseConv
+  from bw_jax.efficientnet import EfficientNet
+  from bw_jax.train import train_and_evaluate
+  from bw_jax.whitening import BatchWhitening, BWSettings, batch_moments, whiten, whitening_matrix
+
+
+def __getattr__(name: str) -> Any:
+  if name not in _EXPORTS:
+    raise AttributeError(f"module 'bw_jax' has no attribute {name!r}")
+  value = getattr(importlib.import_module(_EXPORTS[name]), name)
+  globals()[name] = value  # Later look-ups skip this function.
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted(__all__)

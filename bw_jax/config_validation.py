@@ -1,33 +1,34 @@
 """`validate_config`: reject a misspelt or out-of-range training config before anything compiles.
 
-The allowed keys are those of `configs/base.py` (the one source of truth); the model and BW fields are
+The allowed keys are those of `bw_jax/config_schema.py` (the one source of truth); the model and BW fields are
 checked by building `EfficientNet` and `BWSettings`, whose own checks name the allowed values.
 """
 
 import difflib
-import importlib.util
-import os
 from typing import Any
 
 import jax
 import ml_collections
 
-from bw_jax.checks import check_choice
-from bw_jax.data import dataset_module, default_dataset_config
+from bw_jax import config_schema
+from bw_jax.checks import check_choice, is_positive_int
+from bw_jax.data import default_dataset_config
 from bw_jax.data.pipeline import check_batch_size
 
 OPTIMIZERS = ('sgd', 'nesterov', 'adamw', 'rmsprop_tf')
 LR_SCHEDULES = ('cosine', 'exponential')
-BASE_CONFIG_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
-                                'base.py')
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """`configs/base.py`'s `get_config()`, loaded by path (the configs folder is not a package)."""
-  spec = importlib.util.spec_from_file_location('bw_jax_configs_base', BASE_CONFIG_PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  """Every training config key with its default (`bw_jax/config_schema.py`)."""
+  return config_schema.get_config()
+
+
+def config_reference(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Every key `config` may have: the schema's, with the dataset keys of `config.dataset.name`'s dataset."""
+  reference = base_config()
+  reference.dataset = default_dataset_config(config.dataset.name)  # Names the allowed datasets if unknown.
+  return reference
 
 
 def unknown_keys(config: Any, reference: Any, prefix: str = '') -> list[str]:
@@ -54,16 +55,13 @@ def _check_range(name: str, value: Any, low: float, high: float, *, low_open: bo
 
 
 def _check_positive_int(name: str, value: Any) -> None:
-  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+  if not is_positive_int(value):
     raise ValueError(f'config.{name}={value!r} must be a positive integer.')
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises a ValueError (all unknown keys at once, else the first bad value) saying what is allowed."""
-  reference = base_config()
-  dataset_module(config.dataset.name)  # Names the allowed datasets.
-  reference.dataset = default_dataset_config(config.dataset.name)
-  errors = unknown_keys(config, reference)
+  errors = unknown_keys(config, config_reference(config))
   if errors:
     raise ValueError('Invalid config:\n  ' + '\n  '.join(errors))
 

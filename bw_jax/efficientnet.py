@@ -2,7 +2,7 @@
 
 The architecture is data: `STAGES` (the reference block table of tensorflow/tpu `efficientnet_builder.py`)
 and `VARIANTS` (width, depth, resolution, dropout), read by one builder, `block_specs`. Where BW goes is
-chosen by three independent knobs, each the seed's whiteboard drawing (DESIGN.md §3):
+chosen by three independent knobs, each the seed's whiteboard drawing (docs/design.md §3):
 
   stem_type   1: conv 3×3 s2 → BN → swish
               2: depthwise 3×3 s2 → BW → conv 1×1 (+β) → swish
@@ -71,6 +71,14 @@ VARIANTS = {
     'b6': Variant(1.8, 2.6, 528, 0.5),
     'b7': Variant(2.0, 3.1, 600, 0.5),
 }
+
+
+def published_resolution(variant: str) -> int:
+  """The image side `variant` was trained and evaluated at (Tan & Le 2019): 224 for B0 … 600 for B7."""
+  check_choice('variant', variant, tuple(VARIANTS))
+  return VARIANTS[variant].resolution
+
+
 STEM_TYPES = (1, 2)
 MBCONV_TYPES = (0, 1, 2, 3)
 HEAD_TYPES = (1, 2)
@@ -129,74 +137,59 @@ class SqueezeExcite(nn.Module):
     return x * nn.sigmoid(conv(x.shape[-1], name='expand')(s))
 
 
-class Layers:
-  """Factories for the layers every part of the network shares, bound to the train flag and settings."""
-
-  def __init__(self, train: bool, bw: BWSettings, dtype: Any, depthwise_implementation: str):
-    self.train, self.bw, self.dtype, self.depthwise_implementation = train, bw, dtype, depthwise_implementation
-
-  def conv(self, channels: int, kernel_size: int = 1, strides: int = 1, use_bias: bool = False,
-           name: str | None = None) -> nn.Conv:
-    return nn.Conv(channels, (kernel_size, kernel_size), strides, padding='SAME', use_bias=use_bias,
-                   kernel_init=conv_kernel_init, dtype=self.dtype, name=name)
-
-  def depthwise(self, kernel_size: int, strides: int, name: str | None = None) -> DepthwiseConv:
-    return DepthwiseConv(kernel_size, strides, implementation=self.depthwise_implementation,
-                         dtype=self.dtype, name=name)
-
-  def bn(self, name: str | None = None) -> nn.BatchNorm:
-    return nn.BatchNorm(use_running_average=not self.train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                        dtype=self.dtype, name=name)
-
-  def bw_layer(self, channels: int, name: str | None = None) -> nn.Module:
-    return self.bw.layer(channels, use_running_average=not self.train, use_scale=False, use_bias=False,
-                         dtype=self.dtype, name=name)
+# A module factory: called with the layer's own arguments (channels, name) it returns a Flax module; the
+# network binds the shared ones (train flag, dtype, settings) once with functools.partial, as flax's ResNet.
+ModuleDef = Any
 
 
 class MBConv(nn.Module):
-  """Mobile inverted bottleneck with squeeze-excite; `mbconv_type` picks the seed's variant (see top)."""
+  """Mobile inverted bottleneck with squeeze-excite; `mbconv_type` picks the seed's variant (see top).
+
+  Attributes:
+    spec: the block's shape (channels, kernel, stride, expansion, stochastic-depth rate).
+    mbconv_type: 0 (BN) or 1, 2, 3 (BW; module docstring).
+    conv: `conv(features, kernel_size, strides=…, use_bias=…, name=…)` -> nn.Conv-like.
+    depthwise: `depthwise(kernel_size, strides, name=…)` -> DepthwiseConv-like.
+    norm: `norm(name=…)` -> nn.BatchNorm-like, bound to the train flag.
+    whiten: `whiten(channels, name=…)` -> BatchWhitening, bound to the train flag.
+  """
   spec: BlockSpec
   mbconv_type: int
-  bw: BWSettings
+  conv: ModuleDef
+  depthwise: ModuleDef
+  norm: ModuleDef
+  whiten: ModuleDef
   dtype: Any = jnp.float32
-  depthwise_implementation: str = 'auto'
 
   @nn.compact
   def __call__(self, inputs: jax.Array, train: bool) -> jax.Array:
     """inputs: (N, H, W, in_channels) -> (N, H/stride, W/stride, out_channels)."""
     spec, whitened = self.spec, self.mbconv_type != 0
-    make = Layers(train, self.bw, self.dtype, self.depthwise_implementation)
     expanded = spec.in_channels * spec.expand_ratio
     x = inputs
     if spec.expand_ratio != 1:
       if whitened:
-        x = make.bw_layer(spec.in_channels, name='expand_bw')(x)
-      x = make.conv(expanded, use_bias=whitened, name='expand_conv')(x)
-      x = nn.swish(x if whitened else make.bn(name='expand_bn')(x))
-    depthwise = make.depthwise(spec.kernel_size, spec.stride, name='depthwise_conv')
+        x = self.whiten(spec.in_channels, name='expand_bw')(x)
+      x = self.conv(features=expanded, kernel_size=(1, 1), use_bias=whitened, name='expand_conv')(x)
+      x = nn.swish(x if whitened else self.norm(name='expand_bn')(x))
+    depthwise = self.depthwise(kernel_size=spec.kernel_size, strides=spec.stride, name='depthwise_conv')
     if self.mbconv_type == 1:
-      x = depthwise(make.bn(name='depthwise_bn')(x))
+      x = depthwise(self.norm(name='depthwise_bn')(x))
     else:
       x = depthwise(x)
-      x = x if self.mbconv_type == 3 else make.bn(name='depthwise_bn')(x)
+      x = x if self.mbconv_type == 3 else self.norm(name='depthwise_bn')(x)
     x = nn.swish(x)
     if whitened:
-      x = make.bw_layer(expanded, name='depthwise_bw')(x)
-    x = SqueezeExcite(max(1, int(spec.in_channels * SE_RATIO)), dtype=make.dtype, name='se')(x)
-    x = make.conv(spec.out_channels, use_bias=whitened, name='project_conv')(x)
+      x = self.whiten(expanded, name='depthwise_bw')(x)
+    x = SqueezeExcite(reduced_channels=max(1, int(spec.in_channels * SE_RATIO)), dtype=self.dtype, name='se')(x)
+    x = self.conv(features=spec.out_channels, kernel_size=(1, 1), use_bias=whitened, name='project_conv')(x)
     if not whitened:
-      x = make.bn(name='project_bn')(x)
+      x = self.norm(name='project_bn')(x)
     if spec.stride == 1 and spec.in_channels == spec.out_channels:
-      x = drop_connect(self, x, spec.drop_connect_rate, train) + inputs
+      # Stochastic depth: the residual branch of whole examples dropped with probability rate, rescaled.
+      x = nn.Dropout(rate=spec.drop_connect_rate, broadcast_dims=(1, 2, 3), deterministic=not train,
+                     name='drop_connect')(x) + inputs
     return x
-
-
-def drop_connect(module: nn.Module, x: jax.Array, rate: float, train: bool) -> jax.Array:
-  """Stochastic depth: drop the residual branch of whole examples with probability `rate`, rescale."""
-  if not train or rate == 0.0:
-    return x
-  keep = jax.random.bernoulli(module.make_rng('dropout'), 1.0 - rate, (x.shape[0], 1, 1, 1))
-  return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
 class EfficientNet(nn.Module):
@@ -206,7 +199,8 @@ class EfficientNet(nn.Module):
   statistics, dropout and drop-connect); `train=False` evaluates with the running statistics.
 
   Attributes:
-    variant: 'b0' … 'b7' (width, depth, dropout of the reference scaling).
+    variant: 'b0' … 'b7' (width, depth, dropout of the reference scaling; its published image size,
+      `published_resolution`, is the default `dataset.image_size` of configs/imagenet.py).
     num_classes: size of the classifier.
     stem_type, mbconv_type, head_type: where BW goes (module docstring; 1, 0, 1 is the original network).
     bw: the settings of every BW layer. A layer whose channel count `bw.group_size` does not divide uses
@@ -254,27 +248,35 @@ class EfficientNet(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:
     width, depth, dropout = self.scaling
-    make = Layers(train, self.bw, self.dtype, self.depthwise_implementation)
+    conv = functools.partial(nn.Conv, padding='SAME', use_bias=False, kernel_init=conv_kernel_init,
+                             dtype=self.dtype)
+    depthwise = functools.partial(DepthwiseConv, implementation=self.depthwise_implementation, dtype=self.dtype)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
+                             epsilon=BN_EPSILON, dtype=self.dtype)
+    whiten = functools.partial(self.bw.layer, use_running_average=not train, use_scale=False, use_bias=False,
+                               dtype=self.dtype)
     x = images.astype(self.dtype)
     stem_channels = round_filters(STEM_CHANNELS, width)
     if self.stem_type == 1:
-      x = make.conv(stem_channels, 3, self.stem_stride, name='stem_conv')(x)
-      x = make.bn(name='stem_bn')(x)
+      x = conv(features=stem_channels, kernel_size=(3, 3), strides=self.stem_stride, name='stem_conv')(x)
+      x = norm(name='stem_bn')(x)
     else:
-      x = make.depthwise(3, self.stem_stride, name='stem_depthwise')(x)
-      x = make.bw_layer(x.shape[-1], name='stem_bw')(x)
-      x = make.conv(stem_channels, use_bias=True, name='stem_conv')(x)
+      x = depthwise(kernel_size=3, strides=self.stem_stride, name='stem_depthwise')(x)
+      x = whiten(x.shape[-1], name='stem_bw')(x)
+      x = conv(features=stem_channels, kernel_size=(1, 1), use_bias=True, name='stem_conv')(x)
     x = nn.swish(x)
     for index, spec in enumerate(block_specs(width, depth, self.drop_connect_rate)):
-      x = MBConv(spec, self.mbconv_type, self.bw, self.dtype, self.depthwise_implementation,
-                 name=f'block_{index}')(x, train)
+      x = MBConv(spec=spec, mbconv_type=self.mbconv_type, conv=conv, depthwise=depthwise, norm=norm,
+                 whiten=whiten, dtype=self.dtype, name=f'block_{index}')(x, train=train)
     head_channels = round_filters(HEAD_CHANNELS, width)
     if self.head_type == 1:
-      x = make.bn(name='head_bn')(make.conv(head_channels, name='head_conv')(x))
+      x = conv(features=head_channels, kernel_size=(1, 1), name='head_conv')(x)
+      x = norm(name='head_bn')(x)
     else:
-      x = make.bw_layer(x.shape[-1], name='head_bw')(x)
-      x = make.conv(head_channels, use_bias=True, name='head_conv')(x)
+      x = whiten(x.shape[-1], name='head_bw')(x)
+      x = conv(features=head_channels, kernel_size=(1, 1), use_bias=True, name='head_conv')(x)
     x = jnp.mean(nn.swish(x), axis=(1, 2))
-    x = nn.Dropout(dropout, deterministic=not train)(x)
-    x = nn.Dense(self.num_classes, kernel_init=dense_kernel_init, dtype=self.dtype, name='classifier')(x)
+    x = nn.Dropout(rate=dropout, deterministic=not train)(x)
+    x = nn.Dense(features=self.num_classes, kernel_init=dense_kernel_init, dtype=self.dtype,
+                 name='classifier')(x)
     return x.astype(jnp.float32)

@@ -13,6 +13,7 @@ Each host then reads its own shard of every batch; `batch_size` stays the global
 
 import logging as std_logging
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -21,6 +22,8 @@ import jax
 from ml_collections import config_flags
 
 from bw_jax import train
+from bw_jax.config_files import add_config_root, config_path_in_flags
+from bw_jax.runtime import configure_cpu_dispatch
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard logs and summary.json.')
@@ -40,15 +43,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}; settings go in --config.key=value.')
   logging.get_absl_handler().addFilter(quiet_library_info)
+  configure_cpu_dispatch()  # Before anything creates the devices.
   if os.environ.get('JAX_COORDINATOR_ADDRESS'):
     jax.distributed.initialize(
         coordinator_address=os.environ['JAX_COORDINATOR_ADDRESS'],
         num_processes=int(os.environ['JAX_NUM_PROCESSES']),
         process_id=int(os.environ['JAX_PROCESS_ID']))
-  if jax.default_backend() == 'cpu':
-    # jax 0.10.2's CPU client with asynchronous dispatch hung for good in block_until_ready during long runs
-    # here (BENCHMARKS.md); synchronous dispatch costs nothing visible at these step times.
-    jax.config.update('jax_cpu_enable_async_dispatch', False)
   os.makedirs(FLAGS.workdir, exist_ok=True)
   summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   if jax.process_index() == 0:
@@ -61,4 +61,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  if (config_path := config_path_in_flags(sys.argv[1:])) is not None:
+    add_config_root(config_path)  # Before the flags load it: its `from configs import …` works from anywhere.
   app.run(main)

@@ -1,4 +1,4 @@
-"""Training and evaluation: `train_and_evaluate(config, workdir) -> summary` (DESIGN.md §4).
+"""Training and evaluation: `train_and_evaluate(config, workdir) -> summary` (docs/design.md §4).
 
 `jax.jit` over a Mesh of all devices: each global batch is sharded on the `data` axis, so BN and BW
 statistics are those of the global batch; the train state is replicated. Orbax checkpoints in

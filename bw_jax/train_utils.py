@@ -1,7 +1,6 @@
 """Pieces of the training loop that are pure enough to test alone: model, optimizer, schedule, loss,
 train state, BW health and the progress line. `bw_jax/train.py` wires them together."""
 
-import math
 import time
 from typing import Any
 
@@ -15,6 +14,7 @@ import numpy as np
 import optax
 
 from bw_jax.efficientnet import EfficientNet
+from bw_jax.formatting import format_seconds
 from bw_jax.whitening import BWSettings
 
 
@@ -121,15 +121,7 @@ class Progress:
     eta = (self.num_train_steps - step) * self.batch_size / max(rate, 1e-9)
     return (f'step {step}/{self.num_train_steps}  epoch {step / self.steps_per_epoch:.2f}  '
             f"loss {metrics['loss']:.4f}  accuracy {metrics['accuracy']:.4f}  "
-            f"lr {metrics['learning_rate']:.4g}  {rate:.0f} images/s  ETA {_duration(eta)}")
-
-
-def _duration(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return '?'
-  minutes, seconds = divmod(int(seconds), 60)
-  hours, minutes = divmod(minutes, 60)
-  return f'{hours}:{minutes:02d}:{seconds:02d}'
+            f"lr {metrics['learning_rate']:.4g}  {rate:.0f} images/s  ETA {format_seconds(eta)}")
 
 
 def hyperparameters(config: ml_collections.ConfigDict) -> dict[str, bool | int | float | str]:

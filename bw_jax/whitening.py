@@ -1,7 +1,7 @@
 """Batch Whitening: decorrelate a batch of activations so that its covariance becomes the identity.
 
 For m samples x_i ∈ R^C (the N·H·W pixels of an NHWC map), channels are split into G groups of g
-consecutive channels and, per group (DESIGN.md §1):
+consecutive channels and, per group (docs/design.md §1):
 
   μ = mean(x)            Σ = 1/(m−1) Σ_i (x_i − μ)(x_i − μ)ᵀ      Σ_ε = Σ + ε·I
   y = S (x − μ)          with S(Σ_ε) = L⁻¹ (cholesky), UΛ^{-1/2}Uᵀ (zca), Λ^{-1/2}Uᵀ (pca)

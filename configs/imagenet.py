@@ -2,17 +2,23 @@
 
 Batch whitening is off here (the BN original): set `--config.model.stem_type/mbconv_type/head_type` (or
 use a config written by `python -m bw_jax.sweep promote`) to place BW layers. Needs the ImageNet download
-prepared as README.md says, and accelerators: 350 epochs of 1.28 M images.
+prepared as README.md says, and accelerators: 350 epochs of 1.28 M images. `--config.model.variant=b3`
+trains B3 at its published 300×300 (the image size follows the variant unless set).
 """
 
 import ml_collections
 
-from configs import base
+from bw_jax import config_schema
+from bw_jax.data import default_dataset_config
+from bw_jax.efficientnet import published_resolution
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = base.get_config()
-  config.dataset = base.default_dataset_config('imagenet2012')  # 224×224, Inception crop; eval: centre crop.
+  config = config_schema.get_config()
+  config.dataset = default_dataset_config('imagenet2012')  # Inception crop; eval: centre crop.
+  # The variant's published size (B0 224 … B7 600), also after --config.model.variant=b3: a lazy reference
+  # (ml_collections' FieldReference op); an explicit --config.dataset.image_size=S replaces it.
+  config.dataset.image_size = config.model.get_ref('variant')._apply_op(published_resolution).to_int()
   config.model.stem_stride = 2
   config.batch_size = 2048
   config.num_epochs = 350.0

@@ -1,17 +1,18 @@
 """BW EfficientNet-B0 on Tiny ImageNet (200 classes, 64×64): the dataset of the hyper-parameter sweeps.
 
 Prepare the data once (README.md, "Datasets"): `python -m bw_jax.data.tiny_imagenet --manual_dir DIR`.
-At 64×64 the published stride-2 stem would leave a 2×2 final map; stride 1 keeps 4×4 (DESIGN.md §3).
+At 64×64 the published stride-2 stem would leave a 2×2 final map; stride 1 keeps 4×4 (docs/design.md §3.4).
 """
 
 import ml_collections
 
-from configs import base
+from bw_jax import config_schema
+from bw_jax.data import default_dataset_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = base.get_config()
-  config.dataset = base.default_dataset_config('tiny_imagenet')
+  config = config_schema.get_config()
+  config.dataset = default_dataset_config('tiny_imagenet')
   config.model.stem_type = 1
   config.model.mbconv_type = 2
   config.model.head_type = 1

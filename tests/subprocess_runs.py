@@ -6,8 +6,10 @@ This file is also the script those processes run, with the JAX settings of the t
       (on every host), so that a signal arrives at a known step.
 """
 
+import ctypes
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +18,8 @@ import time
 
 import jax
 
+from bw_jax.runtime import configure_cpu_dispatch
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAUSED = 'PAUSED'
 TIMEOUT = 600  # Seconds; only a hung process gets near it.
@@ -23,7 +27,7 @@ TIMEOUT = 600  # Seconds; only a hung process gets near it.
 
 def configure_jax(compilation_cache: bool = True) -> None:
   """The settings of tests/conftest.py and tests/test_train.py, for this process and the ones it starts."""
-  jax.config.update('jax_cpu_enable_async_dispatch', False)  # Why: tests/conftest.py.
+  configure_cpu_dispatch()
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # Used once jax.distributed is initialised.
   if compilation_cache:  # The runs here compile the same programs: the persistent cache compiles them once.
     jax.config.update('jax_compilation_cache_dir', os.path.join(REPO, '.pytest_cache', 'jax_compilation'))
@@ -32,10 +36,14 @@ def configure_jax(compilation_cache: bool = True) -> None:
 
 
 def subprocess_env(extra: dict | None = None) -> dict[str, str]:
+  """This environment for a child Python process, without the multi-host and device-count settings; the
+  repository first on its PYTHONPATH, so that it imports the bw_jax and `configs` this test session does."""
   env = {k: v for k, v in os.environ.items()
          if k not in ('XLA_FLAGS', 'JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID',
                       'BW_JAX_TEST_NO_CACHE')}
-  return {**env, 'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '2', **(extra or {})}
+  python_path = os.pathsep.join([REPO, *filter(None, [env.get('PYTHONPATH')])])
+  return {**env, 'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '2', 'PYTHONPATH': python_path,
+          **(extra or {})}
 
 
 class MainRun:
@@ -104,6 +112,26 @@ class MainRun:
     return self.process.returncode
 
 
+def die_with_parent() -> None:
+  """For `preexec_fn`: the child is killed when the process that started it dies, even by SIGKILL (Linux)."""
+  PR_SET_PDEATHSIG = 1
+  ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def run_process(args: list[str], *, timeout: float = TIMEOUT, **kwargs) -> subprocess.CompletedProcess:
+  """`subprocess.run(args, capture_output=True, text=True)` in a new session that dies with this process;
+  on time-out its whole process group is killed and TimeoutExpired raised."""
+  with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                        preexec_fn=die_with_parent, **kwargs) as process:
+    try:
+      stdout, stderr = process.communicate(timeout=timeout)
+    finally:
+      if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+  return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
+
+
 def progress_steps(stdout: str) -> list[int]:
   """The steps of the progress lines ('step 7/12  epoch …') in a run's output."""
   return [int(line.split()[1].split('/')[0]) for line in stdout.splitlines() if line.startswith('step ')]
@@ -149,6 +177,5 @@ def main_with_pause(pause_at: int, flags: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  sys.path.insert(0, REPO)  # configs/ is imported as `configs`, as by `python -m bw_jax.main` from the repo.
   configure_jax(compilation_cache=not os.environ.get('BW_JAX_TEST_NO_CACHE'))
   main_with_pause(int(sys.argv[1]), sys.argv[2:])

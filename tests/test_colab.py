@@ -82,6 +82,7 @@ def test_notebook_is_stored_without_outputs():
   assert code and all(not cell.outputs and cell.execution_count is None for cell in code)
 
 
+@pytest.mark.slow  # Executes the notebook.
 def test_every_cell_ran_in_this_interpreter(executed):
   code = [cell for cell in executed.cells if cell.cell_type == 'code']
   assert all(cell.execution_count for cell in code)
@@ -90,6 +91,7 @@ def test_every_cell_ran_in_this_interpreter(executed):
   assert os.path.realpath(interpreter) == os.path.realpath(sys.executable)
 
 
+@pytest.mark.slow  # Executes the notebook.
 @pytest.mark.parametrize('tag', FIGURE_CELLS)
 def test_figures_are_drawn(executed, tag):
   assert has_png(tagged(executed, tag))
@@ -114,6 +116,7 @@ def reference_deviations() -> dict[str, float]:
   return {'input': np.abs(cov - eye).max(), **deviations}
 
 
+@pytest.mark.slow  # Executes the notebook.
 def test_section_2_output_covariance_is_the_identity(executed):
   text = text_of(tagged(executed, 'whitening-numbers'))
   printed = dict(re.findall(r'^(\w+)\s+max \|cov - I\| = (\S+)', text, re.M))
@@ -151,6 +154,7 @@ def b0_parameter_deltas() -> dict[tuple[int, int, int], int]:
           (1, 0, 2): head_delta, (2, 2, 2): stem + mbconv[2] + head_delta}
 
 
+@pytest.mark.slow  # Executes the notebook.
 def test_section_4_parameter_counts(executed):
   text = text_of(tagged(executed, 'params'))
   headline = re.search(r'1000 classes: ([\d,]+) parameters', text)
@@ -166,6 +170,7 @@ def test_section_4_parameter_counts(executed):
   assert counts[(2, 2, 2)][2] == 'stem, 15 expand, 16 depthwise, head'
 
 
+@pytest.mark.slow  # Executes the notebook.
 def test_section_6_reads_a_sweep(executed):
   if os.path.isfile(os.path.join(ROOT, 'docs', 'sweep_fashion_mnist', 'results.csv')):
     assert has_png(tagged(executed, 'sweep-plot'))

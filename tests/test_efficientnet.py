@@ -1,7 +1,9 @@
 """EfficientNet with BW: published parameter counts, the seed's BW placements, and that it trains."""
 
+import functools
 import itertools
 
+from flax import linen as nn
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ import optax
 import pytest
 
 from bw_jax import efficientnet as en
+from bw_jax.depthwise import DepthwiseConv
 from bw_jax.whitening import BWSettings
 
 TINY = dict(width_multiplier=0.25, depth_multiplier=0.1, dropout_rate=0.0, drop_connect_rate=0.0)
@@ -94,7 +97,7 @@ def test_block_table_and_drop_connect_schedule():
 
 
 def expected_norm_layers(stem_type: int, mbconv_type: int, head_type: int, blocks: list[en.BlockSpec]):
-  """(BW layer paths, BN layer paths) as DESIGN.md §3 draws them."""
+  """(BW layer paths, BN layer paths) as docs/design.md §3 draws them."""
   bw, bn = set(), set()
   (bn if stem_type == 1 else bw).add('stem_bn' if stem_type == 1 else 'stem_bw')
   (bn if head_type == 1 else bw).add('head_bn' if head_type == 1 else 'head_bw')
@@ -176,6 +179,7 @@ def test_every_combination_gives_finite_logits_in_train_and_eval(stem_type, mbco
   assert not np.allclose(logits, eval_logits), 'train mode must use batch statistics'
 
 
+@pytest.mark.slow  # Compiles a training step of the tiny model.
 @pytest.mark.parametrize('mbconv_type', [0, 2])
 def test_one_training_step_reduces_the_loss(mbconv_type, tiny_batch):
   images, labels = tiny_batch
@@ -214,6 +218,7 @@ def test_b0_builds_at_imagenet_tiny_imagenet_and_cifar_sizes(size, stem_stride, 
   assert final_feature_map(model, size) == (1, expected, expected, 1280)
 
 
+@pytest.mark.slow  # Compiles a training step of the tiny model.
 def test_bfloat16_activations_keep_float32_parameters_and_statistics(tiny_batch):
   images, _ = tiny_batch
   model = en.EfficientNet(num_classes=5, mbconv_type=2, head_type=2, dtype=jnp.bfloat16,
@@ -248,3 +253,30 @@ def test_unknown_values_are_rejected_with_the_allowed_ones(field, value, allowed
   with pytest.raises(ValueError) as error:
     en.EfficientNet(**{field: value})
   assert f'{field}={value!r} is not supported' in str(error.value) and allowed in str(error.value)
+
+
+# Stochastic depth ----------------------------------------------------------------------------------------
+
+
+def test_stochastic_depth_drops_the_residual_branch_of_whole_examples_and_rescales_the_rest():
+  """out = inputs + branch·keep/(1 − rate), keep ~ Bernoulli(1 − rate) per example; eval keeps every branch."""
+  rate, batch = 0.5, 64
+
+  def block(drop_rate: float) -> en.MBConv:
+    spec = en.BlockSpec(expand_ratio=1, kernel_size=3, stride=1, in_channels=8, out_channels=8,
+                        drop_connect_rate=drop_rate)
+    return en.MBConv(spec=spec, mbconv_type=0, conv=functools.partial(nn.Conv, padding='SAME', use_bias=False),
+                     depthwise=DepthwiseConv, norm=functools.partial(nn.BatchNorm, use_running_average=False),
+                     whiten=None)
+
+  x = jax.random.normal(jax.random.key(0), (batch, 4, 4, 8))
+  variables = block(rate).init(jax.random.key(1), x, train=False)
+  run = lambda drop_rate, train: block(drop_rate).apply(variables, x, train=train, mutable=['batch_stats'],
+                                                        rngs={'dropout': jax.random.key(2)})[0]
+  branch = np.asarray(run(0.0, True) - x, np.float64)
+  dropped = np.asarray(run(rate, True) - x, np.float64)
+  kept = np.array([np.allclose(d, b / (1 - rate), atol=1e-5) for d, b in zip(dropped, branch)])
+  zeroed = np.all(dropped == 0, axis=(1, 2, 3))
+  assert np.all(kept ^ zeroed)  # Each example: its whole branch, rescaled, or nothing.
+  assert 16 <= zeroed.sum() <= 48  # Binomial(64, 0.5): outside [16, 48] with probability < 1e-4.
+  np.testing.assert_array_equal(run(rate, False), run(0.0, False))

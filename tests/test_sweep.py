@@ -1,5 +1,5 @@
 """Tests of bw_jax.sweep: search-space checks, budget slots, sampling, report and promote on synthetic
-studies, and end-to-end sweeps of configs/sweep_smoke.py by worker processes on SQLite (one of them killed)
+studies, and end-to-end sweeps of configs/sweeps/smoke.py by worker processes on SQLite (one of them killed)
 and on a PostgreSQL server started here."""
 
 import glob
@@ -20,16 +20,17 @@ from optuna.trial import TrialState
 import pandas as pd
 import pytest
 
+from bw_jax.config_files import load_config_file
+from bw_jax.config_validation import validate_config
+from bw_jax.sweep import __main__ as sweep_cli
+from bw_jax.sweep import promote as sweep_promote
+from bw_jax.sweep import report as sweep_report
+from bw_jax.sweep import space as sweep_space
+from bw_jax.sweep import study as sweep_study
+from bw_jax.sweep import worker as sweep_worker
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # The configs/ folder is imported as `configs`, as by `python -m bw_jax.main`.
-
-from bw_jax import sweep  # noqa: E402
-from bw_jax import sweep_config  # noqa: E402
-from bw_jax import sweep_report  # noqa: E402
-from bw_jax import sweep_study  # noqa: E402
-from bw_jax.config_validation import validate_config  # noqa: E402
-
-SMOKE_SWEEP = os.path.join(REPO, 'configs', 'sweep_smoke.py')
+SMOKE_SWEEP = os.path.join(REPO, 'configs', 'sweeps', 'smoke.py')
 PROMOTE_BASE = os.path.join(REPO, 'configs', 'imagenet.py')
 if not os.path.exists(PROMOTE_BASE):
   PROMOTE_BASE = os.path.join(REPO, 'configs', 'default.py')
@@ -46,24 +47,24 @@ SMOKE_KEYS = ['dataset.augment.crop_padding', 'dataset.augment.flip', 'dataset.s
 
 
 def smoke_sweep_with(**space) -> ml_collections.ConfigDict:
-  config = sweep_config.load_config_file(SMOKE_SWEEP)
+  config = load_config_file(SMOKE_SWEEP)
   for key, spec in space.items():
     config.search_space[key] = spec
   return config
 
 
 def test_smoke_sweep_config_is_valid():
-  assert list(sweep_config.check_sweep_config(sweep_config.load_config_file(SMOKE_SWEEP))) == SMOKE_KEYS
+  assert list(sweep_space.check_sweep_config(load_config_file(SMOKE_SWEEP))) == SMOKE_KEYS
 
 
-@pytest.mark.parametrize('name', ['sweep_fashion_mnist', 'sweep_tiny_imagenet'])
+@pytest.mark.parametrize('name', ['fashion_mnist', 'tiny_imagenet'])
 def test_real_sweep_configs_are_valid_and_stratify_the_block_types(name):
-  config = sweep_config.load_config_file(os.path.join(REPO, 'configs', f'{name}.py'))
-  space = sweep_config.check_sweep_config(config)
-  assert tuple(config.stratify) == sweep_config.BLOCK_KEYS
+  config = load_config_file(os.path.join(REPO, 'configs', 'sweeps', f'{name}.py'))
+  space = sweep_space.check_sweep_config(config)
+  assert tuple(config.stratify) == sweep_space.BLOCK_KEYS
   for key in ('model.bw.method', 'model.bw.group_size', 'model.bw.momentum', 'model.bw.epsilon',
               'model.bw.center_with', 'model.bw.whiten_with', 'learning_rate', 'weight_decay',
-              'model.dropout_rate', 'label_smoothing', 'optimizer', *sweep_config.BLOCK_KEYS):
+              'model.dropout_rate', 'label_smoothing', 'optimizer', *sweep_space.BLOCK_KEYS):
     assert key in space, key
   assert space['learning_rate'][0] == space['weight_decay'][0] == space['model.bw.epsilon'][0] == 'log_float'
 
@@ -72,7 +73,7 @@ def test_unknown_search_space_key_is_named_with_the_nearest_key():
   config = smoke_sweep_with(model=ml_collections.ConfigDict({'bw': {'metod': ('categorical', ('zca',))}}),
                             learning_rat=('log_float', 0.01, 1.0))
   with pytest.raises(ValueError) as error:
-    sweep_config.check_sweep_config(config)
+    sweep_space.check_sweep_config(config)
   message = str(error.value)
   assert "unknown config key 'model.bw.metod' (did you mean 'model.bw.method'?)" in message
   assert "unknown config key 'learning_rat' (did you mean 'learning_rate'?)" in message
@@ -80,10 +81,10 @@ def test_unknown_search_space_key_is_named_with_the_nearest_key():
 
 def test_run_with_a_misspelt_key_fails_before_anything_is_created(tmp_path):
   path = tmp_path / 'sweep_typo.py'
-  path.write_text('from configs import sweep_smoke\n\n\ndef get_config():\n  config = sweep_smoke.get_config()\n'
+  path.write_text('from configs.sweeps import smoke as sweep_smoke\n\n\ndef get_config():\n  config = sweep_smoke.get_config()\n'
                   "  config.search_space.model = {'stem_typ': ('categorical', (1, 2))}\n  return config\n")
   with pytest.raises(SystemExit, match=r"unknown config key 'model.stem_typ' \(did you mean 'model.stem_type'"):
-    sweep.main(['run', f'--config={path}', f'--dir={tmp_path / "sweep"}'])
+    sweep_cli.main(['run', f'--config={path}', f'--dir={tmp_path / "sweep"}'])
   assert not os.path.exists(tmp_path / 'sweep')
 
 
@@ -93,7 +94,7 @@ def test_values_and_specs_are_checked_against_what_the_code_allows():
                                                              'bw': {'epsilon': ('log_float', 0.0, 1.0)}}),
                             num_epochs=('float', 1.0, 2.0), learning_rate=('float', 0.1))
   with pytest.raises(ValueError) as error:
-    sweep_config.check_sweep_config(config)
+    sweep_space.check_sweep_config(config)
   message = str(error.value)
   assert "search_space.optimizer = 'adam': config.optimizer='adam' is not supported; choose one of 'sgd'" in message
   assert 'search_space.model.mbconv_type = 4: mbconv_type=4 is not supported; choose one of 0, 1, 2, 3' in message
@@ -133,17 +134,17 @@ def test_budget_slots_count_fresh_trials_and_give_retries_their_original_slot():
 def test_sampler_is_seeded_per_slot_and_stratifies_the_block_types():
   space = {'model.stem_type': ('categorical', (1, 2)), 'model.mbconv_type': ('categorical', (0, 1, 2, 3)),
            'model.head_type': ('categorical', (1, 2)), 'learning_rate': ('log_float', 0.01, 1.0)}
-  strata = {k: space[k][1] for k in sweep_config.BLOCK_KEYS}
+  strata = {k: space[k][1] for k in sweep_space.BLOCK_KEYS}
 
   def draw(seed, n):
     study = optuna.create_study(sampler=sweep_study.SweepSampler(seed, strata))
-    return [sweep_config.suggest(study.ask(), space) for _ in range(n)]
+    return [sweep_space.suggest(study.ask(), space) for _ in range(n)]
 
   first, again, other = draw(0, 20), draw(0, 20), draw(1, 20)
   assert first == again  # Two workers with one seed draw the same value for a slot …
   assert len({p['learning_rate'] for p in first}) == 20  # … and different values for different slots.
   assert first != other
-  combos = [tuple(p[k] for k in sweep_config.BLOCK_KEYS) for p in first]
+  combos = [tuple(p[k] for k in sweep_space.BLOCK_KEYS) for p in first]
   assert len(set(combos[:16])) == 16  # 2 × 4 × 2 combinations: each once in the first 16 slots,
   assert combos[16:] == combos[:4]  # then the same order again.
   lr = np.log([p['learning_rate'] for p in first])
@@ -151,14 +152,14 @@ def test_sampler_is_seeded_per_slot_and_stratifies_the_block_types():
 
 
 def test_qmc_sampler_covers_the_space():
-  config = sweep_config.load_config_file(os.path.join(REPO, 'configs', 'sweep_fashion_mnist.py'))
+  config = load_config_file(os.path.join(REPO, 'configs', 'sweeps', 'fashion_mnist.py'))
   config.sampler, config.stratify = 'qmc', ()
-  space = sweep_config.check_sweep_config(config)
+  space = sweep_space.check_sweep_config(config)
   study = optuna.create_study(sampler=sweep_study.create_sampler(config, space), direction='maximize')
   draws = []
   for _ in range(8):
     trial = study.ask()
-    draws.append(sweep_config.suggest(trial, space))
+    draws.append(sweep_space.suggest(trial, space))
     study.tell(trial, 0.5)
   rates = [d['learning_rate'] for d in draws]
   assert len(set(rates)) == 8 and all(0.05 <= r <= 0.8 for r in rates)
@@ -168,10 +169,10 @@ def test_qmc_sampler_covers_the_space():
 def test_a_non_finite_loss_is_a_result_and_other_errors_are_crashes():
   from bw_jax import train  # The error that the worker must recognise, raised by the training loop itself.
   with pytest.raises(train.NonFiniteLossError) as error:
-    train.check_finite([(3, {'loss': float('nan')})], sweep_config.load_config_file(SMOKE_SWEEP).train, None)
-  assert sweep.is_divergence(error.value)
-  assert not sweep.is_divergence(RuntimeError('XLA ran out of memory'))
-  assert not sweep.is_divergence(RuntimeError('Training loss is nan at step 3'))
+    train.check_finite([(3, {'loss': float('nan')})], load_config_file(SMOKE_SWEEP).train, None)
+  assert sweep_worker.is_divergence(error.value)
+  assert not sweep_worker.is_divergence(RuntimeError('XLA ran out of memory'))
+  assert not sweep_worker.is_divergence(RuntimeError('Training loss is nan at step 3'))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -181,13 +182,13 @@ def test_a_non_finite_loss_is_a_result_and_other_errors_are_crashes():
 @pytest.fixture(scope='module')
 def synthetic_study():
   """12 trials of a fake sweep with known results: 10 complete, one pruned, one failed and retried."""
-  config = sweep_config.load_config_file(SMOKE_SWEEP)
+  config = load_config_file(SMOKE_SWEEP)
   config.search_space = ml_collections.ConfigDict({
       'model': {'stem_type': ('categorical', (1, 2)), 'mbconv_type': ('categorical', (1, 2)),
                 'bw': {'method': ('categorical', ('cholesky', 'zca'))}},
       'learning_rate': ('log_float', 0.01, 1.0), 'optimizer': ('categorical', ('nesterov', 'adamw')),
       'dataset': {'augment': {'flip': ('categorical', (True, False))}}})
-  space = sweep_config.check_sweep_config(config)
+  space = sweep_space.check_sweep_config(config)
   study = optuna.create_study(direction='maximize')
   study.set_user_attr('sweep', sweep_study.experiment_record(config))
   rng = np.random.RandomState(0)
@@ -237,16 +238,16 @@ def test_report_tables_match_an_independent_computation(synthetic_study, tmp_pat
 
 
 def test_promote_writes_configs_that_main_accepts(synthetic_study, tmp_path):
-  lines = sweep_report.promote(synthetic_study, 2, PROMOTE_BASE, str(tmp_path), 'runs/promoted')
+  lines = sweep_promote.promote(synthetic_study, 2, PROMOTE_BASE, str(tmp_path), 'runs/promoted')
   blocks = sweep_report.block_type_table(sweep_report.results_table(synthetic_study), 'eval_accuracy', True)
   written = sorted(glob.glob(str(tmp_path / 'stem*.py')))
   assert len(written) == 2
-  base = sweep_config.load_config_file(PROMOTE_BASE)
+  base = load_config_file(PROMOTE_BASE)
   for rank, row in enumerate(blocks.head(2).to_dict('records')):
     name = f"stem{row['model.stem_type']}_mbconv{row['model.mbconv_type']}_head1"
     path = str(tmp_path / f'{name}.py')
     assert path in written
-    config = sweep_config.load_config_file(path)  # As bw_jax.main loads --config: with the repository on sys.path.
+    config = load_config_file(path)  # As bw_jax.main loads --config: with the repository on sys.path.
     validate_config(config)
     trial = synthetic_study.trials[row['best_trial']]
     assert config.learning_rate == trial.params['learning_rate']  # Per 256 images: carried as is.
@@ -309,6 +310,7 @@ def sqlite_sweep(tmp_path_factory):
   return directory, load(directory), logs
 
 
+@pytest.mark.slow  # Worker processes train smoke trials.
 def test_two_workers_on_sqlite_spend_the_budget_exactly(sqlite_sweep):
   directory, study, logs = sqlite_sweep
   complete = assert_budget_of_distinct_complete_trials(study, 6)
@@ -321,15 +323,16 @@ def test_two_workers_on_sqlite_spend_the_budget_exactly(sqlite_sweep):
   assert logs.count("Sweep 'sweep_smoke': 6/6 trials finished (6 complete") == 2
 
 
+@pytest.mark.slow  # Worker processes train smoke trials.
 def test_report_of_the_sweep(sqlite_sweep):
   directory, study, _ = sqlite_sweep
-  sweep.main(['report', f'--dir={directory}'])
+  sweep_cli.main(['report', f'--dir={directory}'])
   out = os.path.join(directory, 'report')
   for name in sweep_report.PLOTS:
     assert os.path.getsize(os.path.join(out, name)) > 1000, name
   csv = pd.read_csv(os.path.join(out, 'results.csv'))
   assert list(csv.columns[:6]) == ['number', 'state', 'eval_accuracy', 'eval_loss', 'seconds', 'step']
-  assert set(SMOKE_KEYS + list(sweep_config.BLOCK_KEYS)) <= set(csv.columns)
+  assert set(SMOKE_KEYS + list(sweep_space.BLOCK_KEYS)) <= set(csv.columns)
   assert len(csv) == 6 and set(csv.state) == {'COMPLETE'}
   for _, row in csv.iterrows():
     trial = study.trials[row.number]
@@ -343,12 +346,13 @@ def test_report_of_the_sweep(sqlite_sweep):
   assert f'| {top.number} | {best.value:.4g} |' in summary.split('## Best trials')[1].split('\n')[4]
 
 
+@pytest.mark.slow  # Worker processes train smoke trials.
 def test_promote_from_the_sweep(sqlite_sweep, tmp_path):
   directory, study, _ = sqlite_sweep
-  sweep.main(['promote', f'--dir={directory}', '--top-k=3', f'--base={PROMOTE_BASE}', f'--out={tmp_path}'])
+  sweep_cli.main(['promote', f'--dir={directory}', '--top-k=3', f'--base={PROMOTE_BASE}', f'--out={tmp_path}'])
   written = glob.glob(str(tmp_path / 'stem*.py'))
   assert [os.path.basename(p) for p in written] == ['stem1_mbconv0_head1.py']  # The one combination.
-  config = sweep_config.load_config_file(written[0])
+  config = load_config_file(written[0])
   validate_config(config)
   assert (config.model.stem_type, config.model.mbconv_type, config.model.head_type) == (1, 0, 1)
 
@@ -371,7 +375,7 @@ def killed_sweep(tmp_path_factory):
     for t in study.get_trials(deepcopy=False):
       workdir = t.user_attrs.get('workdir', '')
       if (t.state == TrialState.RUNNING and t.user_attrs.get('worker', '').endswith(f':{victim.pid}')
-          and (sweep.latest_checkpoint_step(workdir) or 0) >= 2):
+          and (sweep_worker.latest_checkpoint_step(workdir) or 0) >= 2):
         victim.send_signal(signal.SIGKILL)
         killed = t.number
   assert killed is not None, 'worker 0 never reached a checkpoint'
@@ -381,6 +385,7 @@ def killed_sweep(tmp_path_factory):
   return load(directory), killed, logs
 
 
+@pytest.mark.slow  # Worker processes train smoke trials.
 def test_killed_worker_trial_is_retried_and_resumes(killed_sweep):
   study, killed, logs = killed_sweep
   complete = assert_budget_of_distinct_complete_trials(study, 3)
@@ -445,6 +450,7 @@ def postgres_url():
     shutil.rmtree(data, ignore_errors=True)
 
 
+@pytest.mark.slow  # Worker processes train smoke trials.
 def test_two_workers_on_postgresql(postgres_url, sqlite_sweep, tmp_path):
   run_two_workers(str(tmp_path), f'--storage={postgres_url}', '--n-trials=4')
   study = load(str(tmp_path), postgres_url)

@@ -4,7 +4,6 @@ import glob
 import json
 import os
 import signal
-import sys
 
 import jax
 import numpy as np
@@ -14,14 +13,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.util.tensor_util import make_ndarray
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # The configs/ folder is imported as `configs`, as by `python -m bw_jax.main`.
+from bw_jax import train
+from bw_jax.config_validation import validate_config
+from bw_jax.data import fashion_mnist
+from bw_jax.train_utils import create_model
+from configs import smoke
 
-from bw_jax import train  # noqa: E402
-from bw_jax.config_validation import validate_config  # noqa: E402
-from bw_jax.data import fashion_mnist  # noqa: E402
-from bw_jax.train_utils import create_model  # noqa: E402
-from configs import smoke  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Each train_and_evaluate builds new jitted functions; the persistent cache lets runs of the same program
 # (smoke, and the two halves of the resumed run) compile once.
@@ -45,6 +43,7 @@ def smoke_run(tmp_path_factory):
   return workdir, train.train_and_evaluate(smoke.get_config(), workdir)
 
 
+@pytest.mark.slow  # Trains the smoke config.
 def test_smoke_writes_summary_events_and_checkpoints(smoke_run):
   workdir, summary = smoke_run
   with open(os.path.join(workdir, 'summary.json')) as f:
@@ -59,6 +58,7 @@ def test_smoke_writes_summary_events_and_checkpoints(smoke_run):
   assert summary['eval_accuracy'] == written['eval_accuracy']
 
 
+@pytest.mark.slow  # Trains the smoke config.
 def test_tensorboard_events_hold_the_logged_metrics_and_the_config(smoke_run):
   """train/* every log_every_steps (2), eval/* and bw_health/* at the last step equal to the summary's, and
   the resolved config in the HParams plugin."""
@@ -79,6 +79,7 @@ def test_tensorboard_events_hold_the_logged_metrics_and_the_config(smoke_run):
   assert smoke.get_config().model.num_classes is None and 'model.num_classes' not in session.hparams
 
 
+@pytest.mark.slow  # Trains the smoke config.
 def test_eval_accuracy_matches_an_independent_eval_of_the_checkpoint(smoke_run):
   workdir, summary = smoke_run
   state = restore(workdir, 6)
@@ -93,6 +94,7 @@ def test_eval_accuracy_matches_an_independent_eval_of_the_checkpoint(smoke_run):
   assert summary['eval_accuracy'] == pytest.approx(np.mean(predictions == labels), abs=1e-12)
 
 
+@pytest.mark.slow  # Trains the smoke config.
 def test_resumed_run_ends_with_the_same_state(smoke_run, tmp_path):
   straight_dir, _ = smoke_run
   config = smoke.get_config()
@@ -112,6 +114,7 @@ def test_resumed_run_ends_with_the_same_state(smoke_run, tmp_path):
   assert straight['step'] == resumed['step'] == 6
 
 
+@pytest.mark.slow  # Trains the smoke config.
 def test_sigterm_saves_the_next_step_and_the_rerun_finishes(smoke_run, tmp_path):
   """SIGTERM arriving during step 4 (after its eval): step 5, not a checkpoint step, is saved and the run
   returns; the handler before the run is back; rerunning restores step 5 and ends with the straight run's
@@ -184,6 +187,7 @@ def test_ranges_are_checked():
     validate_config(config)
 
 
+@pytest.mark.slow  # Trains the smoke config.
 def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
   """3 good steps (checkpoint 3), then a rerun at a learning rate of 1e30: the loss goes non-finite within
   steps 5–6 (step 4's loss is taken before its update); the error names that step and checkpoint 3, and no

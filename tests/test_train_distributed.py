@@ -34,17 +34,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from bw_jax import data, train
+from bw_jax.data import fashion_mnist, pipeline
+from bw_jax.train_utils import create_learning_rate_fn, create_model, create_optimizer
+from configs import smoke
 from subprocess_runs import (REPO, TIMEOUT, MainRun, configure_jax, free_port, progress_steps, subprocess_env,
                              wait_until)
 
-sys.path.insert(0, REPO)  # The configs/ folder is imported as `configs`, as by `python -m bw_jax.main`.
-
-from bw_jax import data, train  # noqa: E402
-from bw_jax.data import fashion_mnist, pipeline  # noqa: E402
-from bw_jax.train_utils import create_learning_rate_fn, create_model, create_optimizer  # noqa: E402
-from configs import smoke  # noqa: E402
-
 configure_jax()
+pytestmark = pytest.mark.slow  # Every test here trains in several processes or on 8 devices.
 
 DEVICES = 8
 HOSTS = 2

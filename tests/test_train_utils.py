@@ -4,7 +4,6 @@ import functools
 import glob
 import math
 import os
-import sys
 
 from absl import flags
 import jax
@@ -14,14 +13,13 @@ import optax
 import pytest
 from ml_collections import config_flags
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # The configs/ folder is imported as `configs`, as by `python -m bw_jax.main`.
-
-from bw_jax import train  # noqa: E402
-from bw_jax.config_validation import validate_config  # noqa: E402
-from bw_jax.train_utils import (TrainState, create_learning_rate_fn, create_model, create_optimizer,  # noqa: E402
+from bw_jax import train
+from bw_jax.config_validation import validate_config
+from bw_jax.train_utils import (TrainState, create_learning_rate_fn, create_model, create_optimizer,
                                 peak_learning_rate)
-from configs import imagenet, smoke  # noqa: E402
+from configs import imagenet, smoke
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TRAINING_CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, 'configs', '*.py'))
                           if not os.path.basename(p).startswith('sweep_'))
@@ -61,6 +59,24 @@ def test_imagenet_config_is_the_published_b0_recipe():
     assert schedule(step) == pytest.approx(0.128 * step / warmup, rel=1e-5, abs=1e-8)
   for after in (0, decay_steps - 1, decay_steps, 10 * decay_steps + 7):
     assert schedule(warmup + after) == pytest.approx(0.128 * 0.97 ** (after // decay_steps), rel=1e-5)
+
+
+@pytest.mark.parametrize('overrides, size', [
+    ((), 224),
+    (('--config.model.variant=b3',), 300),  # Tan & Le (2019), Table 1 / TF efficientnet_builder.py.
+    (('--config.model.variant=b7',), 600),
+    (('--config.model.variant=b3', '--config.dataset.image_size=256'), 256),
+    (('--config.dataset.image_size=128', '--config.model.variant=b5'), 128),
+])
+def test_imagenet_image_size_follows_the_variant_unless_set(overrides, size):
+  config = load_from_command_line(os.path.join(REPO, 'configs', 'imagenet.py'), *overrides)
+  assert config.dataset.image_size == size
+
+
+def test_an_unknown_variant_is_named_with_the_allowed_ones():
+  config = load_from_command_line(os.path.join(REPO, 'configs', 'imagenet.py'), '--config.model.variant=b9')
+  with pytest.raises(ValueError, match="variant='b9' is not supported; choose one of 'b0', 'b1'"):
+    validate_config(config)
 
 
 def test_cosine_schedule_with_warmup_matches_its_formula():
@@ -158,6 +174,7 @@ def bn_smoke_step():
   return model, state, step, images, labels
 
 
+@pytest.mark.slow  # Compiles and runs training steps of the smoke model.
 def test_weight_ema_is_the_hand_computed_average(bn_smoke_step):
   model, state, step, images, labels = bn_smoke_step
   history = [state.params]
@@ -177,6 +194,7 @@ def test_weight_ema_is_the_hand_computed_average(bn_smoke_step):
   np.testing.assert_allclose(with_ema['loss'], swapped['loss'], rtol=1e-6)
 
 
+@pytest.mark.slow  # Compiles and runs training steps of the smoke model.
 def test_half_precision_keeps_float32_parameters_and_statistics():
   """bf16 activations with float32 parameters and BW/BN statistics, tracking the float32 model's logits."""
   config = smoke.get_config()

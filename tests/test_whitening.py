@@ -1,4 +1,4 @@
-"""BatchWhitening against float64 NumPy references of DESIGN.md §1–2."""
+"""BatchWhitening against float64 NumPy references of docs/design.md §1–2."""
 
 import jax
 import jax.numpy as jnp

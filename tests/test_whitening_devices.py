@@ -1,4 +1,4 @@
-"""BatchWhitening on 8 devices must compute what it computes on one (DESIGN.md §2, "Devices").
+"""BatchWhitening on 8 devices must compute what it computes on one (docs/design.md §2.4).
 
 Eight devices on a CPU need XLA_FLAGS=--xla_force_host_platform_device_count=8 before JAX is imported, so
 the checks run in a fresh interpreter: this file is also that script (`python tests/test_whitening_devices.py`
@@ -19,6 +19,8 @@ import sys
 from typing import Any
 
 import pytest
+
+pytestmark = pytest.mark.slow  # Every test here reads a subprocess that compiles on 8 devices.
 
 DEVICES = 8
 BATCH_SHAPE = (16, 4, 4, 8)  # N divisible by DEVICES; m = 256 samples, 32 per device.

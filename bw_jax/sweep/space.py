@@ -1,25 +1,23 @@
-"""A sweep file and its search space: loading, checking (every key a training config key, every value one
-the code accepts), drawing a trial's values and building its training config (`bw_jax.sweep`).
+"""A sweep file and its search space: the one list of sweep keys (`base_sweep_config`), checking (every key
+a training config key, every value one the code accepts), drawing a trial's values and building its
+training config.
 
-A sweep file (`configs/sweep_*.py`) starts from `configs/sweep_base.py`, which lists its keys and the forms
-of a search-space spec.
+A sweep file (`configs/sweeps/*.py`) starts from `base_sweep_config()` and overrides what differs. A
+search-space spec is a tuple:
+  ('categorical', (choice, ...))   choices: None, bool, int, float or str
+  ('float', low, high)             uniform;  ('log_float', low, high): uniform in log(value)
+  ('int', low, high)               inclusive; ('log_int', low, high): uniform in log(value)
 """
 
 import copy
-import importlib.util
-import os
-import sys
 from typing import Any, Sequence
 
 import ml_collections
 import optuna
 
 from bw_jax.checks import check_choice, is_positive_int
-from bw_jax.config_validation import base_config, unknown_keys, validate_config
-from bw_jax.data import default_dataset_config
+from bw_jax.config_validation import base_config, config_reference, unknown_keys, validate_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SWEEP_BASE_PATH = os.path.join(REPO, 'configs', 'sweep_base.py')
 SPEC_KINDS = ('categorical', 'float', 'log_float', 'int', 'log_int')
 SPEC_FORMS = ("('categorical', (choice, ...)), ('float' | 'log_float', low, high) or "
               "('int' | 'log_int', low, high)")
@@ -30,18 +28,31 @@ BLOCK_KEYS = ('model.stem_type', 'model.mbconv_type', 'model.head_type')
 BUDGET_KEYS = ('num_epochs', 'num_train_steps')
 
 
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """`get_config()` of a config file, imported with the repository root on sys.path (as `python -m
-  bw_jax.main` from the root does), so that its `from configs import …` works from any directory."""
-  if not os.path.isfile(path):
-    raise ValueError(f'Config file {path!r} does not exist.')
-  if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-  name = 'bw_jax_config_' + os.path.splitext(os.path.basename(path))[0]
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+def base_sweep_config() -> ml_collections.ConfigDict:
+  """Every sweep key with its default; `check_sweep_config` rejects any other."""
+  config = ml_collections.ConfigDict()
+  config.study_name = 'sweep'  # Optuna study name: several sweeps can share one storage.
+  config.train = base_config()  # Every trial's training config before its budget and sampled values.
+  # Each trial's length; overrides train.num_epochs / num_train_steps (num_train_steps > 0 wins).
+  config.trial_budget = ml_collections.ConfigDict({'num_epochs': 1.0, 'num_train_steps': -1})
+  # Nested like the training config: search_space.model.bw.method = ('categorical', ('cholesky', 'zca')).
+  config.search_space = ml_collections.ConfigDict()
+  # Categorical search-space keys whose combinations are taken in turn (a seeded shuffle of their product,
+  # repeated), so that every combination gets trials; the other keys are drawn at random. () for none.
+  config.stratify = ()
+  config.objective = 'eval_accuracy'  # Maximised; 'eval_loss' is minimised.
+  config.n_trials = 20  # The sweep's total budget, over all workers (`run --n-trials` overrides).
+  config.sampler = 'random'  # 'random' (seeded per trial) or 'qmc' (scrambled Sobol; no stratify).
+  config.seed = 0  # The sampler's: trial k draws the same values in every run and every worker.
+  config.pruner = 'none'  # 'none' or 'median': stop a trial whose eval is below the median of the others'.
+  config.pruner_startup_trials = 5  # 'median': prune nothing until this many trials have finished …
+  config.pruner_warmup_steps = 0  # … nor before this training step.
+  # A worker records a heartbeat every heartbeat_interval seconds; a running trial without one for
+  # grace_period seconds is marked failed and queued again (same values, same workdir: it resumes).
+  config.heartbeat_interval = 60
+  config.grace_period = 300
+  config.max_retry = 3  # How many times one trial is queued again after its worker died or it crashed.
+  return config
 
 
 def flatten_space(space: Any, prefix: str = '') -> dict[str, Any]:
@@ -102,13 +113,6 @@ def config_value(config: ml_collections.ConfigDict, key: str) -> Any:
   return config
 
 
-def config_reference(train: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Every training config key (configs/base.py, with the dataset keys of `train`'s dataset)."""
-  reference = base_config()
-  reference.dataset = default_dataset_config(train.dataset.name)
-  return reference
-
-
 def is_config_leaf(reference: ml_collections.ConfigDict, key: str) -> bool:
   node = reference
   for part in key.split('.'):
@@ -150,7 +154,7 @@ def space_value_errors(flat: dict[str, tuple], train: ml_collections.ConfigDict)
 
 def sweep_setting_errors(sweep: ml_collections.ConfigDict, flat: dict[str, tuple]) -> list[str]:
   """The sweep's own keys (not the search space): names, choices and counts."""
-  reference = load_config_file(SWEEP_BASE_PATH)
+  reference = base_sweep_config()
   top = lambda c: ml_collections.ConfigDict({k: v for k, v in c.items() if k not in ('train', 'search_space')})
   errors = unknown_keys(top(sweep), top(reference))
   for name, allowed in (('objective', tuple(OBJECTIVES)), ('sampler', SAMPLERS), ('pruner', PRUNERS)):
@@ -174,7 +178,7 @@ def check_sweep_config(sweep: ml_collections.ConfigDict) -> dict[str, tuple]:
   flat = flatten_space(sweep.get('search_space', ml_collections.ConfigDict()))
   errors = sweep_setting_errors(sweep, flat)
   if not flat:
-    errors.append('search_space is empty: add at least one key (configs/sweep_base.py shows the forms).')
+    errors.append('search_space is empty: add at least one key (bw_jax/sweep/space.py shows the forms).')
   reference = config_reference(sweep.train)
   errors += space_key_errors(sweep.search_space, reference)
   errors += [e for key, spec in flat.items() for e in spec_errors(key, spec)]

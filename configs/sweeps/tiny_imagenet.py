@@ -1,6 +1,6 @@
 """The random search of the brief: BW EfficientNet-B0 on Tiny ImageNet, winners promoted to ImageNet.
 
-  python -m bw_jax.sweep run --config=configs/sweep_tiny_imagenet.py --dir=DIR \
+  python -m bw_jax.sweep run --config=configs/sweeps/tiny_imagenet.py --dir=DIR \
       --storage=postgresql://USER@HOST/DB        # on every worker machine; DIR on a shared file system
   python -m bw_jax.sweep report --dir=DIR --storage=…
   python -m bw_jax.sweep promote --dir=DIR --storage=… --top-k=3 --base=configs/imagenet.py --out=runs/promoted
@@ -12,12 +12,13 @@ MBConv 0 is the BatchNorm baseline) with the other keys drawn at random.
 
 import ml_collections
 
-from configs import sweep_base
+from bw_jax.sweep.space import base_sweep_config
+
 from configs import tiny_imagenet
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = sweep_base.get_config()
+  config = base_sweep_config()
   config.study_name = 'sweep_tiny_imagenet'
   config.train = tiny_imagenet.get_config()
   config.trial_budget.num_epochs = 10.0

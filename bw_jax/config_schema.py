@@ -1,6 +1,8 @@
-"""The one list of config keys: every config imports `get_config()` from here and overrides what differs.
+"""The one list of training config keys: every config file starts from `get_config()` here and overrides
+what differs (`configs/default.py`, your own files).
 
-`bw_jax.config_validation.validate_config` rejects any key not in this tree, so a misspelt override fails
+It lives in the package, not in `configs/`, so that an installed bw_jax validates configs without the
+repository. `bw_jax.config_validation.validate_config` rejects any key not in this tree, so a misspelt override fails
 before anything compiles. Optional values use `FieldReference(None, field_type=...)` so that
 `--config.key=value` still works on the command line.
 """

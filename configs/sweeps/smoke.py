@@ -2,18 +2,19 @@
 
 The search space holds only data keys, which leave the compiled programs unchanged: every trial reuses one
 XLA compilation (JAX's persistent cache), so a trial costs seconds; BatchNorm everywhere traces faster than
-BW. The model and optimizer keys are exercised by the unit tests and the real sweeps (sweep_fashion_mnist.py,
-sweep_tiny_imagenet.py).
+BW. The model and optimizer keys are exercised by the unit tests and the real sweeps (fashion_mnist.py,
+tiny_imagenet.py).
 """
 
 import ml_collections
 
+from bw_jax.sweep.space import base_sweep_config
+
 from configs import smoke
-from configs import sweep_base
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = sweep_base.get_config()
+  config = base_sweep_config()
   config.study_name = 'sweep_smoke'
   config.train = smoke.get_config()
   config.train.model.stem_type, config.train.model.mbconv_type, config.train.model.head_type = 1, 0, 1

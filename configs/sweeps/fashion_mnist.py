@@ -1,6 +1,6 @@
 """Random search on Fashion-MNIST sized for a 2-core CPU (about half an hour with two workers).
 
-  python -m bw_jax.sweep run --config=configs/sweep_fashion_mnist.py --dir=/tmp/sweep_fashion_mnist
+  python -m bw_jax.sweep run --config=configs/sweeps/fashion_mnist.py --dir=/tmp/sweep_fashion_mnist
 
 A quarter-width, quarter-depth EfficientNet with the published stride-2 stem (14×14 maps after it), 300
 steps of 128 images a trial (0.64 epoch); 16 trials, one for each stem × MBConv × head combination
@@ -10,12 +10,13 @@ docs/sweep_fashion_mnist/.
 
 import ml_collections
 
+from bw_jax.sweep.space import base_sweep_config
+
 from configs import default
-from configs import sweep_base
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = sweep_base.get_config()
+  config = base_sweep_config()
   config.study_name = 'sweep_fashion_mnist'
   train = config.train = default.get_config()
   train.model.width_multiplier = 0.25

@@ -22,7 +22,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 import sqlalchemy
 
-from bw_jax.sweep_config import OBJECTIVES
+from bw_jax.sweep.space import OBJECTIVES
 
 # What defines the experiment: a worker whose sweep file differs here from the study's record is refused.
 EXPERIMENT_KEYS = ('train', 'trial_budget', 'search_space', 'stratify', 'objective', 'sampler', 'seed')

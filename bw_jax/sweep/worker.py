@@ -1,39 +1,27 @@
-"""Hyper-parameter random search with Optuna: `python -m bw_jax.sweep run | report | promote` (DESIGN.md §4).
+"""A sweep worker: pulls trials of a study and trains each in its own workdir until the budget is spent.
 
-  run      --config=configs/sweep_X.py --dir=DIR [--storage=URL] [--n-trials=N]
-  report   --dir=DIR [--storage=URL] [--out=DIR/report]
-  promote  --dir=DIR [--storage=URL] --top-k=K --base=configs/imagenet.py --out=OUT
-
-A sweep file (`configs/sweep_*.py`, keys in `configs/sweep_base.py`; `sweep_config.py`) holds every trial's
-training config, the per-trial budget, the search space and the objective. `run` may be started any number
-of times, on any number of machines, against one storage (`DIR/study.db` by default; a PostgreSQL URL for
-many machines; `sweep_study.py`): each process pulls trials until `n_trials` budget slots have finished,
-over all processes. A worker that dies stops its heartbeat; any worker then marks its trial failed and
-queues a retry with the same values, which trains in the same workdir `DIR/trials/NNNN` and so resumes from
-its checkpoint. A trial whose loss went non-finite fails and keeps its slot: that is a result of its values,
-not an accident. `report` and `promote` are in `sweep_report.py`.
+A worker that dies stops its heartbeat; any worker then marks its trial failed and queues a retry with the
+same values, which trains in the same workdir `DIR/trials/NNNN` and so resumes from its checkpoint. A trial
+whose loss went non-finite fails and keeps its slot: that is a result of its values, not an accident.
 """
 
-import argparse
 import contextlib
 import dataclasses
-import math
 import os
 import socket
-import sys
 import time
 import traceback
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 import warnings
 
 import ml_collections
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from bw_jax.sweep_config import (BLOCK_KEYS, check_sweep_config, config_value, display_order, load_config_file,
-                                 suggest, trial_config)
-from bw_jax.sweep_study import (FINISHED, budget_done, budget_slot, can_start, default_storage, finished_count,
-                                is_retry, is_surplus, load_study, open_study, original_number)
+from bw_jax.formatting import format_seconds
+from bw_jax.sweep.space import BLOCK_KEYS, config_value, display_order, suggest, trial_config
+from bw_jax.sweep.study import (FINISHED, budget_done, budget_slot, can_start, default_storage, finished_count,
+                                is_retry, is_surplus, original_number)
 
 
 class SurplusTrial(Exception):
@@ -201,14 +189,6 @@ class Worker:
     log(final_summary(self.study, self.n_trials, self.ran, time.perf_counter() - start) + f'\nReport: {report}')
 
 
-def format_seconds(seconds: float | None) -> str:
-  """'1:02:03' for 3723 seconds; '?' when unknown."""
-  if seconds is None or not math.isfinite(seconds):
-    return '?'
-  minutes, seconds = divmod(int(round(seconds)), 60)
-  return f'{minutes // 60}:{minutes % 60:02d}:{seconds:02d}'
-
-
 def format_params(params: dict[str, Any]) -> str:
   return ' '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in params.items())
 
@@ -241,74 +221,3 @@ def final_summary(study: optuna.Study, n_trials: int, ran: int, seconds: float) 
     lines.append(f'Best: trial {best.number}, {study.user_attrs["sweep"]["objective"]} {best.value:.4f}: '
                  f'{format_params({k: best.params[k] for k in display_order(list(best.params))})}')
   return '\n'.join(lines)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def run(args: argparse.Namespace) -> None:
-  sweep = load_config_file(args.config)
-  if args.n_trials is not None:
-    sweep.n_trials = args.n_trials
-  space = check_sweep_config(sweep)  # Before anything is created: a bad file leaves no trace.
-  os.makedirs(args.dir, exist_ok=True)
-  import jax
-  # jax 0.10.2 on CPU: asynchronous dispatch intermittently hangs in block_until_ready (tests/conftest.py).
-  jax.config.update('jax_cpu_enable_async_dispatch', False)
-  if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):  # A retried trial need not compile again.
-    jax.config.update('jax_compilation_cache_dir', os.path.join(os.path.abspath(args.dir), 'jax_cache'))
-  storage = args.storage or default_storage(args.dir)
-  optuna.logging.set_verbosity(optuna.logging.ERROR)  # Our progress lines replace Optuna's.
-  study = open_study(sweep, space, storage)
-  print(f"Sweep '{sweep.study_name}' in {storage}: budget {sweep.n_trials} trials; trial workdirs in "
-        f"{os.path.join(os.path.abspath(args.dir), 'trials')}", flush=True)
-  worker = Worker(sweep, space, os.path.abspath(args.dir), study, sweep.n_trials, storage)
-  worker.run(lambda line: print(line, flush=True))
-
-
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog='python -m bw_jax.sweep', description=__doc__.split('\n\n')[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  commands = parser.add_subparsers(dest='command', required=True)
-  common = argparse.ArgumentParser(add_help=False)
-  common.add_argument('--dir', required=True, help='Sweep directory: study.db (default storage), trials/.')
-  common.add_argument('--storage', help='Optuna RDB URL (postgresql://user@host/db) or a journal file path; '
-                                        'default: sqlite:///DIR/study.db.')
-  run_parser = commands.add_parser('run', parents=[common], help='Train trials until the budget is spent.')
-  run_parser.add_argument('--config', required=True, help='Sweep file, e.g. configs/sweep_fashion_mnist.py.')
-  run_parser.add_argument('--n-trials', type=int, help="Total budget over all workers (default: the file's).")
-  report_parser = commands.add_parser('report', parents=[common], help='results.csv, summary.md and plots.')
-  report_parser.add_argument('--study-name')
-  report_parser.add_argument('--out', help='Report directory (default: DIR/report).')
-  promote_parser = commands.add_parser('promote', parents=[common], help='Configs for the best block types.')
-  promote_parser.add_argument('--study-name')
-  promote_parser.add_argument('--top-k', type=int, default=3, help='How many block-type combinations.')
-  promote_parser.add_argument('--base', required=True, help='Config the winners start from (configs/imagenet.py).')
-  promote_parser.add_argument('--out', required=True, help='Directory for the written configs.')
-  promote_parser.add_argument('--workdir-root', default='runs/imagenet', help='Where their commands train.')
-  return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-  args = parse_args(sys.argv[1:] if argv is None else argv)
-  try:
-    if args.command == 'run':
-      run(args)
-      return
-    from bw_jax import sweep_report
-    study = load_study(args.dir, args.storage, args.study_name)
-    if args.command == 'report':
-      out = args.out or os.path.join(args.dir, 'report')
-      sweep_report.write_report(study, out)
-      print(f'Report of {len(study.trials)} trials in {out}: results.csv, summary.md, '
-            f'{", ".join(sweep_report.PLOTS)}')
-    else:
-      for line in sweep_report.promote(study, args.top_k, args.base, args.out, args.workdir_root):
-        print(line)
-  except ValueError as e:
-    raise SystemExit(f'error: {e}') from None
-
-
-if __name__ == '__main__':
-  main()

@@ -1,0 +1,95 @@
+"""`python -m bw_jax.sweep run | report | promote`: hyper-parameter random search with Optuna.
+
+  run      --config=configs/sweeps/X.py --dir=DIR [--storage=URL] [--n-trials=N]
+  report   --dir=DIR [--storage=URL] [--out=DIR/report]
+  promote  --dir=DIR [--storage=URL] --top-k=K --base=configs/imagenet.py --out=OUT
+
+A sweep file (`configs/sweeps/*.py`; its keys in `bw_jax/sweep/space.py`) holds every trial's training
+config, the per-trial budget, the search space and the objective. `run` may be started any number of times,
+on any number of machines, against one storage (`DIR/study.db` by default; a PostgreSQL URL for many
+machines): each process pulls trials until `n_trials` budget slots have finished, over all processes.
+"""
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+import jax
+
+try:
+  import optuna
+except ImportError as error:  # An install without the extra: say what to install rather than a traceback.
+  raise SystemExit("python -m bw_jax.sweep needs the sweep extra: pip install 'bw_jax[sweep]' "
+                   f'({error}).') from None
+
+from bw_jax.config_files import load_config_file
+from bw_jax.runtime import configure_cpu_dispatch
+from bw_jax.sweep.space import check_sweep_config
+from bw_jax.sweep.study import default_storage, load_study, open_study
+from bw_jax.sweep.worker import Worker
+
+
+def run(args: argparse.Namespace) -> None:
+  configure_cpu_dispatch()  # Before the checks below create the devices.
+  sweep = load_config_file(args.config)
+  if args.n_trials is not None:
+    sweep.n_trials = args.n_trials
+  space = check_sweep_config(sweep)  # Before anything is created: a bad file leaves no trace.
+  os.makedirs(args.dir, exist_ok=True)
+  if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):  # A retried trial need not compile again.
+    jax.config.update('jax_compilation_cache_dir', os.path.join(os.path.abspath(args.dir), 'jax_cache'))
+  storage = args.storage or default_storage(args.dir)
+  optuna.logging.set_verbosity(optuna.logging.ERROR)  # Our progress lines replace Optuna's.
+  study = open_study(sweep, space, storage)
+  print(f"Sweep '{sweep.study_name}' in {storage}: budget {sweep.n_trials} trials; trial workdirs in "
+        f"{os.path.join(os.path.abspath(args.dir), 'trials')}", flush=True)
+  worker = Worker(sweep, space, os.path.abspath(args.dir), study, sweep.n_trials, storage)
+  worker.run(lambda line: print(line, flush=True))
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog='python -m bw_jax.sweep', description=__doc__.split('\n\n')[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  commands = parser.add_subparsers(dest='command', required=True)
+  common = argparse.ArgumentParser(add_help=False)
+  common.add_argument('--dir', required=True, help='Sweep directory: study.db (default storage), trials/.')
+  common.add_argument('--storage', help='Optuna RDB URL (postgresql://user@host/db) or a journal file path; '
+                                        'default: sqlite:///DIR/study.db.')
+  run_parser = commands.add_parser('run', parents=[common], help='Train trials until the budget is spent.')
+  run_parser.add_argument('--config', required=True, help='Sweep file, e.g. configs/sweeps/fashion_mnist.py.')
+  run_parser.add_argument('--n-trials', type=int, help="Total budget over all workers (default: the file's).")
+  report_parser = commands.add_parser('report', parents=[common], help='results.csv, summary.md and plots.')
+  report_parser.add_argument('--study-name')
+  report_parser.add_argument('--out', help='Report directory (default: DIR/report).')
+  promote_parser = commands.add_parser('promote', parents=[common], help='Configs for the best block types.')
+  promote_parser.add_argument('--study-name')
+  promote_parser.add_argument('--top-k', type=int, default=3, help='How many block-type combinations.')
+  promote_parser.add_argument('--base', required=True, help='Config the winners start from (configs/imagenet.py).')
+  promote_parser.add_argument('--out', required=True, help='Directory for the written configs.')
+  promote_parser.add_argument('--workdir-root', default='runs/imagenet', help='Where their commands train.')
+  return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  try:
+    if args.command == 'run':
+      run(args)
+      return
+    from bw_jax.sweep import promote, report  # Matplotlib and pandas: only for these commands.
+    study = load_study(args.dir, args.storage, args.study_name)
+    if args.command == 'report':
+      out = args.out or os.path.join(args.dir, 'report')
+      report.write_report(study, out)
+      print(f'Report of {len(study.trials)} trials in {out}: results.csv, summary.md, '
+            f'{", ".join(report.PLOTS)}')
+    else:
+      for line in promote.promote(study, args.top_k, args.base, args.out, args.workdir_root):
+        print(line)
+  except ValueError as e:
+    raise SystemExit(f'error: {e}') from None
+
+
+if __name__ == '__main__':
+  main()

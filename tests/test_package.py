@@ -1,0 +1,191 @@
+"""bw_jax as an installable library: its declared dependencies against the imports and requirements.txt,
+the public names of `bw_jax`, and a wheel built from this checkout, installed into a fresh virtual
+environment and used from outside the checkout."""
+
+import ast
+import glob
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tomllib
+
+import numpy as np
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+import pytest
+
+import bw_jax
+from subprocess_runs import REPO, run_process, subprocess_env
+
+with open(os.path.join(REPO, 'pyproject.toml'), 'rb') as f:
+  PROJECT = tomllib.load(f)['project']
+CORE = [Requirement(r) for r in PROJECT['dependencies']]
+EXTRAS = {extra: [Requirement(r) for r in requirements]
+          for extra, requirements in PROJECT['optional-dependencies'].items()}
+# requirements.txt pins these for reproducible installs although bw_jax does not need them itself.
+PINNED_ONLY = {'scipy'}  # jax's dependency
+
+
+def requirements_txt_pins() -> dict[str, str]:
+  pins = {}
+  with open(os.path.join(REPO, 'requirements.txt')) as f:
+    for line in f:
+      line = line.split('#', 1)[0].strip()
+      if line:
+        name, version = line.split('==')
+        pins[canonicalize_name(name)] = version
+  return pins
+
+
+def third_party_imports(path: str) -> set[str]:
+  """Top-level names of the non-standard-library modules a Python file imports, anywhere in it."""
+  with open(path) as f:
+    tree = ast.parse(f.read())
+  names = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      names.update(alias.name.split('.')[0] for alias in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.level == 0:
+      names.add(node.module.split('.')[0])
+  return {n for n in names if n not in sys.stdlib_module_names and n not in ('bw_jax', '__future__')}
+
+
+def test_every_declared_dependency_has_its_lower_bound_pinned_in_requirements_txt():
+  pins = requirements_txt_pins()
+  declared = {}
+  for requirement in CORE + [r for rs in EXTRAS.values() for r in rs]:
+    if canonicalize_name(requirement.name) == 'bw-jax':
+      continue  # [postgres] includes [sweep].
+    lower = [s.version for s in requirement.specifier if s.operator == '>=']
+    declared[canonicalize_name(requirement.name)] = lower
+  mismatched = {name: (lower, pins.get(name)) for name, lower in declared.items() if lower != [pins.get(name)]}
+  assert not mismatched, f'pyproject lower bound vs requirements.txt pin: {mismatched}'
+  assert set(pins) - set(declared) == PINNED_ONLY
+
+
+def test_every_third_party_import_of_the_package_is_a_declared_dependency():
+  distributions = importlib.metadata.packages_distributions()
+  core = {canonicalize_name(r.name) for r in CORE}
+  sweep = core | {canonicalize_name(r.name) for r in EXTRAS['sweep']}
+  undeclared = {}
+  for path in glob.glob(os.path.join(REPO, 'bw_jax', '**', '*.py'), recursive=True):
+    allowed = sweep if os.sep + 'sweep' + os.sep in path else core
+    for module in third_party_imports(path):
+      names = {canonicalize_name(d) for d in distributions.get(module, [module])}
+      if not names & allowed:
+        undeclared[os.path.relpath(path, REPO)] = module
+  assert not undeclared
+
+
+def test_public_names_are_those_of_their_modules():
+  from bw_jax import depthwise, efficientnet, train, whitening
+  for name, module in [('BatchWhitening', whitening), ('BWSettings', whitening), ('whiten', whitening),
+                       ('whitening_matrix', whitening), ('batch_moments', whitening),
+                       ('DepthwiseConv', depthwise), ('EfficientNet', efficientnet),
+                       ('train_and_evaluate', train)]:
+    assert getattr(bw_jax, name) is getattr(module, name)
+  assert set(bw_jax.__all__) == set(dir(bw_jax))
+  with pytest.raises(AttributeError, match="no attribute 'BatchNorm'"):
+    bw_jax.BatchNorm
+
+
+def run_python(code: str, python: str = sys.executable, cwd: str = REPO, env: dict | None = None
+               ) -> subprocess.CompletedProcess:
+  return run_process([python, '-c', code], cwd=cwd, env=env or subprocess_env(), timeout=300)
+
+
+def test_import_bw_jax_loads_no_framework_until_a_name_is_used():
+  done = run_python('import sys\nimport bw_jax\n'
+                    'loaded = lambda: [m for m in ("jax", "flax", "tensorflow") if m in sys.modules]\n'
+                    'print(loaded())\nbw_jax.BatchWhitening\nprint(loaded())')
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.splitlines() == ['[]', "['jax', 'flax']"]
+
+
+def test_sweep_without_optuna_names_the_extra_to_install():
+  done = run_python("import sys\nsys.modules['optuna'] = None  # As if not installed.\n"
+                    "import runpy\nrunpy.run_module('bw_jax.sweep', run_name='__main__')")
+  assert done.returncode == 1
+  assert "python -m bw_jax.sweep needs the sweep extra: pip install 'bw_jax[sweep]'" in done.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The wheel, installed outside the checkout
+
+
+@pytest.fixture(scope='module')
+def installed(tmp_path_factory) -> dict[str, str]:
+  """A wheel built from a copy of the checkout's package files, installed into a new virtual environment
+  that also sees this environment's site-packages (the dependencies; their .pth files, such as an editable
+  bw_jax's, are not run) and nothing of the checkout. No network: --no-index, --no-deps."""
+  root = tmp_path_factory.mktemp('installed')
+  source, dist, venv, cwd = (str(root / name) for name in ('source', 'dist', 'venv', 'elsewhere'))
+  shutil.copytree(os.path.join(REPO, 'bw_jax'), os.path.join(source, 'bw_jax'),
+                  ignore=shutil.ignore_patterns('__pycache__'))
+  for name in ('pyproject.toml', 'README.md'):
+    shutil.copy(os.path.join(REPO, name), source)
+  os.makedirs(cwd)
+  pip = [sys.executable, '-m', 'pip', '--disable-pip-version-check', '--no-input']
+  steps = [[*pip, 'wheel', '--no-deps', '--no-build-isolation', '--no-index', '--wheel-dir', dist, source],
+           [sys.executable, '-m', 'venv', '--without-pip', venv]]
+  for step in steps:
+    done = run_process(step, timeout=300)
+    assert done.returncode == 0, f'{step}:\n{done.stdout}\n{done.stderr}'
+  wheel, = glob.glob(os.path.join(dist, 'bw_jax-*.whl'))
+  python = os.path.join(venv, 'bin', 'python')
+  done = run_process([*pip, '--python', python, 'install', '--no-deps', '--no-index', '--ignore-installed', wheel],
+                     timeout=300)
+  assert done.returncode == 0, done.stdout + done.stderr
+  site_packages = run_python('import sysconfig; print(sysconfig.get_paths()["purelib"])', python, cwd)
+  ours = {sysconfig.get_paths()['purelib'], sysconfig.get_paths()['platlib']}
+  with open(os.path.join(site_packages.stdout.strip(), 'dependencies.pth'), 'w') as f:
+    f.write('\n'.join(sorted(ours)) + '\n')
+  env = {k: v for k, v in subprocess_env().items() if k != 'PYTHONPATH'}
+  # The test suite's persistent compilation cache (tests/test_train.py): the smoke programs compile once.
+  env.update(JAX_COMPILATION_CACHE_DIR=os.path.join(REPO, '.pytest_cache', 'jax_compilation'),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
+  return {'wheel': wheel, 'python': python, 'venv': venv, 'cwd': cwd, 'env': env}
+
+
+@pytest.mark.slow  # Builds a wheel and imports TensorFlow in a new interpreter: ~30 s on 2 busy cores.
+def test_installed_wheel_whitens_a_batch_as_numpy_does(installed):
+  code = """
+import bw_jax, jax, numpy as np
+print(bw_jax.__file__, bw_jax.__version__)
+x = np.random.default_rng(0).normal(size=(64, 5)) @ np.triu(np.ones((5, 5)))
+layer = bw_jax.BatchWhitening(use_running_average=False, group_size=None, epsilon=1e-3, use_scale=False,
+                              use_bias=False)
+variables = layer.init(jax.random.key(0), x.astype(np.float32))
+y, _ = layer.apply(variables, x.astype(np.float32), mutable=['batch_stats'])
+np.save('y.npy', np.asarray(y))
+"""
+  done = run_python(code, installed['python'], installed['cwd'], installed['env'])
+  assert done.returncode == 0, done.stderr
+  module_file, version = done.stdout.split()
+  assert module_file.startswith(installed['venv'] + os.sep), module_file  # Not the checkout's copy.
+  assert os.path.basename(installed['wheel']).startswith(f'bw_jax-{version}-')
+  assert version == bw_jax.__version__
+  x = np.random.default_rng(0).normal(size=(64, 5)) @ np.triu(np.ones((5, 5)))
+  x = x.astype(np.float32).astype(np.float64)
+  centred = x - x.mean(axis=0)
+  lower = np.linalg.cholesky(centred.T @ centred / (len(x) - 1) + 1e-3 * np.eye(5))
+  expected = np.linalg.solve(lower, centred.T).T
+  np.testing.assert_allclose(np.load(os.path.join(installed['cwd'], 'y.npy')), expected, atol=2e-4)
+
+
+@pytest.mark.slow  # Trains 2 steps of the smoke model and evaluates it: ~1-2 minutes on 2 busy cores.
+def test_installed_wheel_trains_with_python_m_bw_jax_main(installed, tmp_path):
+  where = run_python('import bw_jax.main; print(bw_jax.main.__file__)', installed['python'], installed['cwd'],
+                     installed['env'])
+  assert where.stdout.strip().startswith(installed['venv'] + os.sep), where.stdout + where.stderr
+  done = run_process(
+      [installed['python'], '-m', 'bw_jax.main', f'--config={os.path.join(REPO, "configs", "smoke.py")}',
+       f'--workdir={tmp_path}', '--config.num_train_steps=2'], cwd=installed['cwd'], env=installed['env'])
+  assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+  assert 'eval_accuracy' in done.stdout and 'after 2 steps' in done.stdout
+  with open(tmp_path / 'summary.json') as f:
+    assert json.load(f)['step'] == 2

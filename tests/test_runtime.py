@@ -1,0 +1,65 @@
+"""bw_jax.runtime.configure_cpu_dispatch, in fresh processes (JAX reads the setting when it creates its CPU
+client), and the entry points that must call it before anything creates the devices."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from subprocess_runs import REPO, run_process, subprocess_env
+
+# A call that computes for a while (40 chained 384×384 matmuls), then whether its result is ready the moment
+# the call returns: always with synchronous dispatch, practically never with asynchronous dispatch.
+PROBE = """
+import jax
+import jax.numpy as jnp
+
+def probe(*args, **kwargs):
+  chain = jax.jit(lambda x: jax.lax.fori_loop(0, 40, lambda i, y: jnp.tanh(y @ y), x))
+  x = jnp.ones((384, 384)) / 384
+  chain(x).block_until_ready()  # Compiled before the timed call.
+  print('ready' if chain(x).is_ready() else 'pending')
+"""
+# `python -m MODULE ARGS` with its training replaced by the probe.
+ENTRY_POINT = PROBE + """
+import runpy, sys
+from bw_jax import train
+from bw_jax.sweep import worker
+train.train_and_evaluate = lambda *args: probe() or {'preempted': True, 'step': 0}
+worker.Worker.run = probe
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)
+"""
+
+
+def run_python(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+  return run_process([sys.executable, *args], cwd=REPO, env=subprocess_env(), timeout=timeout)
+
+
+@pytest.mark.parametrize('setup, expected', [('', 'pending'), ('configure_cpu_dispatch()', 'ready')],
+                         ids=['default', 'configured'])
+def test_configure_cpu_dispatch_makes_a_call_return_with_its_result(setup, expected):
+  """The default case shows that the probe tells asynchronous from synchronous dispatch."""
+  done = run_python('-c', f'from bw_jax.runtime import configure_cpu_dispatch\n{setup}\n{PROBE}\nprobe()')
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.split() == [expected]
+
+
+def test_configure_cpu_dispatch_after_the_devices_exist_raises():
+  done = run_python('-c', 'import jax\nfrom bw_jax.runtime import configure_cpu_dispatch\njax.devices()\n'
+                          'configure_cpu_dispatch()')
+  assert done.returncode != 0
+  assert 'configure_cpu_dispatch() was called after JAX created its devices' in done.stderr
+
+
+@pytest.mark.slow  # Each imports TensorFlow and builds the model: ~20 s on 2 busy cores.
+@pytest.mark.parametrize('command', [
+    ['bw_jax.main', f'--config={os.path.join(REPO, "configs", "smoke.py")}', '--workdir={out}'],
+    ['bw_jax.sweep', 'run', f'--config={os.path.join(REPO, "configs", "sweeps", "smoke.py")}', '--dir={out}'],
+], ids=['main', 'sweep'])
+def test_entry_points_train_with_synchronous_dispatch(command, tmp_path):
+  """They validate the config first, which creates the devices: the setting must come before."""
+  done = run_python('-c', ENTRY_POINT, *[arg.format(out=tmp_path / 'out') for arg in command])
+  assert done.returncode == 0, done.stdout + done.stderr
+  assert 'ready' in done.stdout.split(), done.stdout
