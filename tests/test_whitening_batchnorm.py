@@ -448,12 +448,14 @@ def failures(results: dict[str, float], prefix: str, tolerance: float = TOLERANC
   return [f'{k}: max |diff| {v:.3g} > {tolerance:g}' for k, v in checks.items() if not v < tolerance]
 
 
+@pytest.mark.slow  # 8-device script in a new interpreter: ~50 s on 2 busy cores.
 @pytest.mark.parametrize('check', ['axis_name/', 'axis_index_groups/', 'mask_same_count/', 'mask_uneven/'])
 def test_axis_name_and_mask_under_pmap_match_batchnorm_and_numpy(device_results, check):
   assert device_results['devices'] == DEVICES
   assert not failures(device_results, check)
 
 
+@pytest.mark.slow  # 8-device script in a new interpreter: ~50 s on 2 busy cores.
 def test_imagenet_example_pmean_of_batch_stats_averages_the_devices_statistics(device_results):
   assert device_results['pmap_sync/devices_differed'] > 1e-3  # per-device statistics were different
   assert device_results['pmap_sync/all_float32'] == 1.0
