@@ -9,11 +9,15 @@ so that the BW/BN ratios come from the same moments of a noisy machine. Run from
   .venv/bin/python benchmarks/bw_layer.py --markdown           # the same, as BENCHMARKS.md rows
   .venv/bin/python benchmarks/bw_layer.py --quick              # smoke run: batch 8, g=16, 3 repeats
   .venv/bin/python benchmarks/bw_layer.py --shapes 96 672 --methods cholesky --group-sizes 16
+  .venv/bin/python benchmarks/bw_layer.py --methods cholesky --group-sizes 16 --before f1f1e1c  # before/after
 
 Progress goes to stderr, the table to stdout.
 """
 
 import argparse
+import importlib.util
+import subprocess
+import tempfile
 from typing import Any, Callable
 
 from flax import linen as nn
@@ -41,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--markdown', action='store_true', help='print a Markdown table.')
   parser.add_argument('--quick', action='store_true', help=f'smoke run: {QUICK}, overriding those flags.')
+  parser.add_argument('--before', metavar='REV', help='also time bw_jax/whitening.py as of git revision REV '
+                      '(rows "METHOD @REV"), round-robin in the same process.')
   args = parser.parse_args(argv)
   if args.quick:
     vars(args).update(QUICK)
@@ -49,7 +55,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   return args
 
 
-def layers_for(channels: int, methods: list[str], group_sizes: list[int]) -> tuple[list, list[str]]:
+def whitening_at(revision: str) -> Any:
+  """bw_jax/whitening.py as of a git revision, imported as a separate module (same bw_jax package)."""
+  source = subprocess.run(['git', 'show', f'{revision}:bw_jax/whitening.py'], check=True, capture_output=True,
+                          text=True).stdout
+  with tempfile.NamedTemporaryFile('w', suffix='.py', delete=False) as f:
+    f.write(source)
+  spec = importlib.util.spec_from_file_location(f'whitening_at_{revision}', f.name)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def layers_for(channels: int, methods: list[str], group_sizes: list[int], before: str | None = None,
+               ) -> tuple[list, list[str]]:
   """[(method, g label, module)] with BatchNorm first, and notes on requested g that repeat a row."""
   rows = [('batchnorm', '-', nn.BatchNorm(use_running_average=False, momentum=MOMENTUM, epsilon=EPSILON))]
   notes = []
@@ -62,8 +81,10 @@ def layers_for(channels: int, methods: list[str], group_sizes: list[int]) -> tup
         notes.append(f'C={channels} {method}: g={requested} fits to g={g}, already timed.')
         continue
       seen.add(g)
-      rows.append((method, label, whitening.BatchWhitening(
-          use_running_average=False, momentum=MOMENTUM, epsilon=EPSILON, group_size=g, method=method)))
+      versions = [(method, whitening)] + ([(f'{method} @{before}', whitening_at(before))] if before else [])
+      for name, source in versions:
+        rows.append((name, label, source.BatchWhitening(
+            use_running_average=False, momentum=MOMENTUM, epsilon=EPSILON, group_size=g, method=method)))
   return rows, notes
 
 
@@ -87,7 +108,7 @@ def benchmark_shape(channels: int, args: argparse.Namespace) -> tuple[list[tuple
   """Table rows (shape, method, g, ms, ratio to BN) for one activation shape, and notes."""
   shape = (args.batch, *SHAPES[channels])
   x = jax.random.normal(jax.random.key(0), shape, jnp.float32)
-  layers, notes = layers_for(channels, args.methods, args.group_sizes)
+  layers, notes = layers_for(channels, args.methods, args.group_sizes, args.before)
   calls = []
   for method, g, module in layers:
     progress(f'{shape}: compiling {method} g={g}')

@@ -47,7 +47,7 @@ def running_statistics_converge(x_shape: tuple[int, ...], group_size: int, steps
 
   @jax.jit
   def step(variables, x):
-    y, updates = module.apply(variables, x, use_running_average=False, mutable=['batch_stats'])
+    y, updates = module.apply(variables, x, use_running_average=False, mutable=['batch_stats', 'bw_health'])
     y_eval = module.apply({**variables, **updates}, x, use_running_average=True)
     return {**variables, **updates}, jnp.max(jnp.abs(y - y_eval))
 
@@ -59,8 +59,8 @@ def running_statistics_converge(x_shape: tuple[int, ...], group_size: int, steps
     variables, gap = step(variables, x)
     if i % 5 == 0 or i == steps - 1:
       print(f'  step {i:3d}: {float(gap):.4f}')
-  stats = variables['batch_stats']
-  print(f'  fallbacks: {int(stats["fallbacks"])}, skipped updates: {int(stats["skipped_updates"])}')
+  health = variables['bw_health']
+  print(f'  fallbacks: {int(health["fallbacks"])}, skipped updates: {int(health["skipped_updates"])}')
 
 
 def whiten_fashion_mnist_patches(batch_size: int = 256) -> None:

@@ -43,15 +43,17 @@ def train_step(state: TrainState, batch: dict, *, model: Any, learning_rate_fn: 
   images = batch['image'] if normalise is None else normalise(batch['image'])
 
   def loss_fn(params):
-    logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats}, images,
-                                  train=True, mutable=['batch_stats'], rngs={'dropout': key})
+    variables = {'params': params, 'batch_stats': state.batch_stats, 'bw_health': state.bw_health}
+    logits, updates = model.apply(variables, images, train=True, mutable=['batch_stats', 'bw_health'],
+                                  rngs={'dropout': key})
     loss = jnp.mean(cross_entropy(logits, batch['label'], num_classes, label_smoothing))
-    return loss, (logits, updates['batch_stats'])
+    return loss, (logits, updates)
 
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   metrics = {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
              'learning_rate': learning_rate_fn(state.step)}
-  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  state = state.apply_gradients(grads=grads, batch_stats=updates['batch_stats'],
+                                bw_health=updates.get('bw_health', {}))
   if ema_decay > 0:
     state = state.replace(ema_params=update_ema(state.ema_params, state.params, ema_decay))
   return state, metrics
@@ -97,6 +99,7 @@ def initial_state(config: ml_collections.ConfigDict, model: Any, tx: Any, replic
     params = variables['params']
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
                              batch_stats=variables.get('batch_stats', {}),
+                             bw_health=variables.get('bw_health', {}),
                              ema_params=params if config.ema_decay > 0 else {})
   return init()
 
@@ -300,7 +303,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         return {'preempted': True, 'step': step}
       if eval_now:
         eval_metrics = evaluate(eval_fn, state, config, data_sharding)
-        health = bw_health(state.batch_stats)
+        health = bw_health(state.batch_stats, state.bw_health)
         writer.write_scalars(step, {**{f'eval/{k}': v for k, v in eval_metrics.items()},
                                     **{f'bw_health/{k}': v for k, v in health.items()}})
         if jax.process_index() == 0:
@@ -319,7 +322,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       checkpoints.close()
 
   steady_seconds = (time.perf_counter() - steady_start - excluded) if steady_start else 0.0
-  health = bw_health(state.batch_stats)
+  health = bw_health(state.batch_stats, state.bw_health)
   summary = {
       'eval_accuracy': eval_metrics['accuracy'], 'eval_loss': eval_metrics['loss'],
       'eval_examples': eval_metrics['count'], 'step': int(state.step),

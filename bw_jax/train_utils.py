@@ -19,9 +19,11 @@ from bw_jax.whitening import BWSettings
 
 
 class TrainState(train_state.TrainState):
-  """params, opt_state and step (Flax's), plus the normalisation statistics and the weight EMA."""
+  """params, opt_state and step (Flax's), plus the normalisation statistics, the weight EMA and BW's
+  health counters (the `bw_health` collection; {} for a model without BW)."""
   batch_stats: Any
   ema_params: Any
+  bw_health: Any = flax.struct.field(default_factory=dict)
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int) -> EfficientNet:
@@ -88,22 +90,20 @@ def update_ema(ema: Any, params: Any, decay: float) -> Any:
   return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
 
 
-def bw_health(batch_stats: Any) -> dict[str, float]:
-  """Per BW layer: the largest condition number over its running covariance groups, and its counters.
+def bw_health(batch_stats: Any, counters: Any) -> dict[str, float]:
+  """Per BW layer: the largest condition number over its running covariance groups (`batch_stats`), and
+  its counters (the `bw_health` collection).
 
   Returns {'<layer path>/cov_condition': float, '<path>/fallbacks': int, '<path>/skipped_updates': int}.
   """
   health = {}
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(jax.device_get(batch_stats)), sep='/')
-  for key, value in flat.items():
-    if not key.endswith('/cov'):
-      continue
-    layer = key[:-len('/cov')]
-    w = np.linalg.eigvalsh(np.asarray(value, np.float64))  # (G, g) ascending
-    smallest = np.maximum(w[:, 0], np.finfo(np.float64).tiny)
-    health[f'{layer}/cov_condition'] = float(np.max(w[:, -1] / smallest))
-    health[f'{layer}/fallbacks'] = int(flat[f'{layer}/fallbacks'])
-    health[f'{layer}/skipped_updates'] = int(flat[f'{layer}/skipped_updates'])
+  flat = lambda tree: flax.traverse_util.flatten_dict(flax.core.unfreeze(jax.device_get(tree)), sep='/')
+  for key, value in flat(batch_stats).items():
+    if key.endswith('/cov'):
+      w = np.linalg.eigvalsh(np.asarray(value, np.float64))  # (G, g) ascending
+      smallest = np.maximum(w[:, 0], np.finfo(np.float64).tiny)
+      health[f'{key[:-len("/cov")]}/cov_condition'] = float(np.max(w[:, -1] / smallest))
+  health.update({key: int(value) for key, value in flat(counters).items()})  # float32 counts, exact
   return health
 
 

@@ -9,6 +9,8 @@ consecutive channels and, per group (docs/design.md §1):
 
 The pure functions (`batch_moments`, `whitening_matrix`, `apply_whitening`) work without Flax; the Linen
 module `BatchWhitening` is a thin drop-in for `flax.linen.BatchNorm` that keeps running statistics.
+S is computed in `whitening_matrices.py`; the products over the activations in `group_products.py`; a
+training step's backward pass is in closed form (`whitening_vjp.py`, `autodiff_backward()` to compare).
 """
 
 from collections.abc import Callable
@@ -18,18 +20,19 @@ from typing import Any
 
 from flax import linen as nn
 from flax.linen import initializers
+from flax.linen.dtypes import canonicalize_dtype
 import jax
 import jax.numpy as jnp
 
-from bw_jax import spectral
 from bw_jax.checks import check_choice, is_positive_int
+from bw_jax.group_products import DENSE_MAX_CHANNELS, group_cross, group_matmul, shifted_moments
+from bw_jax.whitening_matrices import (  # the public names of the factorisations, re-exported
+    FALLBACK_RIDGE, METHODS, align_row_signs, cholesky_whitening, newton_whitening, pca_whitening,
+    stat_dtype, whitening_matrix, whitening_matrix_with_fallbacks, zca_whitening)
+from bw_jax.whitening_vjp import apply_whitening_folded, autodiff_backward, whiten_training
 
-METHODS = ('cholesky', 'zca', 'pca', 'newton')
 STAT_SOURCES = ('batch', 'running')
 
-# Fallback ridge, relative to the mean eigenvalue tr(Σ)/g: large enough to dominate float32 round-off in
-# Σ (~g·1e-7 relative), small enough to leave a well-conditioned group almost untouched.
-FALLBACK_RIDGE = 1e-3
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -60,41 +63,6 @@ def fit_group_size(channels: int, group_size: int | None) -> int:
   return max(d for d in range(1, group_size + 1) if channels % d == 0)
 
 
-def stat_dtype(dtype: Any) -> Any:
-  """float32 for 16/32-bit activations (statistics never in bf16); float64 stays float64."""
-  return jnp.promote_types(dtype, jnp.float32)
-
-
-# Up to this many channels one dense (C, C) product beats G batched (g, g) ones on the CPU despite G× the
-# flops (2× faster at C = 32, even at C = 96, 2-10× slower from C = 240 on; see BENCHMARKS.md).
-DENSE_MAX_CHANNELS = 64
-
-
-def _group_major(a: jax.Array, groups: int) -> jax.Array:
-  """(m, C) -> (G, m, g): each group's samples contiguous, for a batched matmul."""
-  return a.reshape(a.shape[0], groups, -1).transpose(1, 0, 2)
-
-
-def group_scatter(a: jax.Array, groups: int) -> jax.Array:
-  """Per-group aᵀa: (m, C) -> (G, g, g)."""
-  if a.shape[1] <= DENSE_MAX_CHANNELS:
-    g = a.shape[1] // groups
-    blocks = (a.T @ a).reshape(groups, g, groups, g)
-    return blocks[jnp.arange(groups), :, jnp.arange(groups), :]
-  a = _group_major(a, groups)
-  return jnp.einsum('gmi,gmj->gij', a, a)
-
-
-def group_matmul(a: jax.Array, matrices: jax.Array) -> jax.Array:
-  """Each group's samples times its matrix transposed, y_g = a_g M_gᵀ: (m, C), (G, g, g) -> (m, C)."""
-  groups, g, _ = matrices.shape
-  if a.shape[1] <= DENSE_MAX_CHANNELS:
-    block_diagonal = jnp.einsum('gij,gh->gihj', matrices, jnp.eye(groups, dtype=matrices.dtype))
-    return a @ block_diagonal.reshape(groups * g, groups * g).T
-  y = jnp.einsum('gmj,gij->gmi', _group_major(a, groups), matrices)
-  return y.transpose(1, 0, 2).reshape(a.shape)
-
-
 def batch_moments(
     x: jax.Array,
     group_size: int | None = None,
@@ -102,17 +70,21 @@ def batch_moments(
     axis_name: str | None = None,
     axis_index_groups: Any = None,
     shift: jax.Array | None = None,
+    mask: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Per-channel mean and unbiased per-group covariance of a batch, in float32.
 
   Args:
     x: (N, ..., C) activations; every position of every example is a sample (m = N·H·W for NHWC).
     group_size: g, channels per group (None: all C channels form one group).
-    axis_name: under `shard_map`/`pmap`, the mapped batch axis: moments are averaged over it in a single
+    axis_name: under `shard_map`/`pmap`, the mapped batch axis: moments are summed over it in a single
       collective and describe the global batch.
     axis_index_groups: optional device subsets to reduce over separately (see `jax.lax.psum`).
     shift: (C,) a value close to the mean (the running mean), subtracted before the one-pass moments used
-      with `axis_name` to avoid cancellation; ignored otherwise and never differentiated.
+      with `axis_name` to avoid cancellation; never differentiated. Without it: the first included sample
+      (`group_products.shifted_moments`), or 0 with `axis_name`.
+    mask: (N, ...) booleans broadcastable to x.shape[:-1]: the samples the moments count (True), as
+      BatchNorm's mask but one value for all channels of a sample. m is the number of True samples.
 
   Returns:
     mean (C,) and cov (G, g, g) with the 1/(m−1) normalisation, m counted over all reduced devices;
@@ -120,170 +92,40 @@ def batch_moments(
   """
   channels = x.shape[-1]
   groups = num_groups(channels, group_size)
+  if axis_name is None and mask is None:  # one pass, shifted by a sample; XLA inserts any collectives.
+    samples = x.reshape(-1, channels)
+    return shifted_moments(samples, groups, samples[0])
   samples = x.reshape(-1, channels).astype(stat_dtype(x.dtype))
-  m = samples.shape[0]
-  if axis_name is None:  # two passes: exact centring, XLA inserts the collectives when x is sharded.
-    mean = jnp.mean(samples, axis=0)
-    return mean, group_scatter(samples - mean, groups) / (m - 1)
-  shift = jnp.zeros((channels,), samples.dtype) if shift is None else jax.lax.stop_gradient(shift)
-  shifted = samples - shift
-  local = (jnp.mean(shifted, axis=0), group_scatter(shifted, groups) / m)
-  offset, second = jax.lax.pmean(local, axis_name, axis_index_groups=axis_index_groups)
-  total = m * jax.lax.psum(1, axis_name, axis_index_groups=axis_index_groups)
-  offset_g = offset.reshape(groups, -1)
-  cov = (second - offset_g[:, :, None] * offset_g[:, None, :]) * (total / (total - 1))
-  return offset + shift, cov
-
-
-def _eye_like(cov: jax.Array) -> jax.Array:
-  return jnp.broadcast_to(jnp.eye(cov.shape[-1], dtype=cov.dtype), cov.shape)
-
-
-def _add_ridge(cov: jax.Array, ridge: jax.Array) -> jax.Array:
-  """cov (G, g, g) + ridge (G,) · I."""
-  return cov + ridge[:, None, None] * _eye_like(cov)
-
-
-def cholesky_whitening(cov: jax.Array) -> jax.Array:
-  """S = L⁻¹ with Σ = L Lᵀ: (G, g, g) -> (G, g, g), lower-triangular."""
-  lower = jnp.linalg.cholesky(cov)
-  return jax.scipy.linalg.solve_triangular(lower, _eye_like(cov), lower=True)
-
-
-def zca_whitening(cov: jax.Array) -> jax.Array:
-  """S = U Λ^{-1/2} Uᵀ (symmetric; the whitening closest to the identity): (G, g, g) -> (G, g, g)."""
-  return spectral.inverse_sqrtm(cov)
-
-
-def pca_whitening(cov: jax.Array) -> jax.Array:
-  """S = Λ^{-1/2} Uᵀ (rotates onto the principal axes, ascending eigenvalues): (G, g, g) -> (G, g, g)."""
-  w, u = spectral.safe_eigh(cov)
-  return jax.lax.rsqrt(w)[..., :, None] * jnp.swapaxes(u, -1, -2)
-
-
-def newton_whitening(cov: jax.Array, iterations: int = 5) -> jax.Array:
-  """IterNorm: S ≈ Σ^{-1/2} by `iterations` Newton–Schulz steps on Σ/tr(Σ): (G, g, g) -> (G, g, g).
-
-  IterNorm's P₀ = I, P_k = ½(3P_{k−1} − P_{k−1}³ Σ_N) with Σ_N = Σ/tr(Σ) (eigenvalues in (0, 1], so it
-  converges), then S = P_T / √tr(Σ). That recursion amplifies round-off once Σ is ill-conditioned (Higham,
-  Functions of Matrices §6.4), so we run the coupled form with the same iterates in exact arithmetic:
-  Y₀ = Σ_N, Z₀ = I, T = ½(3I − Z Y), Y ← Y T, Z ← T Z, and Z_k = P_k. Matrix products only.
-  """
-  trace = jnp.trace(cov, axis1=-2, axis2=-1)[:, None, None]
-  eye = _eye_like(cov)
-
-  def step(_, yz):
-    y, z = yz
-    t = 0.5 * (3.0 * eye - z @ y)
-    return y @ t, t @ z
-
-  _, z = jax.lax.fori_loop(0, iterations, step, (cov / trace, eye))
-  return z * jax.lax.rsqrt(trace)
-
-
-def _whitening_fn(method: str, newton_iterations: int) -> Callable[[jax.Array], jax.Array]:
-  check_choice('method', method, METHODS)
-  if method == 'newton':
-    return functools.partial(newton_whitening, iterations=newton_iterations)
-  return {'cholesky': cholesky_whitening, 'zca': zca_whitening, 'pca': pca_whitening}[method]
-
-
-def _is_usable(whitening: jax.Array, ridge: jax.Array) -> jax.Array:
-  """Per group: finite, and no larger than the ridge allows. (G, g, g), (G,) -> (G,) bool.
-
-  For every method ‖S‖₂ ≤ λ_min(Σ + ridge·I)^{-1/2} ≤ ridge^{-1/2}; a factorisation that round-off drove
-  through a near-zero pivot or eigenvalue breaks this bound (factor 2 of slack) or is NaN.
-  """
-  finite = jnp.all(jnp.isfinite(whitening), axis=(-2, -1))
-  largest = jnp.max(jnp.abs(jnp.where(jnp.isfinite(whitening), whitening, 0.0)), axis=(-2, -1))
-  return finite & (largest <= 2.0 * jax.lax.rsqrt(ridge))
-
-
-def whitening_matrix_with_fallbacks(
-    cov: jax.Array, method: str = 'cholesky', epsilon: float = 1e-5, newton_iterations: int = 5
-) -> tuple[jax.Array, jax.Array]:
-  """S for Σ + ε·I, per group, never NaN for a finite Σ; and which groups needed a fallback.
-
-  A group whose factorisation of Σ + ε·I fails (rank deficiency at a scale where ε drowns in round-off)
-  is retried with the scale-relative ridge ε + FALLBACK_RIDGE·tr(Σ)/g, then standardised on its diagonal
-  only. Trials run without gradients, so that no NaN of a rejected trial can leak into the backward pass,
-  and the retry only when some group needs it; the gradient is then attached to the chosen matrix — from
-  the chosen S alone for Cholesky, by factorising the chosen matrix once more for the other methods.
-
-  Args:
-    cov: (G, g, g) covariance (no ridge); symmetrised here.
-  Returns:
-    S (G, g, g) in the statistics dtype and fell_back (G,) bool.
-  """
-  factorise = _whitening_fn(method, newton_iterations)
-  cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2)).astype(stat_dtype(cov.dtype))
-  g = cov.shape[-1]
-  variances = jnp.maximum(jnp.diagonal(cov, axis1=-2, axis2=-1), 0.0)
-  exact = jnp.full(cov.shape[:1], epsilon, cov.dtype)
-  relative = epsilon + FALLBACK_RIDGE * jnp.sum(variances, axis=-1) / g
-  exact_cov, relative_cov = _add_ridge(cov, exact), _add_ridge(cov, relative)
-  exact_trial = factorise(jax.lax.stop_gradient(exact_cov))
-  exact_ok = _is_usable(exact_trial, exact)
-
-  def retry():
-    trial = factorise(jax.lax.stop_gradient(relative_cov))
-    return trial, _is_usable(trial, relative)
-
-  # lax.cond runs one branch: the common case, where every group factorises, pays for no retry.
-  relative_trial, relative_ok = jax.lax.cond(jnp.all(exact_ok), lambda: (exact_trial, exact_ok), retry)
-  pick = lambda first, second, otherwise: jnp.where(
-      exact_ok[:, None, None], first, jnp.where(relative_ok[:, None, None], second, otherwise))
-  chosen = pick(exact_cov, relative_cov, _eye_like(cov))
-  if method == 'cholesky':
-    chosen_whitening = _cholesky_whitening_given(chosen, pick(exact_trial, relative_trial, _eye_like(cov)))
+  if mask is None:
+    weights = jnp.ones(samples.shape[:1], samples.dtype)
   else:
-    chosen_whitening = factorise(chosen)
-  diagonal = jax.vmap(jnp.diag)(jax.lax.rsqrt(variances + relative[:, None]))
-  whitening = jnp.where((exact_ok | relative_ok)[:, None, None], chosen_whitening, diagonal)
-  return whitening, ~exact_ok
-
-
-@jax.custom_jvp
-def _cholesky_whitening_given(cov: jax.Array, whitening: jax.Array) -> jax.Array:
-  """Returns `whitening` = L⁻¹ of `cov`, already computed, with the derivative of L⁻¹ w.r.t. `cov`."""
-  del cov
-  return whitening
-
-
-@_cholesky_whitening_given.defjvp
-def _cholesky_whitening_given_jvp(primals, tangents):
-  # From Σ = L Lᵀ: L⁻¹ dΣ L⁻ᵀ = L⁻¹dL + (L⁻¹dL)ᵀ with L⁻¹dL lower-triangular, so L⁻¹dL = Φ(S dΣ Sᵀ)
-  # (Φ: lower triangle, halved diagonal) and dS = −S dL S = −Φ(S dΣ Sᵀ) S. Needs S only: no refactorising.
-  (cov, s), (dcov, _) = primals, tangents
-  s = _cholesky_whitening_given(cov, jax.lax.stop_gradient(s))  # so that this rule differentiates again
-  p = s @ (0.5 * (dcov + jnp.swapaxes(dcov, -1, -2))) @ jnp.swapaxes(s, -1, -2)
-  phi = jnp.tril(p, -1) + 0.5 * _eye_like(p) * p
-  return s, -phi @ s
-
-
-def align_row_signs(whitening: jax.Array, reference: jax.Array) -> jax.Array:
-  """Flip rows of S to agree in sign with `reference`'s: (G, g, g), (G, g, g) -> (G, g, g).
-
-  PCA's rows are eigenvectors, each defined up to its sign, so S of two similar covariances may differ by
-  flipped rows, i.e. flipped output channels. Aligning every new S to the stored one keeps channels
-  consistent between steps and between training and eval (it cannot help when two eigenvalues cross and
-  their rows swap).
-  """
-  dots = jnp.sum(whitening * reference, axis=-1, keepdims=True)
-  return whitening * jax.lax.stop_gradient(jnp.where(dots < 0, -1.0, 1.0).astype(whitening.dtype))
-
-
-def whitening_matrix(
-    cov: jax.Array, method: str = 'cholesky', epsilon: float = 1e-5, newton_iterations: int = 5
-) -> jax.Array:
-  """S(Σ + ε·I) for each group: (G, g, g) -> (G, g, g). See `whitening_matrix_with_fallbacks`."""
-  return whitening_matrix_with_fallbacks(cov, method, epsilon, newton_iterations)[0]
+    weights = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape[:-1]).reshape(-1).astype(samples.dtype)
+  if shift is None:  # the first included sample; under axis_name a shift common to all devices: 0
+    shift = jnp.zeros((channels,), samples.dtype) if axis_name is not None else samples[jnp.argmax(weights)]
+  shift = jax.lax.stop_gradient(shift).astype(samples.dtype)  # its influence on the moments cancels
+  shifted = samples - shift
+  weighted = shifted * weights[:, None]
+  sums = (jnp.sum(weights), jnp.sum(weighted, axis=0), group_cross(weighted, shifted, groups,
+                                                                   accumulate=samples.dtype))
+  if axis_name is not None:
+    sums = jax.lax.psum(sums, axis_name, axis_index_groups=axis_index_groups)
+  count, total, second = sums
+  offset = total / count
+  offset_g = offset.reshape(groups, -1)
+  cov = (second - count * offset_g[:, :, None] * offset_g[:, None, :]) / (count - 1)
+  return offset + shift, cov
 
 
 def apply_whitening(x: jax.Array, mean: jax.Array, whitening: jax.Array) -> jax.Array:
   """y = S (x − μ) per group: x (..., C), mean (C,), whitening (G, g, g) -> (..., C) in float32 or wider."""
-  centred = x.reshape(-1, x.shape[-1]).astype(stat_dtype(x.dtype)) - mean
-  return group_matmul(centred, whitening).reshape(x.shape)
+  samples = x.reshape(-1, x.shape[-1])
+  return apply_whitening_folded(samples, mean, whitening.astype(stat_dtype(x.dtype))).reshape(x.shape)
+
+
+def _batch_statistics(mean: jax.Array, cov: jax.Array, state: Any, **settings: Any):
+  """`whiten`'s statistics: the batch mean and S of the batch covariance (see `whiten_training`)."""
+  del state
+  return (mean, whitening_matrix(cov, **settings)), ()
 
 
 def whiten(
@@ -291,8 +133,10 @@ def whiten(
     newton_iterations: int = 5,
 ) -> jax.Array:
   """Whiten a batch with its own statistics (training-mode BatchWhitening, no affine): (N, ..., C)."""
-  mean, cov = batch_moments(x, group_size)
-  return apply_whitening(x, mean, whitening_matrix(cov, method, epsilon, newton_iterations))
+  groups = num_groups(x.shape[-1], group_size)
+  statistics = functools.partial(_batch_statistics, method=method, epsilon=epsilon,
+                                 newton_iterations=newton_iterations)
+  return whiten_training(x, groups, statistics)[0]
 
 
 def check_bw_settings(settings: Any) -> None:
@@ -339,28 +183,63 @@ class BWSettings:
 # Flax module
 
 
+HEALTH_COLLECTION = 'bw_health'
+HEALTH_COUNTERS = ('fallbacks', 'skipped_updates')
+
+
+def feature_axis(ndim: int, axis: int | tuple[int, ...]) -> int:
+  """`axis` (an int or a 1-tuple, as BatchNorm takes it) as a non-negative index into an ndim-D input."""
+  axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
+  if len(axes) != 1 or not isinstance(axes[0], int) or not -ndim <= axes[0] < ndim:
+    raise ValueError(f'BatchWhitening whitens along one feature axis: axis must be an int in [-{ndim}, '
+                     f'{ndim}) for a {ndim}-D input, got {axis!r}.')
+  return axes[0] % ndim
+
+
+def sample_mask(mask: Any, shape: tuple[int, ...], axis: int) -> jax.Array:
+  """BatchNorm's mask, broadcastable to an input of `shape` with features on `axis`, as booleans over the
+  samples: (…) -> shape without `axis` (the feature axis moved last and dropped)."""
+  mask = jnp.asarray(mask, bool)
+  padded = (1,) * (len(shape) - mask.ndim) + mask.shape
+  if mask.ndim > len(shape) or padded[axis] != 1:
+    raise ValueError(f'BatchWhitening needs whole samples masked in or out: the mask must broadcast to the '
+                     f'input {shape} with size 1 on the feature axis {axis} (covariances pair all channels '
+                     f'of a sample); got mask shape {mask.shape}.')
+  samples = jnp.moveaxis(mask.reshape(padded), axis, -1)[..., 0]
+  return jnp.broadcast_to(samples, tuple(n for i, n in enumerate(shape) if i != axis))
+
+
 class BatchWhitening(nn.Module):
   """Batch Whitening: a drop-in for `flax.linen.BatchNorm` that also decorrelates channels.
 
-  Input (N, ..., C), channels last; output the same shape, in `dtype` (default: the input's dtype).
-  Statistics are float32 whatever the input dtype. Running statistics live in `batch_stats`:
+  Input (..., C, ...) with the C features on `axis` (default last); output the same shape. Statistics are
+  float32 whatever the input dtype. Running statistics live in `batch_stats`, float32 arrays only (so code
+  that treats them as BatchNorm's, e.g. `jax.lax.pmean` over devices, keeps working):
 
-    mean (C,) init 0;  cov (G, g, g) init I;  whitening (G, g, g) init I = S(cov) of the updated cov;
-    fallbacks () — number of group factorisations (of the batch S and of the running S) in training
-      steps that needed a fallback;
-    skipped_updates () — training steps whose batch moments were not finite and were left out (also
-      inputs so large, |x| ≳ 1e18 in float32, that the covariance overflows: such a step outputs zeros).
-    Both counters are int32.
+    mean (C,) init 0;  cov (G, g, g) init I;  whitening (G, g, g) init I = S(cov) of the updated cov.
+
+  Health counters live in their own collection `'bw_health'` (float32 scalars, exact up to 2²⁴ events),
+  kept only when that collection is mutable (declare it like `batch_stats`); BatchNorm code that never
+  names it works unchanged, without counters:
+
+    fallbacks — group factorisations (of the batch S and of the running S) in training steps that needed a
+      fallback;
+    skipped_updates — training steps whose batch moments were not finite and were left out (also inputs
+      so large, |x| ≳ 1e18 in float32, that the covariance overflows: such a step outputs zeros).
 
   A training step updates `stat ← momentum·stat + (1−momentum)·batch_stat` (Flax convention) for mean and
-  the unbiased cov (without ridge), then recomputes `whitening`; `init` updates nothing. In eval
-  (`use_running_average=True`) y = whitening·(x − mean): no factorisation.
+  the unbiased cov (1/(m−1), where BatchNorm's var is 1/m; without ridge), then recomputes `whitening`;
+  `init` updates nothing. In eval (`use_running_average=True`) y = whitening·(x − mean): no factorisation.
+  Group size 1 is BatchNorm with the 1/(m−1) variance (tests/test_whitening_batchnorm.py).
 
-  Attributes:
-    use_running_average: use the stored statistics (eval) instead of the batch's (training).
+  Attributes (BatchNorm's, in its order, then BW's own):
+    use_running_average: use the stored statistics (eval) instead of the batch's (training); merged with
+      `__call__`'s argument as BatchNorm does.
+    axis: the feature axis (an int, or a 1-tuple); moved last internally and back. Several feature axes
+      (BatchNorm allows a tuple) are not supported: flatten them into one axis.
     momentum: decay of the exponential moving averages.
     epsilon: ridge ε added to the covariance diagonal before factorising.
-    dtype: output dtype (None: the input's).
+    dtype: output dtype (None: inferred from the input and the parameters, as BatchNorm's).
     param_dtype: dtype of γ and β.
     use_bias: add a learned per-channel β after whitening.
     use_scale: multiply by a learned per-channel γ after whitening.
@@ -369,6 +248,11 @@ class BatchWhitening(nn.Module):
     axis_name: the mapped batch axis under `shard_map`/`pmap` (not needed under `jax.jit` sharding).
     axis_index_groups: device subsets reduced separately along `axis_name` (under `shard_map` JAX 0.10
       supports this only with `check_vma=False`).
+    use_fast_variance: accepted for BatchNorm's signature; no effect: the moments are always one pass over
+      samples shifted by a sample (or the running mean), as fast as the fast variance and as accurate as
+      the two-pass one.
+    force_float32_reductions: must be True (the default): factorising a bfloat16 covariance loses the
+      whitening, so statistics and `batch_stats` are always float32 (float64 for float64 input).
     group_size: g, channels per group (must divide C); None whitens all C channels together.
     method: 'cholesky' (default), 'zca', 'pca' or 'newton': how S is computed from Σ + ε·I.
     newton_iterations: Newton–Schulz steps T for method='newton'.
@@ -378,6 +262,7 @@ class BatchWhitening(nn.Module):
   """
 
   use_running_average: bool | None = None
+  axis: int = -1
   momentum: float = 0.99
   epsilon: float = 1e-5
   dtype: Any = None
@@ -388,6 +273,8 @@ class BatchWhitening(nn.Module):
   scale_init: Callable[..., jax.Array] = initializers.ones
   axis_name: str | None = None
   axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  force_float32_reductions: bool = True
   group_size: int | None = None
   method: str = 'cholesky'
   newton_iterations: int = 5
@@ -396,67 +283,121 @@ class BatchWhitening(nn.Module):
 
   def __post_init__(self):
     check_bw_settings(self)
+    if not self.force_float32_reductions:
+      raise ValueError('force_float32_reductions=False is not supported: BatchWhitening factorises its '
+                       'covariances in float32 (bfloat16 loses the whitening); leave it True.')
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
-    """Whitens x: (N, ..., C) -> (N, ..., C)."""
+  def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
+               mask: jax.Array | None = None) -> jax.Array:
+    """Whitens x along `axis`: (..., C, ...) -> the same shape.
+
+    Args:
+      x: activations with at least a batch and the feature axis.
+      use_running_average: as the field (merged with it).
+      mask: booleans broadcastable to x with size 1 on the feature axis: the samples the training
+        statistics count (BatchNorm's mask, whole samples). Every sample is still whitened. Training with a
+        mask (or `axis_name`) is differentiated by autodiff, not the closed form.
+    """
     use_running_average = nn.merge_param('use_running_average', self.use_running_average,
                                          use_running_average)
     if x.ndim < 2:
       raise ValueError(f'BatchWhitening expects (N, ..., C) with a batch and a channel axis; got shape '
                        f'{x.shape}.')
-    channels = x.shape[-1]
+    axis = feature_axis(x.ndim, self.axis)
+    samples_mask = None if mask is None else sample_mask(mask, x.shape, axis)
+    x_last = jnp.moveaxis(x, axis, -1)
+    channels = x_last.shape[-1]
     groups = num_groups(channels, self.group_size)
     g = channels // groups
     stacked_eye = lambda: jnp.tile(jnp.eye(g, dtype=jnp.float32), (groups, 1, 1))
     ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((channels,), jnp.float32))
     ra_cov = self.variable('batch_stats', 'cov', stacked_eye)
     ra_whitening = self.variable('batch_stats', 'whitening', stacked_eye)
-    fallbacks = self.variable('batch_stats', 'fallbacks', lambda: jnp.zeros((), jnp.int32))
-    skipped = self.variable('batch_stats', 'skipped_updates', lambda: jnp.zeros((), jnp.int32))
+    counters = self._health_counters()
 
     if use_running_average:
-      mean, whitening = ra_mean.value, ra_whitening.value
+      y = apply_whitening(x_last, ra_mean.value, ra_whitening.value)
     else:
-      # As in flax's BatchNorm, `init` runs outside shard_map/pmap: the axis may not exist yet.
-      axis_name = None if self.is_initializing() else self.axis_name
-      samples = x.size // channels
-      if axis_name is None and samples < 2:
-        raise ValueError(f'BatchWhitening needs at least 2 samples per batch in training to estimate a '
-                         f'covariance; got shape {x.shape} ({samples} sample). Use a larger batch or '
-                         f'use_running_average=True.')
-      batch_mean, batch_cov = batch_moments(x, self.group_size, axis_name=axis_name,
-                                            axis_index_groups=self.axis_index_groups, shift=ra_mean.value)
-      new_mean = ema(ra_mean.value, batch_mean, self.momentum)
-      new_cov = ema(ra_cov.value, batch_cov, self.momentum)
-      mean = batch_mean if self.center_with == 'batch' else new_mean
-      whiten_cov = batch_cov if self.whiten_with == 'batch' else new_cov
-      update_stats = not self.is_initializing()
-      # The S used now and, in 'batch' mode, the running S for eval: one batched factorisation.
-      covs = [whiten_cov]
-      if update_stats and self.whiten_with == 'batch':
-        covs.append(jax.lax.stop_gradient(new_cov))
-      whitenings, fell_back = whitening_matrix_with_fallbacks(jnp.concatenate(covs), self.method,
-                                                              self.epsilon, self.newton_iterations)
-      if self.method == 'pca':
-        whitenings = align_row_signs(whitenings, jnp.tile(ra_whitening.value, (len(covs), 1, 1)))
-      whitening, new_whitening = whitenings[:groups], whitenings[-groups:]
-      if update_stats:
-        finite = jnp.all(jnp.isfinite(batch_mean)) & jnp.all(jnp.isfinite(batch_cov))
+      y, (new_mean, new_cov, new_whitening, fell_back, finite) = self._train(
+          x_last, groups, samples_mask, (ra_mean.value, ra_cov.value, ra_whitening.value))
+      if not self.is_initializing():
         keep_if_finite = lambda new, old: jnp.where(finite, jax.lax.stop_gradient(new), old).astype(old.dtype)
         ra_mean.value = keep_if_finite(new_mean, ra_mean.value)
         ra_cov.value = keep_if_finite(new_cov, ra_cov.value)
         ra_whitening.value = keep_if_finite(new_whitening, ra_whitening.value)
-        fallbacks.value += jnp.sum(fell_back & finite, dtype=jnp.int32)
-        skipped.value += (~finite).astype(jnp.int32)
+        for name, events in zip(HEALTH_COUNTERS, (jnp.sum(fell_back & finite), ~finite)):
+          if name in counters:
+            counters[name].value += events.astype(jnp.float32)
 
-    y = apply_whitening(x, mean, whitening)
+    args = [x]
     if self.use_scale:
-      y = y * self.param('scale', self.scale_init, (channels,), self.param_dtype).astype(y.dtype)
+      scale = self.param('scale', self.scale_init, (channels,), self.param_dtype)
+      y, args = y * scale.astype(y.dtype), args + [scale]
     if self.use_bias:
-      y = y + self.param('bias', self.bias_init, (channels,), self.param_dtype).astype(y.dtype)
-    return y.astype(self.dtype or x.dtype)
+      bias = self.param('bias', self.bias_init, (channels,), self.param_dtype)
+      y, args = y + bias.astype(y.dtype), args + [bias]
+    return jnp.moveaxis(y, -1, axis).astype(canonicalize_dtype(*args, dtype=self.dtype))
+
+  def _train(self, x: jax.Array, groups: int, mask: jax.Array | None, running: tuple[jax.Array, ...]
+             ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """y and `training_statistics`' updates for channels-last x (N, ..., C) and mask (N, ...) or None."""
+    # As in flax's BatchNorm, `init` runs outside shard_map/pmap: the axis may not exist yet.
+    axis_name = None if self.is_initializing() else self.axis_name
+    if axis_name is None and mask is None and x.size // x.shape[-1] < 2:
+      raise ValueError(f'BatchWhitening needs at least 2 samples per batch in training to estimate a '
+                       f'covariance; got {x.size // x.shape[-1]} sample (shape {x.shape}, channels last). '
+                       f'Use a larger batch or use_running_average=True.')
+    statistics = functools.partial(
+        training_statistics, method=self.method, epsilon=self.epsilon,
+        newton_iterations=self.newton_iterations, momentum=self.momentum, center_with=self.center_with,
+        whiten_with=self.whiten_with,
+        running_whitening=not self.is_initializing() and self.whiten_with == 'batch')
+    if axis_name is None and mask is None:  # the closed-form backward pass (whitening_vjp.py)
+      return whiten_training(x, groups, statistics, running)
+    # per-device (masked) sums and one collective, differentiated by autodiff
+    batch = batch_moments(x, self.group_size, axis_name=axis_name, axis_index_groups=self.axis_index_groups,
+                          shift=running[0] if axis_name is not None else None, mask=mask)
+    (mean, whitening), updates = statistics(*batch, running)
+    return apply_whitening(x, mean, whitening), updates
+
+  def _health_counters(self) -> dict[str, Any]:
+    """The `bw_health` counter variables, or none when the caller does not keep that collection."""
+    if not self.is_mutable_collection(HEALTH_COLLECTION):
+      return {}
+    return {name: self.variable(HEALTH_COLLECTION, name, lambda: jnp.zeros((), jnp.float32))
+            for name in HEALTH_COUNTERS}
+
+
+def training_statistics(
+    batch_mean: jax.Array, batch_cov: jax.Array, running: tuple[jax.Array, jax.Array, jax.Array], *,
+    method: str, epsilon: float, newton_iterations: int, momentum: float, center_with: str,
+    whiten_with: str, running_whitening: bool,
+) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, ...]]:
+  """A training step's (μ_c, S) and updated running statistics, from the batch moments: the (C,) and
+  (G, g, g) part of BatchWhitening, which `whiten_training` differentiates by autodiff.
+
+  Args:
+    batch_mean, batch_cov: (C,), (G, g, g) moments of the batch.
+    running: the stored (mean, cov, whitening).
+    running_whitening: also factorise the updated running covariance (for eval), in the same batched call.
+  Returns:
+    (μ_c (C,), S (G, g, g)) and (new mean, new cov, new whitening, fell_back (G or 2G,), finite ()).
+  """
+  ra_mean, ra_cov, ra_whitening = running
+  groups = batch_cov.shape[0]
+  new_mean, new_cov = ema(ra_mean, batch_mean, momentum), ema(ra_cov, batch_cov, momentum)
+  mean = batch_mean if center_with == 'batch' else new_mean
+  covs = [batch_cov if whiten_with == 'batch' else new_cov]
+  if running_whitening:
+    covs.append(jax.lax.stop_gradient(new_cov))
+  whitenings, fell_back = whitening_matrix_with_fallbacks(jnp.concatenate(covs), method, epsilon,
+                                                          newton_iterations)
+  if method == 'pca':
+    whitenings = align_row_signs(whitenings, jnp.tile(ra_whitening, (len(covs), 1, 1)))
+  finite = jnp.all(jnp.isfinite(batch_mean)) & jnp.all(jnp.isfinite(batch_cov))
+  return (mean, whitenings[:groups]), (new_mean, new_cov, whitenings[-groups:], fell_back, finite)
 
 
 def ema(running: jax.Array, batch: jax.Array, momentum: float) -> jax.Array:

@@ -125,6 +125,7 @@ def test_bw_sits_exactly_where_the_seed_draws_it(stem_type, mbconv_type, head_ty
   bw, bn = expected_norm_layers(stem_type, mbconv_type, head_type, en.block_specs(1.0, 1.0, 0.2))
   assert layers_holding(variables['batch_stats'], 'cov') == bw
   assert layers_holding(variables['batch_stats'], 'var') == bn
+  assert layers_holding(variables.get('bw_health', {}), 'fallbacks') == bw  # BW's counters, apart
   # γ and β dropped: BW layers own no parameters; the conv after a BW layer has the bias β, the convs
   # before a BN have none.
   param_paths = set(traverse_util.flatten_dict(variables['params'], sep='/'))
@@ -225,9 +226,10 @@ def test_bfloat16_activations_keep_float32_parameters_and_statistics(tiny_batch)
   variables = model.init(jax.random.key(0), images, train=False)
   logits, updates = model.apply(variables, images, train=True, mutable=['batch_stats'])
   assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
-  flat = traverse_util.flatten_dict({**updates, 'params': variables['params']}, sep='/')
-  counters = ('fallbacks', 'skipped_updates')  # BW's int32 event counters
-  assert {v.dtype for k, v in flat.items() if not k.endswith(counters)} == {jnp.dtype('float32')}
+  flat = traverse_util.flatten_dict({**updates, 'params': variables['params'],
+                                    'bw_health': variables['bw_health']}, sep='/')
+  assert any(k.startswith('bw_health/') for k in flat)
+  assert {v.dtype for v in flat.values()} == {jnp.dtype('float32')}
 
 
 def test_initialisers_follow_tf_efficientnet(tiny_batch):

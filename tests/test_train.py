@@ -72,6 +72,11 @@ def test_tensorboard_events_hold_the_logged_metrics_and_the_config(smoke_run):
   assert scalars['eval/loss'] == {6: pytest.approx(summary['eval_loss'], rel=1e-6)}
   conditions = [values[6] for tag, values in scalars.items() if tag.endswith('/cov_condition')]
   assert conditions and max(conditions) == pytest.approx(summary['bw_max_cov_condition'], rel=1e-6)
+  # BW's counters (the model's bw_health collection, carried in the train state) for every BW layer.
+  layers = {tag[:-len('/cov_condition')] for tag in scalars if tag.endswith('/cov_condition')}
+  for counter in ('/fallbacks', '/skipped_updates'):
+    assert {tag[:-len(counter)] for tag in scalars if tag.endswith(counter)} == layers, counter
+  assert sum(v[6] for tag, v in scalars.items() if tag.endswith('/fallbacks')) == summary['bw_fallbacks']
   session = hparams_metadata.parse_session_start_info_plugin_data(
       events.SummaryMetadata('_hparams_/session_start_info').plugin_data.content)
   assert session.hparams['model.bw.method'].string_value == smoke.get_config().model.bw.method

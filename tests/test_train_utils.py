@@ -15,7 +15,7 @@ from ml_collections import config_flags
 
 from bw_jax import train
 from bw_jax.config_validation import validate_config, with_global_batch_size
-from bw_jax.train_utils import (TrainState, create_learning_rate_fn, create_model, create_optimizer,
+from bw_jax.train_utils import (TrainState, bw_health, create_learning_rate_fn, create_model, create_optimizer,
                                 memory_report, peak_learning_rate, train_batch_spec)
 from configs import imagenet, smoke, tiny_imagenet
 
@@ -265,3 +265,14 @@ def test_print_memory_reports_xla_memory_analysis_of_the_smoke_step(bn_smoke_ste
                     f'outputs {gib(analysis.output_size_in_bytes)}, aliased {gib(analysis.alias_size_in_bytes)}, '
                     f'temporaries {gib(analysis.temp_size_in_bytes)}, '
                     f'code {gib(analysis.generated_code_size_in_bytes)}, peak estimate {gib(peak)}')
+
+
+def test_bw_health_reads_conditions_from_batch_stats_and_counters_from_their_collection():
+  cov = np.stack([np.diag([1.0, 4.0]), np.array([[2.0, 1.0], [1.0, 2.0]])])  # condition numbers 4 and 3
+  batch_stats = {'stem_bw': {'mean': np.zeros(4), 'cov': cov, 'whitening': cov},
+                 'stem_bn': {'mean': np.zeros(4), 'var': np.ones(4)}}
+  counters = {'stem_bw': {'fallbacks': np.float32(3), 'skipped_updates': np.float32(1)}}
+  health = bw_health(batch_stats, counters)
+  assert health == {'stem_bw/cov_condition': pytest.approx(4.0), 'stem_bw/fallbacks': 3,
+                    'stem_bw/skipped_updates': 1}
+  assert all(isinstance(health[f'stem_bw/{k}'], int) for k in ('fallbacks', 'skipped_updates'))

@@ -61,7 +61,7 @@ def group_covariances(y: np.ndarray, g: int) -> np.ndarray:
 
 
 def train_apply(module, variables, x):
-  return module.apply(variables, x, use_running_average=False, mutable=['batch_stats'])
+  return module.apply(variables, x, use_running_average=False, mutable=['batch_stats', bw.HEALTH_COLLECTION])
 
 
 # Math of one training step -------------------------------------------------------------------------------
@@ -192,7 +192,7 @@ def test_running_statistics_are_hand_computed_ema(method):
   np.testing.assert_allclose(stats['cov'], cov, atol=1e-5)
   np.testing.assert_allclose(stats['whitening'],
                              match_row_signs(np_whitening(cov, method, eps), stats['whitening']), atol=1e-4)
-  assert stats['fallbacks'] == 0 and stats['skipped_updates'] == 0
+  assert variables['bw_health'] == {'fallbacks': 0.0, 'skipped_updates': 0.0}
 
   x_eval = correlated(20, (5, 2, 2, 8)).astype(np.float32)
   y_eval = module.apply(variables, x_eval, use_running_average=True)
@@ -242,11 +242,12 @@ def test_pca_eval_channels_keep_the_signs_of_training_channels():
 def test_init_in_training_mode_changes_no_statistic():
   module = bw.BatchWhitening(group_size=2)
   x = correlated(31, (8, 6)).astype(np.float32)
-  stats = module.init(jax.random.key(0), x, use_running_average=False)['batch_stats']
+  variables = module.init(jax.random.key(0), x, use_running_average=False)
+  stats = variables['batch_stats']
   np.testing.assert_array_equal(stats['mean'], np.zeros(6))
   np.testing.assert_array_equal(stats['cov'], np.broadcast_to(np.eye(2), (3, 2, 2)))
   np.testing.assert_array_equal(stats['whitening'], np.broadcast_to(np.eye(2), (3, 2, 2)))
-  assert stats['fallbacks'] == 0 and stats['skipped_updates'] == 0
+  assert variables['bw_health'] == {'fallbacks': 0.0, 'skipped_updates': 0.0}
 
 
 def test_affine_scale_and_bias_apply_per_channel_after_whitening():
@@ -379,7 +380,7 @@ def test_rank_deficient_group_at_large_scale_falls_back_and_is_counted():
   module = bw.BatchWhitening(group_size=8, method='cholesky')
   variables = module.init(jax.random.key(0), x, use_running_average=False)
   y, updates = train_apply(module, variables, x)
-  assert updates['batch_stats']['fallbacks'] >= 1
+  assert updates['bw_health']['fallbacks'] >= 1
   # Fallback (relative ridge) still whitens: unit variance on the independent directions, none is blown up.
   variances = np.var(np.asarray(y).reshape(-1, 8), axis=0, ddof=1)
   assert np.all(variances < 1.01) and np.median(variances) > 0.9, variances
@@ -400,9 +401,9 @@ def test_non_finite_batch_never_enters_running_statistics():
   bad = x.copy()
   bad[3, 5] = np.nan
   _, updates = train_apply(module, variables, bad)
-  for name in ('mean', 'cov', 'whitening', 'fallbacks'):
+  for name in ('mean', 'cov', 'whitening'):
     np.testing.assert_array_equal(updates['batch_stats'][name], variables['batch_stats'][name], err_msg=name)
-  assert updates['batch_stats']['skipped_updates'] == 1
+  assert updates['bw_health'] == {'fallbacks': 0.0, 'skipped_updates': 1.0}
 
 
 # Bad input -----------------------------------------------------------------------------------------------

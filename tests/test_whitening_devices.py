@@ -171,8 +171,7 @@ def test_runs_on_eight_devices(results):
 def test_training_step_matches_one_device(results, case, placement):
   prefix = f'{case}/{placement}/'
   checks = {k[len(prefix):]: v for k, v in results.items() if k.startswith(prefix)}
-  expected = {'y', 'dx', 'dx_scale', 'stats/mean', 'stats/cov', 'stats/whitening', 'stats/fallbacks',
-              'stats/skipped_updates'}
+  expected = {'y', 'dx', 'dx_scale', 'stats/mean', 'stats/cov', 'stats/whitening'}
   assert set(checks) == expected, f'{prefix}: the script reported {sorted(checks)}'
   grad_tolerance = GRAD_RELATIVE_TOLERANCE * max(1.0, checks['dx_scale'])
   failures = [f'{name}: max |diff| {diff:.3g} > {TOLERANCE:g}' for name, diff in checks.items()

@@ -1,0 +1,130 @@
+"""Training-mode whitening y = S(Σ_w)(x − μ_c) with a closed-form backward pass over the activations.
+
+Autodiff of the layer walks every elementwise step of the forward pass backwards over the (m, C)
+activations: ~10 passes. The gradient w.r.t. x only needs two reductions and one transform:
+
+  dS  = Σ_i dy_i (x_i − μ_c)ᵀ                  (G, g, g)   } one pass over (dy, x)
+  dμ_c = −Sᵀ Σ_i dy_i                          (C,)        }
+  (dμ_b, dΣ_b) = pullback of the small statistics function (μ_b, Σ_b) ↦ (μ_c, S)    — (G, g, g) work only
+  dx_i = Sᵀ dy_i + (2/(m−1)) sym(dΣ_b)(x_i − μ_b) + dμ_b/m                            — one pass
+
+(Huang et al. 2018, Decorrelated Batch Normalization, §3.2, generalised: the method-specific derivative of S
+is whatever `statistics` differentiates to, e.g. the Cholesky rule of `whitening.py`, with its fallbacks.)
+Every product reads the same shifted samples d = x − K (K the first sample, a constant) that the one-pass
+moments read, and the centrings are folded into the products: y = S d − S(μ_c − K), dS = dyᵀd − (Σ dy)(μ_c − K)ᵀ,
+so x − μ is never materialised, and with |μ − K| ~ σ the folding loses no digits even for a large mean.
+
+Twice differentiable in reverse mode (grad of grad, `jax.hessian` = jacfwd of jacrev): the backward pass is
+ordinary JAX code. Forward mode of the layer itself (`jax.jvp`, `jax.jacfwd` of the output) is not defined
+for a `jax.custom_vjp` and raises JAX's TypeError; use `autodiff_backward()` for it.
+"""
+
+from collections.abc import Callable, Iterator
+import contextlib
+import contextvars
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from bw_jax.group_products import group_cross, group_sums, group_transform, shift_samples, shifted_moments
+
+# (batch mean (C,), batch cov (G, g, g), state) -> ((centring mean (C,), S (G, g, g)), aux). `aux` carries
+# no gradient (the running statistics the layer stores under stop_gradient).
+StatisticsFn = Callable[[jax.Array, jax.Array, Any], tuple[tuple[jax.Array, jax.Array], Any]]
+
+_AUTODIFF = contextvars.ContextVar('bw_jax_autodiff_backward', default=False)
+
+
+@contextlib.contextmanager
+def autodiff_backward(enabled: bool = True) -> Iterator[None]:
+  """Within this context, layers traced from now on are differentiated by JAX autodiff instead of the
+  closed form (for tests and for forward-mode derivatives). Read at trace time: a function already
+  jitted keeps the backward pass it was traced with."""
+  token = _AUTODIFF.set(enabled)
+  try:
+    yield
+  finally:
+    _AUTODIFF.reset(token)
+
+
+def _group_product(matrices: jax.Array, vector: jax.Array) -> jax.Array:
+  """M_g v_g per group: (G, g, g), (C,) -> (C,)."""
+  return jnp.einsum('gij,gj->gi', matrices, vector.reshape(matrices.shape[0], -1)).reshape(-1)
+
+
+def apply_whitening_folded(shifted: jax.Array, centre: jax.Array, whitening: jax.Array,
+                           layout: str | None = None) -> jax.Array:
+  """y = S d − S μ per group, for samples d shifted by the constant that `centre` is shifted by:
+  (m, C), (C,), (G, g, g) -> (m, C) in S's dtype."""
+  return group_transform([(shifted, whitening)], layout=layout) - _group_product(whitening, centre)
+
+
+def _forward(statistics: StatisticsFn, groups: int, layout: str | None, x: jax.Array, state: Any,
+             keep_pullback: bool = True) -> tuple[tuple[jax.Array, Any], tuple[jax.Array, ...]]:
+  samples, shift = _samples_and_shift(x)
+  mean, cov = shifted_moments(samples, groups, shift, layout=layout)
+  if keep_pullback:
+    (centre, whitening), pullback, aux = jax.vjp(statistics, mean, cov, state, has_aux=True)
+  else:  # differentiated by autodiff as a whole: linearising `statistics` here would be wasted work
+    (centre, whitening), aux = statistics(mean, cov, state)
+    pullback = None
+  shifted = shift_samples(samples, shift)
+  y = apply_whitening_folded(shifted, centre - shift, whitening, layout).reshape(x.shape)
+  return (y, aux), (x, mean, centre, whitening, pullback)
+
+
+def _samples_and_shift(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(m, C) samples and the shift K (the first sample, in the statistics dtype, no gradient)."""
+  samples = x.reshape(-1, x.shape[-1])
+  return samples, jax.lax.stop_gradient(samples[0]).astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _closed_form(statistics: StatisticsFn, groups: int, layout: str | None, x: jax.Array, state: Any):
+  return _forward(statistics, groups, layout, x, state, keep_pullback=False)[0]
+
+
+def _closed_form_backward(statistics, groups, layout, residuals, cotangents):
+  del statistics  # its derivative comes in as `pullback`
+  x, mean, centre, whitening, pullback = residuals
+  dy, _ = cotangents  # aux: no gradient
+  samples, shift = _samples_and_shift(x)
+  shifted = shift_samples(samples, shift)
+  m = samples.shape[0]
+  dy = dy.reshape(samples.shape).astype(whitening.dtype)
+  dy_sum = group_sums(dy, groups, accumulate=whitening.dtype, layout=layout)
+  d_whitening = (group_cross(dy, shifted, groups, accumulate=whitening.dtype, layout=layout)
+                 - dy_sum[:, :, None] * (centre - shift).reshape(groups, 1, -1))
+  d_centre = -jnp.einsum('gi,gij->gj', dy_sum, whitening).reshape(-1)
+  d_mean, d_cov, d_state = pullback((d_centre, d_whitening))
+  # Σ_b = (1/(m−1)) Σ_i (x_i − μ_b)(x_i − μ_b)ᵀ: its derivative along x_i is 2/(m−1)·sym(dΣ)(x_i − μ_b);
+  # the part through μ_b vanishes because the centred samples sum to zero.
+  cov_weight = (d_cov + jnp.swapaxes(d_cov, -1, -2)) / (m - 1)
+  offset = d_mean / m - _group_product(cov_weight, mean - shift)
+  dx = group_transform([(dy, jnp.swapaxes(whitening, -1, -2)), (shifted, cov_weight)], layout=layout) + offset
+  return dx.reshape(x.shape).astype(x.dtype), d_state
+
+
+_closed_form.defvjp(lambda *args: _forward(*args), _closed_form_backward)
+
+
+def whiten_training(x: jax.Array, groups: int, statistics: StatisticsFn, state: Any = (), *,
+                    layout: str | None = None) -> tuple[jax.Array, Any]:
+  """Whitens x with statistics derived from its batch moments; the backward pass is in closed form.
+
+  Args:
+    x: (N, ..., C) activations, float32, bfloat16 or float64 (m = N·H·W samples).
+    groups: G, the number of channel groups (C = G·g).
+    statistics: a pure function (batch mean, batch cov, state) -> ((μ_c, S), aux); it must be a
+      module-level function or a functools.partial of one with static keywords (it is a `nondiff_argnums`
+      argument of a custom_vjp, so it may not close over traced arrays: pass those in `state`).
+    state: arrays `statistics` needs (e.g. running statistics); they receive gradients.
+    layout: force a group-product layout of `group_products.LAYOUTS` (default: per platform).
+  Returns:
+    y (N, ..., C) in the statistics dtype (float32, or float64 for float64 input) and `aux`.
+  """
+  if _AUTODIFF.get():
+    return _forward(statistics, groups, layout, x, state, keep_pullback=False)[0]
+  return _closed_form(statistics, groups, layout, x, state)

@@ -1,0 +1,201 @@
+"""BatchWhitening as a drop-in for `flax.linen.BatchNorm` on 8 devices (docs/design.md §2.4).
+
+(a) `axis_name`, `axis_index_groups` and masks under `pmap`: BatchWhitening(group_size=1) against flax's
+    BatchNorm (rescaled as in tests/test_whitening_batchnorm.py) and group whitening against float64 NumPy.
+(b) flax's examples/imagenet pattern: a `pmap` train step whose per-device `batch_stats` are
+    `jax.lax.pmean`ed across devices (`sync_batch_stats`), with a group-whitening model, against the device
+    average of float64 NumPy running statistics.
+
+Eight devices on a CPU need XLA_FLAGS=--xla_force_host_platform_device_count=8 before JAX is imported, so
+the checks run in a fresh interpreter: this file is also that script, as tests/test_whitening_devices.py.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+import pytest
+
+from test_whitening_batchnorm import (EPSILON, MOMENTUM, TOLERANCE, batchnorm_scale, inputs, max_abs_difference,
+                                      np_apply, np_cholesky_whitening, np_masked_moments)
+
+DEVICES = 8
+LOCAL_SHAPE = (4, 2, 2, 4)  # one device's batch, NHWC: 16 samples, 4 channels
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The device script (run in the subprocess)
+
+
+def run_device_checks() -> dict[str, float]:
+  """{check name: max |difference|} for the axis_name, mask and pmap/pmean checks on 8 devices."""
+  # JAX is imported here, so that pytest importing this file leaves the device flags alone.
+  from flax import linen as nn
+  import jax
+
+  from bw_jax.whitening import BatchWhitening
+
+  assert jax.device_count() == DEVICES, f'expected {DEVICES} devices, got {jax.devices()}'
+  results: dict[str, float] = {'devices': jax.device_count()}
+  x = inputs(0, (DEVICES, *LOCAL_SHAPE))  # (devices, N, H, W, C)
+  c_all = x.shape[-1]
+
+  def mapped_step(module, mask=None):
+    """pmap of one training step: y and the updated batch_stats on every device."""
+    variables = module.init(jax.random.key(0), x[0], use_running_average=False)
+    step = lambda x, mask: module.apply(variables, x, use_running_average=False, mask=mask,
+                                        mutable=['batch_stats'])
+    y, updates = jax.pmap(step, axis_name='batch')(x, mask)
+    return y, updates['batch_stats']
+
+  def compare(name, counted, mask, device_slices, **fields):
+    """BW(g=1) and BatchNorm (ε' for `counted` samples) under pmap against each other and NumPy."""
+    bw = BatchWhitening(group_size=1, epsilon=EPSILON, momentum=MOMENTUM, axis_name='batch', **fields)
+    bn = nn.BatchNorm(epsilon=EPSILON * (counted - 1) / counted, momentum=MOMENTUM, axis_name='batch', **fields)
+    (y_bw, s_bw) = mapped_step(bw, mask)
+    (y_bn, s_bn) = mapped_step(bn, None if mask is None else np.broadcast_to(mask, x.shape))
+    results[f'{name}/y'] = max_abs_difference(batchnorm_scale(counted) * y_bn, y_bw)
+    results[f'{name}/mean'] = max_abs_difference(s_bn['mean'], s_bw['mean'])
+    # Each device holds the moments of the devices it reduces over (the slices of its device group).
+    var_u = np.concatenate([np.broadcast_to(np_masked_moments(
+        x[d], None if mask is None else mask[d][..., 0], 1)[1][:, 0, 0], (d.stop - d.start, c_all))
+        for d in device_slices])
+    results[f'{name}/cov'] = max_abs_difference(MOMENTUM + (1 - MOMENTUM) * var_u, s_bw['cov'][..., 0, 0])
+    results[f'{name}/var'] = max_abs_difference(
+        MOMENTUM + (1 - MOMENTUM) * var_u * (counted - 1) / counted, s_bn['var'])
+
+  m = x[0].size // c_all * DEVICES
+  compare('axis_name', m, None, [slice(0, DEVICES)])
+  compare('axis_index_groups', m // 2, None, [slice(0, 4), slice(4, 8)],
+          axis_index_groups=[[0, 1, 2, 3], [4, 5, 6, 7]])
+  # A mask with the same count on every device: BatchNorm's pmean of per-device masked means is then the
+  # mean of all counted samples, and BW must agree with it.
+  rows = np.arange(LOCAL_SHAPE[0]) < 3
+  same_count = np.broadcast_to(rows[None, :, None, None, None], (DEVICES, *LOCAL_SHAPE[:-1], 1))
+  compare('mask_same_count', int(same_count.sum()), same_count, [slice(0, DEVICES)])
+
+  # A different count on each device: BW's moments are those of all counted samples (BatchNorm averages
+  # the per-device means instead: docs/design.md §2).
+  uneven = np.arange(LOCAL_SHAPE[0])[None, :] < (np.arange(DEVICES) % 3 + 2)[:, None]  # 2-4 rows each
+  uneven = np.broadcast_to(uneven[:, :, None, None, None], (DEVICES, *LOCAL_SHAPE[:-1], 1))
+  y_bw, s_bw = mapped_step(BatchWhitening(group_size=2, epsilon=EPSILON, momentum=MOMENTUM,
+                                          axis_name='batch'), uneven)
+  mean, cov = np_masked_moments(x, uneven[..., 0], 2)
+  results['mask_uneven/mean'] = max_abs_difference(np.broadcast_to((1 - MOMENTUM) * mean, (DEVICES, c_all)),
+                                                   s_bw['mean'])
+  results['mask_uneven/cov'] = max_abs_difference(
+      np.broadcast_to(MOMENTUM * np.eye(2) + (1 - MOMENTUM) * cov, (DEVICES, 2, 2, 2)), s_bw['cov'])
+  results['mask_uneven/y'] = max_abs_difference(np_apply(x, mean, np_cholesky_whitening(cov, EPSILON)), y_bw)
+
+  results.update(imagenet_style_train_and_sync(x))
+  return results
+
+
+def imagenet_style_train_and_sync(x: np.ndarray) -> dict[str, float]:
+  """Two pmap train steps (grads pmean'ed, per-device batch_stats) then flax's examples/imagenet
+  `sync_batch_stats`, against the device average of float64 per-device running statistics."""
+  from flax import jax_utils, linen as nn
+  from flax.training import train_state
+  import jax
+  import optax
+
+  from bw_jax.whitening import BatchWhitening
+
+  class Tiny(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+      x = BatchWhitening(group_size=2, momentum=MOMENTUM, epsilon=EPSILON, use_running_average=not train)(x)
+      return nn.Dense(3)(x.mean(axis=(1, 2)))
+
+  class TrainState(train_state.TrainState):  # as examples/imagenet/train.py
+    batch_stats: Any
+
+  model = Tiny()
+  variables = model.init(jax.random.key(0), x[0], train=False)
+  state = jax_utils.replicate(TrainState.create(apply_fn=model.apply, params=variables['params'],
+                                                tx=optax.sgd(0.1), batch_stats=variables['batch_stats']))
+
+  def train_step(state, images, labels):
+    def loss_fn(params):
+      logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats}, images, train=True,
+                                    mutable=['batch_stats'])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates
+    grads, updates = jax.grad(loss_fn, has_aux=True)(state.params)
+    grads = jax.lax.pmean(grads, axis_name='batch')
+    return state.apply_gradients(grads=grads, batch_stats=updates['batch_stats'])
+
+  def sync_batch_stats(state):  # examples/imagenet/train.py
+    cross_replica_mean = jax.pmap(lambda x: jax.lax.pmean(x, 'x'), 'x')
+    return state.replace(batch_stats=cross_replica_mean(state.batch_stats))
+
+  step = jax.pmap(train_step, axis_name='batch')
+  batches = [x, inputs(1, x.shape)]
+  labels = np.random.default_rng(2).integers(0, 3, size=(DEVICES, LOCAL_SHAPE[0]))
+  for images in batches:
+    state = step(state, images, labels)
+  synced = jax.device_get(sync_batch_stats(state).batch_stats['BatchWhitening_0'])
+
+  per_device = {'mean': [], 'cov': [], 'whitening': []}
+  for d in range(DEVICES):
+    mean, cov = np.zeros(4), np.broadcast_to(np.eye(2), (2, 2, 2))
+    for images in batches:
+      batch_mean, batch_cov = np_masked_moments(images[d], None, 2)
+      mean = MOMENTUM * mean + (1 - MOMENTUM) * batch_mean
+      cov = MOMENTUM * cov + (1 - MOMENTUM) * batch_cov
+    for name, value in zip(per_device, (mean, cov, np_cholesky_whitening(cov, EPSILON))):
+      per_device[name].append(value)
+  out = {f'pmap_sync/{name}': max_abs_difference(np.broadcast_to(np.mean(v, 0), synced[name].shape),
+                                                 synced[name]) for name, v in per_device.items()}
+  out['pmap_sync/devices_differed'] = max_abs_difference(per_device['mean'][0], per_device['mean'][1])
+  out['pmap_sync/all_float32'] = float(all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(synced)))
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# (a) axis_name and mask under pmap, (b) the ImageNet example's pmean of batch_stats: 8 devices
+
+
+@pytest.fixture(scope='module')
+def device_results() -> dict[str, float]:
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={DEVICES}', JAX_PLATFORMS='cpu')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  # A new session, killed as a group below: the script dies with the test even if pytest is interrupted.
+  process = subprocess.Popen([sys.executable, os.path.abspath(__file__)], cwd=root, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+  try:
+    stdout, stderr = process.communicate(timeout=300)
+  finally:
+    if process.poll() is None:
+      os.killpg(process.pid, signal.SIGKILL)
+      process.wait()
+  assert process.returncode == 0, f'device check script failed:\n{stdout}\n{stderr}'
+  return json.loads(stdout.strip().splitlines()[-1])
+
+
+def failures(results: dict[str, float], prefix: str, tolerance: float = TOLERANCE) -> list[str]:
+  checks = {k: v for k, v in results.items() if k.startswith(prefix)}
+  assert checks, f'the script reported nothing for {prefix}'
+  return [f'{k}: max |diff| {v:.3g} > {tolerance:g}' for k, v in checks.items() if not v < tolerance]
+
+
+@pytest.mark.slow  # 8-device script in a new interpreter: ~50 s on 2 busy cores.
+@pytest.mark.parametrize('check', ['axis_name/', 'axis_index_groups/', 'mask_same_count/', 'mask_uneven/'])
+def test_axis_name_and_mask_under_pmap_match_batchnorm_and_numpy(device_results, check):
+  assert device_results['devices'] == DEVICES
+  assert not failures(device_results, check)
+
+
+@pytest.mark.slow  # 8-device script in a new interpreter: ~50 s on 2 busy cores.
+def test_imagenet_example_pmean_of_batch_stats_averages_the_devices_statistics(device_results):
+  assert device_results['pmap_sync/devices_differed'] > 1e-3  # per-device statistics were different
+  assert device_results['pmap_sync/all_float32'] == 1.0
+  assert not failures(device_results, 'pmap_sync/mean') + failures(device_results, 'pmap_sync/cov') + \
+      failures(device_results, 'pmap_sync/whitening', 1e-4)
+
+
+if __name__ == '__main__':
+  print(json.dumps(run_device_checks()))
