@@ -6,8 +6,10 @@ This file is also the script those processes run, with the JAX settings of the t
       (on every host), so that a signal arrives at a known step.
 """
 
+import ctypes
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +31,15 @@ def configure_jax(compilation_cache: bool = True) -> None:
     jax.config.update('jax_compilation_cache_dir', os.path.join(REPO, '.pytest_cache', 'jax_compilation'))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
     jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+
+
+def die_with_parent() -> None:
+  """Makes the kernel SIGKILL this process when its parent dies (Linux prctl PR_SET_PDEATHSIG), so that a
+  killed pytest leaves no test process behind; call it first thing in a child."""
+  parent = os.getppid()
+  ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG.
+  if os.getppid() != parent:  # The parent died before the call.
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def subprocess_env(extra: dict | None = None) -> dict[str, str]:

@@ -4,12 +4,9 @@ and on a PostgreSQL server started here."""
 
 import glob
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import ml_collections
@@ -402,50 +399,6 @@ def test_killed_worker_trial_is_retried_and_resumes(killed_sweep):
 
 # ----------------------------------------------------------------------------------------------------------
 # PostgreSQL
-
-
-def postgres_binaries():
-  """Directory of initdb / pg_ctl (Debian's postgresql package, newest version), or None."""
-  found = sorted(glob.glob('/usr/lib/postgresql/*/bin/pg_ctl'))
-  if found:
-    return os.path.dirname(found[-1])
-  pg_ctl = shutil.which('pg_ctl')
-  return os.path.dirname(pg_ctl) if pg_ctl else None
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
-@pytest.fixture(scope='module')
-def postgres_url():
-  """A PostgreSQL server of its own in a temporary directory on a loopback port; stopped at the end."""
-  binaries = postgres_binaries()
-  if binaries is None:
-    pytest.skip('PostgreSQL server binaries not found (apt-get install postgresql; .ci/run does it)')
-  as_user = []
-  data = tempfile.mkdtemp(prefix='bw_jax_pg_')
-  if os.geteuid() == 0:  # The server refuses to run as root.
-    shutil.chown(data, 'postgres', 'postgres')
-    as_user = ['runuser', '-u', 'postgres', '--']
-  port = free_port()
-  subprocess.run([*as_user, f'{binaries}/initdb', '-D', data, '-U', 'postgres', '-A', 'trust', '--no-sync'],
-                 check=True, capture_output=True)
-  options = f'-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off'
-  subprocess.run([*as_user, f'{binaries}/pg_ctl', '-D', data, '-o', options, '-l', f'{data}/server.log', '-w',
-                  'start'], check=True, capture_output=True)
-  try:
-    import psycopg2
-    connection = psycopg2.connect(host='127.0.0.1', port=port, user='postgres', dbname='postgres')
-    connection.autocommit = True
-    connection.cursor().execute('CREATE DATABASE sweep')
-    connection.close()
-    yield f'postgresql+psycopg2://postgres@127.0.0.1:{port}/sweep'
-  finally:
-    subprocess.run([*as_user, f'{binaries}/pg_ctl', '-D', data, '-m', 'immediate', 'stop'], capture_output=True)
-    shutil.rmtree(data, ignore_errors=True)
 
 
 def test_two_workers_on_postgresql(postgres_url, sqlite_sweep, tmp_path):

@@ -7,11 +7,12 @@ whose loss went non-finite fails and keeps its slot: that is a result of its val
 
 import contextlib
 import dataclasses
+import fcntl
 import os
 import socket
 import time
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 import warnings
 
 import ml_collections
@@ -20,8 +21,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from bw_jax.formatting import format_seconds
 from bw_jax.sweep.space import BLOCK_KEYS, config_value, display_order, suggest, trial_config
-from bw_jax.sweep.study import (FINISHED, budget_done, budget_slot, can_start, default_storage, finished_count,
-                                is_retry, is_surplus, original_number)
+from bw_jax.sweep.study import (FINISHED, RetryOnce, budget_done, budget_slot, can_start, default_storage,
+                                finished_count, is_retry, is_surplus, original_number)
 
 
 class SurplusTrial(Exception):
@@ -34,6 +35,40 @@ class Preempted(Exception):
 
 def trial_workdir(directory: str, trial: FrozenTrial) -> str:
   return os.path.join(directory, 'trials', f'{original_number(trial):04d}')
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str, owner: str, log: Callable[[str], None], timeout: float | None = None,
+                 poll_seconds: float = 1.0) -> Iterator[None]:
+  """Holds `workdir/.lock` (an flock, which the kernel drops when its process dies) while a trial trains
+  there, so that two processes never train in one workdir: a worker whose heartbeat went stale while it
+  still trains would otherwise share it with the retry. A second taker says who holds it and waits
+  (TimeoutError after `timeout` seconds, when given)."""
+  with open(os.path.join(workdir, '.lock'), 'a+') as f:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    waiting = False
+    while True:
+      try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        break
+      except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or 'another process'
+        if not waiting:
+          log(f'Trial workdir {workdir} is in use by {holder} (a worker still training it although its '
+              'heartbeat went stale); waiting for it to finish before resuming from its checkpoint.')
+          waiting = True
+        if deadline is not None and time.monotonic() > deadline:
+          raise TimeoutError(f'{workdir} is still locked by {holder} after {timeout} s.') from None
+        time.sleep(poll_seconds)
+    f.seek(0)
+    f.truncate()
+    f.write(owner + '\n')
+    f.flush()
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def latest_checkpoint_step(workdir: str) -> int | None:
@@ -84,6 +119,11 @@ class Worker:
       trial.set_user_attr(key, None)
     trial.set_user_attr('worker', self.name)
     trial.set_user_attr('workdir', workdir)
+    with workdir_lock(workdir, self.name, lambda line: print(line, flush=True)):
+      return self.train(trial, config, workdir)
+
+  def train(self, trial: optuna.Trial, config: ml_collections.ConfigDict, workdir: str) -> float:
+    """Trains the trial's `config` in `workdir`, which this process holds (`workdir_lock`)."""
     trial.set_user_attr('resumed_from_step', latest_checkpoint_step(workdir))
     from bw_jax import train  # Imported here: `report` and `promote` need no JAX.
     last_step, metric = train.training_length(config)[1], self.sweep.objective.replace('eval_', '')
@@ -145,9 +185,7 @@ class Worker:
 
   def requeue(self, trial: FrozenTrial) -> None:
     if trial.state == TrialState.FAIL and self.heartbeat:
-      with warnings.catch_warnings():
-        warnings.simplefilter('ignore', optuna.exceptions.ExperimentalWarning)
-        optuna.storages.RetryHeartbeatStaleTrialCallback(self.sweep.max_retry)(self.study, trial)
+      RetryOnce(self.sweep.max_retry)(self.study, trial)
 
   def fail_stale_trials(self) -> None:
     if self.heartbeat:
