@@ -63,4 +63,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = -1  # Eval over the whole eval split every this many steps; -1: each epoch.
   config.checkpoint_every_steps = 1000  # Checkpoint period; a checkpoint is also written at the end.
   config.keep_checkpoints = 2  # How many of the latest checkpoints to keep in workdir/checkpoints.
+  # Resuming checks the config against the checkpoints' (workdir/checkpoints/config.json) and stops on any
+  # difference but in bw_jax.checkpoints.SAFE_TO_CHANGE (run length, intervals, data_dir) and the
+  # comma-separated dotted keys named here, e.g. 'batch_size,learning_rate' to change them on purpose.
+  config.resume_allow_changes = ''
   return config

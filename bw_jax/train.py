@@ -15,7 +15,6 @@ import time
 from typing import Any, Callable, Iterator
 
 from absl import logging
-import flax
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -24,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from bw_jax import data
+from bw_jax.checkpoints import Checkpoints
 from bw_jax.config_validation import validate_config
 from bw_jax.train_utils import (Progress, TrainState, bw_health, create_learning_rate_fn, create_metric_writer,
                                 create_model, create_optimizer, cross_entropy, hyperparameters, update_ema)
@@ -95,37 +95,6 @@ def initial_state(config: ml_collections.ConfigDict, model: Any, tx: Any, replic
                              batch_stats=variables.get('batch_stats', {}),
                              ema_params=params if config.ema_decay > 0 else {})
   return init()
-
-
-class Checkpoints:
-  """Orbax CheckpointManager over the train state as a plain nested dict (`flax.serialization`)."""
-
-  def __init__(self, directory: str, keep: int):
-    # Saved in the background on one process. On several, synchronously: Orbax's background finalisation asks
-    # for the preemption sync point with the saved (older) step, which would move process 0's step counter
-    # back while JAX's preemption service may be reading it (see PreemptionNotice). The state is small
-    # (B0: ~60 MB with optimizer and EMA), so the wait is short.
-    self.manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=jax.process_count() == 1))
-
-  def save(self, state: TrainState) -> None:
-    step = int(state.step)
-    if self.manager.latest_step() != step:
-      self.manager.save(step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)))
-
-  def restore_latest(self, state: TrainState) -> TrainState:
-    """The latest checkpoint, with `state`'s structure and shardings; `state` itself when there is none."""
-    step = self.manager.latest_step()
-    if step is None:
-      return state
-    target = flax.serialization.to_state_dict(state)
-    restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
-    logging.info('Restored checkpoint of step %d from %s', step, self.manager.directory)
-    return flax.serialization.from_state_dict(state, restored)
-
-  def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
 
 
 class PreemptionNotice:
@@ -216,7 +185,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch, num_train_steps)
   # Before compiling anything: creating the manager is the hosts' first collective (Orbax syncs them), and
   # gloo (CPU) gives up on a host that joins its first collective over 30 s late, as one compiling longer can.
-  checkpoints = Checkpoints(os.path.join(os.path.abspath(workdir), 'checkpoints'), config.keep_checkpoints)
+  checkpoints = Checkpoints(os.path.join(os.path.abspath(workdir), 'checkpoints'), config)
   state = initial_state(config, model, create_optimizer(config, learning_rate_fn), replicated)
   state = checkpoints.restore_latest(state)
   start_step = int(state.step)
