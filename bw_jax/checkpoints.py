@@ -83,6 +83,13 @@ def check_resumed_config(directory: str, stored: dict[str, Any], config: ml_coll
     say(f'Resuming with a changed setting: {difference_line(key, values)}.')
 
 
+def latest_checkpoint_step(workdir: str) -> int | None:
+  """The step of the newest finished checkpoint in `workdir/checkpoints` (Orbax names them by step)."""
+  path = os.path.join(workdir, 'checkpoints')
+  steps = [int(name) for name in os.listdir(path) if name.isdigit()] if os.path.isdir(path) else []
+  return max(steps, default=None)
+
+
 def quiet_abandoned_reads(record: std_logging.LogRecord) -> bool:
   """Drops asyncio's 'Future exception was never retrieved' dumps, which a failed Orbax restore leaves for
   each array it was reading (dozens of screens of TensorStore specs); the failure itself is reported once."""

@@ -22,9 +22,11 @@ import jax
 from ml_collections import config_flags
 
 from bw_jax import train
+from bw_jax.checkpoints import latest_checkpoint_step
 from bw_jax.config_files import add_config_root, config_path_in_flags
 
 FLAGS = flags.FLAGS
+EXIT_INTERRUPTED = 130  # The shell's status for a process stopped by Ctrl-C (128 + SIGINT).
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard logs and summary.json.')
 config_flags.DEFINE_config_file('config', None, 'Training configuration file (configs/*.py).',
                                 lock_config=True)
@@ -52,8 +54,18 @@ def main(argv):
     # here (BENCHMARKS.md); synchronous dispatch costs nothing visible at these step times.
     jax.config.update('jax_cpu_enable_async_dispatch', False)
   os.makedirs(FLAGS.workdir, exist_ok=True)
-  summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except KeyboardInterrupt:  # A second Ctrl-C (the first one saves and stops).
+    step = latest_checkpoint_step(FLAGS.workdir)
+    kept = f'the checkpoint of step {step} is kept' if step is not None else 'no checkpoint was written'
+    print(f'Ctrl-C again: stopped at once without saving; {kept}.', flush=True)
+    sys.exit(EXIT_INTERRUPTED)
   if jax.process_index() == 0:
+    if summary.get('signal') == 'SIGINT':
+      print(f"Stopped by Ctrl-C (SIGINT) at step {summary['step']}; its checkpoint is saved: rerun the same "
+            'command to resume.', flush=True)
+      sys.exit(EXIT_INTERRUPTED)
     if summary.get('preempted'):
       print(f"Stopped by SIGTERM at step {summary['step']}; rerun the same command to resume.")
     else:

@@ -98,25 +98,35 @@ def initial_state(config: ml_collections.ConfigDict, model: Any, tx: Any, replic
 
 
 class PreemptionNotice:
-  """Says at which step to save and stop after a SIGTERM; ask at every step.
+  """Says at which step to save and stop after a SIGTERM or a Ctrl-C (SIGINT); ask at every step.
 
-  One process: a Python SIGTERM handler raises a flag, seen at the next step. Several processes: the hosts
-  must save the same step, and a scheduler may signal only some of them, so JAX's preemption service
-  (started by `jax.distributed.initialize`, it catches SIGTERM itself) agrees on the step in the background
-  and `reached_preemption_sync_point` turns true on every host at that step; no Python handler then, which
-  would take the signal from it.
+  One process: a Python handler raises a flag, seen at the next step; after a first Ctrl-C, a second one
+  raises KeyboardInterrupt at once (no save). Several processes: the hosts must save the same step, and a
+  scheduler may signal only some of them, so JAX's preemption service (started by `jax.distributed.initialize`,
+  it catches SIGTERM itself) agrees on the step in the background and `reached_preemption_sync_point` turns
+  true on every host at that step; no Python SIGTERM handler then, which would take the signal from it.
   """
 
   def __init__(self, manager: ocp.CheckpointManager, start_step: int):
     """Call it as soon as the run knows `start_step` (restored): the service's step counter starts at 0, so
     a notice handled before the first question would pick step 1, which a resumed run never asks about."""
-    self._manager, self._flag, self._previous = manager, threading.Event(), None
+    self._manager, self._flag, self._previous = manager, threading.Event(), {}
     self._multihost = jax.process_count() > 1
+    self.signal_name = 'SIGTERM'
     if self._multihost:
       if manager.reached_preemption(start_step):  # Every host asks about the same step: all agree.
         self._flag.set()
     elif threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+      self._previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, self._notice),
+                        signal.SIGINT: signal.signal(signal.SIGINT, self._notice)}
+
+  def _notice(self, signum: int, _) -> None:
+    self.signal_name = signal.Signals(signum).name
+    self._flag.set()
+    if signum == signal.SIGINT:  # The next Ctrl-C interrupts at once.
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+      os.write(2, b'\nCtrl-C: saving a checkpoint at this step, then stopping (Ctrl-C again to stop at once '
+                  b'without saving).\n')
 
   def reached(self, step: int) -> bool:
     if self._multihost:
@@ -124,8 +134,8 @@ class PreemptionNotice:
     return self._flag.is_set()
 
   def close(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -167,7 +177,8 @@ def training_length(config: ml_collections.ConfigDict) -> tuple[int, int]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        on_eval: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
   """Trains `config`'s model, resuming from the latest checkpoint in `workdir`; returns the summary that is
-  also written to `workdir/summary.json` (or {'preempted': True, 'step': …} after a SIGTERM).
+  also written to `workdir/summary.json` (or {'preempted': True, 'step': …, 'signal': 'SIGTERM' or 'SIGINT'}
+  after a SIGTERM or a first Ctrl-C; a second Ctrl-C raises KeyboardInterrupt).
 
   `on_eval(step, {'loss', 'accuracy', 'count'})` runs after each periodic eval (the sweep's pruner); an
   exception it raises ends training with the checkpoints already written intact.
@@ -253,8 +264,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if checkpoint_now or preempted:
         save()
       if preempted:
-        logging.warning('SIGTERM: saved the checkpoint of step %d; exiting.', step)
-        return {'preempted': True, 'step': step}
+        logging.warning('%s: saved the checkpoint of step %d; exiting.', preemption.signal_name, step)
+        return {'preempted': True, 'step': step, 'signal': preemption.signal_name}
       if eval_now:
         eval_metrics = evaluate(eval_fn, state, config, data_sharding)
         health = bw_health(state.batch_stats)

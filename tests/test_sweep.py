@@ -20,6 +20,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # The configs/ folder is imported as `configs`, as by `python -m bw_jax.main`.
 
+from bw_jax.checkpoints import latest_checkpoint_step  # noqa: E402
 from bw_jax.config_files import load_config_file  # noqa: E402
 from bw_jax.sweep import __main__ as sweep_cli  # noqa: E402
 from bw_jax.sweep import promote as sweep_promote  # noqa: E402
@@ -371,7 +372,7 @@ def killed_sweep(tmp_path_factory):
     for t in study.get_trials(deepcopy=False):
       workdir = t.user_attrs.get('workdir', '')
       if (t.state == TrialState.RUNNING and t.user_attrs.get('worker', '').endswith(f':{victim.pid}')
-          and (sweep_worker.latest_checkpoint_step(workdir) or 0) >= 2):
+          and (latest_checkpoint_step(workdir) or 0) >= 2):
         victim.send_signal(signal.SIGKILL)
         killed = t.number
   assert killed is not None, 'worker 0 never reached a checkpoint'

@@ -119,11 +119,11 @@ def test_sigterm_saves_the_next_step_and_the_rerun_finishes(smoke_run, tmp_path)
   straight_dir, _ = smoke_run
   config = smoke.get_config()
   config.eval_every_steps = 4
-  handler_before = signal.getsignal(signal.SIGTERM)
+  handlers_before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
   stopped = train.train_and_evaluate(config, str(tmp_path),
                                      on_eval=lambda step, _: os.kill(os.getpid(), signal.SIGTERM))
-  assert stopped == {'preempted': True, 'step': 5}
-  assert signal.getsignal(signal.SIGTERM) is handler_before
+  assert stopped == {'preempted': True, 'step': 5, 'signal': 'SIGTERM'}
+  assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers_before
   assert sorted(os.listdir(os.path.join(tmp_path, 'checkpoints'))) == ['3', '5']
   assert not os.path.exists(os.path.join(tmp_path, 'summary.json'))
   assert train.train_and_evaluate(smoke.get_config(), str(tmp_path))['step'] == 6

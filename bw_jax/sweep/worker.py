@@ -71,13 +71,6 @@ def workdir_lock(workdir: str, owner: str, log: Callable[[str], None], timeout: 
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def latest_checkpoint_step(workdir: str) -> int | None:
-  """The step of the newest finished checkpoint in `workdir/checkpoints` (Orbax names them by step)."""
-  path = os.path.join(workdir, 'checkpoints')
-  steps = [int(name) for name in os.listdir(path) if name.isdigit()] if os.path.isdir(path) else []
-  return max(steps, default=None)
-
-
 def is_divergence(error: BaseException) -> bool:
   """The non-finite loss error of `bw_jax.train.check_finite`: a result of the trial's values."""
   from bw_jax import train  # Already loaded by the trial that raised `error`.
@@ -124,8 +117,9 @@ class Worker:
 
   def train(self, trial: optuna.Trial, config: ml_collections.ConfigDict, workdir: str) -> float:
     """Trains the trial's `config` in `workdir`, which this process holds (`workdir_lock`)."""
-    trial.set_user_attr('resumed_from_step', latest_checkpoint_step(workdir))
     from bw_jax import train  # Imported here: `report` and `promote` need no JAX.
+    from bw_jax.checkpoints import latest_checkpoint_step
+    trial.set_user_attr('resumed_from_step', latest_checkpoint_step(workdir))
     last_step, metric = train.training_length(config)[1], self.sweep.objective.replace('eval_', '')
 
     def on_eval(step: int, metrics: dict[str, float]) -> None:
@@ -153,7 +147,9 @@ class Worker:
     trial.set_user_attr('seconds', time.perf_counter() - start)
     if summary.get('preempted'):
       trial.set_user_attr('outcome', 'preempted')
-      raise Preempted(f"SIGTERM at step {summary['step']}")
+      stopped = f"{summary['signal']} at step {summary['step']}"
+      trial.set_user_attr('error', stopped)
+      raise Preempted(stopped)
     for key in ('eval_accuracy', 'eval_loss', 'step', 'train_images_per_sec', 'bw_fallbacks'):
       trial.set_user_attr(key, summary[key])
     return summary[self.sweep.objective]
@@ -212,7 +208,7 @@ class Worker:
         continue
       log(progress_line(trial, self.study, self.n_trials, self.space))
       if trial.user_attrs.get('outcome') == 'preempted':
-        log('SIGTERM: the trial was checkpointed and queued again; this worker stops.')
+        log(f"{trial.user_attrs['error']}: the trial was checkpointed and queued again; this worker stops.")
         return
       crashes = crashes + 1 if trial.user_attrs.get('outcome') == 'crashed' else 0
       if self.crash:
