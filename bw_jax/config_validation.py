@@ -76,6 +76,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _check_positive_int(name, config[name])
   if config.eval_every_steps != -1:
     _check_positive_int('eval_every_steps (or -1 for once per epoch)', config.eval_every_steps)
+  if config.bw_max_fallbacks != -1:
+    _check_range('bw_max_fallbacks (or -1 for no limit)', config.bw_max_fallbacks, 0, float('inf'))
   _check_range('learning_rate', config.learning_rate, 0.0, float('inf'), low_open=True)
   _check_range('momentum', config.momentum, 0.0, 1.0, high_open=True)
   _check_range('warmup_epochs', config.warmup_epochs, 0.0, float('inf'))

@@ -23,10 +23,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from bw_jax import data
-from bw_jax.checkpoints import Checkpoints
+from bw_jax.checkpoints import Checkpoints, say
 from bw_jax.config_validation import validate_config
-from bw_jax.train_utils import (Progress, TrainState, bw_health, create_learning_rate_fn, create_metric_writer,
-                                create_model, create_optimizer, cross_entropy, hyperparameters, update_ema)
+from bw_jax.train_utils import (Progress, TrainState, bw_health, bw_health_report, bw_totals,
+                                create_learning_rate_fn, create_metric_writer, create_model, create_optimizer,
+                                cross_entropy, hyperparameters, update_ema)
 
 
 def train_step(state: TrainState, batch: dict, *, model: Any, learning_rate_fn: Any, num_classes: int,
@@ -220,6 +221,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   last_checkpoint = checkpoints.manager.latest_step()
   steady_start, steady_steps, excluded = None, 0, 0.0
   eval_metrics: dict[str, float] = {}
+  fallbacks_seen = bw_totals(bw_health(state.batch_stats))[0]  # The eval lines warn when they grow.
 
   def flush_window() -> dict[str, float]:
     fetched = [(s, jax.device_get(m)) for s, m in window]
@@ -271,9 +273,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         health = bw_health(state.batch_stats)
         writer.write_scalars(step, {**{f'eval/{k}': v for k, v in eval_metrics.items()},
                                     **{f'bw_health/{k}': v for k, v in health.items()}})
+        health_text, health_warning = bw_health_report(health, fallbacks_seen, config.bw_max_fallbacks)
+        fallbacks_seen = bw_totals(health)[0]
         if jax.process_index() == 0:
           print(f"eval step {step}: loss {eval_metrics['loss']:.4f}  accuracy "
-                f"{eval_metrics['accuracy']:.4f} on {eval_metrics['count']} examples", flush=True)
+                f"{eval_metrics['accuracy']:.4f} on {eval_metrics['count']} examples  {health_text}".rstrip(),
+                flush=True)
+        if health_warning:
+          say(health_warning)
         if on_eval is not None:
           on_eval(step, eval_metrics)
       excluded += time.perf_counter() - paused
@@ -294,9 +301,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       'epochs': int(state.step) / steps_per_epoch,
       'train_images_per_sec': steady_steps * config.batch_size / steady_seconds if steady_steps else None,
       'wall_seconds': time.perf_counter() - start_time,
-      'bw_max_cov_condition': max((v for k, v in health.items() if k.endswith('cov_condition')),
-                                  default=None),
-      'bw_fallbacks': sum(v for k, v in health.items() if k.endswith('/fallbacks')),
+      'bw_max_cov_condition': bw_totals(health)[1],
+      'bw_fallbacks': bw_totals(health)[0],
       'config': config.to_dict(),
   }
   if jax.process_index() == 0:

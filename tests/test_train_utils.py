@@ -17,7 +17,7 @@ from ml_collections import config_flags
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # The configs/ folder is imported as `configs`, as by `python -m bw_jax.main`.
 
-from bw_jax import train  # noqa: E402
+from bw_jax import train, train_utils  # noqa: E402
 from bw_jax.config_validation import validate_config  # noqa: E402
 from bw_jax.train_utils import (TrainState, create_learning_rate_fn, create_model, create_optimizer,  # noqa: E402
                                 peak_learning_rate)
@@ -200,3 +200,39 @@ def test_half_precision_keeps_float32_parameters_and_statistics():
   # ~15 layers); a wrong cast (e.g. bf16 statistics) or a float32-only path would leave this window.
   relative_error = np.linalg.norm(half - full) / np.linalg.norm(full)
   assert 0 < relative_error <= 0.15, relative_error
+
+
+# ----------------------------------------------------------------------------------------------------------
+# BW health on the console
+
+
+def fake_bw_stats(fallbacks):
+  """Two BW layers' statistics: covariances with known eigenvalues and the given fallback counters."""
+  rng = np.random.RandomState(0)
+  q = np.linalg.qr(rng.randn(3, 3))[0]
+  cov_a = np.stack([q @ np.diag([1.0, 2.0, 4.0]) @ q.T, q @ np.diag([1.0, 1.0, 50.0]) @ q.T])  # (2, 3, 3)
+  cov_b = (q @ np.diag([0.5, 1.0, 1.0]) @ q.T)[None]
+  return {'stem': {'bw': {'cov': cov_a, 'fallbacks': np.int32(fallbacks[0]), 'skipped_updates': np.int32(0)}},
+          'head': {'cov': cov_b, 'fallbacks': np.int32(fallbacks[1]), 'skipped_updates': np.int32(0)}}
+
+
+def test_bw_health_text_has_the_total_fallbacks_and_the_worst_condition_number():
+  health = train_utils.bw_health(fake_bw_stats((2, 3)))
+  totals = train_utils.bw_totals(health)
+  worst = max(np.linalg.cond(c) for c in fake_bw_stats((0, 0))['stem']['bw']['cov'])  # 50, from NumPy's SVD
+  assert totals == (5, pytest.approx(worst, rel=1e-9))
+  text, warning = train_utils.bw_health_report(health, previous_fallbacks=5, max_fallbacks=-1)
+  assert text == 'BW: fallbacks 5, worst condition number 50' and warning is None
+
+
+def test_growing_fallbacks_warn_and_too_many_stop_the_run():
+  health = train_utils.bw_health(fake_bw_stats((2, 3)))
+  _, warning = train_utils.bw_health_report(health, previous_fallbacks=1, max_fallbacks=-1)
+  assert 'BW fallbacks grew from 1 to 5 since the last eval' in warning and 'model.bw.epsilon' in warning
+  assert train_utils.bw_health_report(health, previous_fallbacks=1, max_fallbacks=5)[1] is not None
+  with pytest.raises(train_utils.BWHealthError, match=r'5 BW fallbacks exceed config.bw_max_fallbacks=4'):
+    train_utils.bw_health_report(health, previous_fallbacks=1, max_fallbacks=4)
+
+
+def test_a_model_without_bw_reports_nothing():
+  assert train_utils.bw_health_report({}, previous_fallbacks=0, max_fallbacks=0) == ('', None)

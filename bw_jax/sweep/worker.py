@@ -72,9 +72,10 @@ def workdir_lock(workdir: str, owner: str, log: Callable[[str], None], timeout: 
 
 
 def is_divergence(error: BaseException) -> bool:
-  """The non-finite loss error of `bw_jax.train.check_finite`: a result of the trial's values."""
-  from bw_jax import train  # Already loaded by the trial that raised `error`.
-  return isinstance(error, train.NonFiniteLossError)
+  """A non-finite loss (`bw_jax.train.check_finite`) or too many BW fallbacks (`config.bw_max_fallbacks`):
+  results of the trial's values, not accidents to retry."""
+  from bw_jax import train, train_utils  # Already loaded by the trial that raised `error`.
+  return isinstance(error, (train.NonFiniteLossError, train_utils.BWHealthError))
 
 
 @dataclasses.dataclass
