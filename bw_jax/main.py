@@ -22,7 +22,8 @@ import jax
 from ml_collections import config_flags
 
 from bw_jax import train
-from bw_jax.checkpoints import latest_checkpoint_step
+from bw_jax.checkpoints import CheckpointError, latest_checkpoint_step
+from bw_jax.cli_errors import exit_with_error
 from bw_jax.config_files import add_config_root, config_path_in_flags
 
 FLAGS = flags.FLAGS
@@ -30,7 +31,11 @@ EXIT_INTERRUPTED = 130  # The shell's status for a process stopped by Ctrl-C (12
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard logs and summary.json.')
 config_flags.DEFINE_config_file('config', None, 'Training configuration file (configs/*.py).',
                                 lock_config=True)
+flags.DEFINE_bool('debug', False, 'Show the traceback of a bad-input error (also: BW_JAX_DEBUG=1).')
 flags.mark_flags_as_required(['config', 'workdir'])
+# Bad input, reported as one line with exit status 2 (bw_jax/cli_errors.py): invalid or changed configs (ValueError),
+# missing or damaged data (DataNotFoundError is a FileNotFoundError), no loadable checkpoint.
+BAD_INPUT = (ValueError, FileNotFoundError, CheckpointError)
 
 
 def quiet_library_info(record: std_logging.LogRecord) -> bool:
@@ -38,6 +43,17 @@ def quiet_library_info(record: std_logging.LogRecord) -> bool:
   at start-up which backends it did not find. Their warnings and errors still show."""
   noisy = ('/orbax/' in record.pathname or record.pathname.endswith('xla_bridge.py'))
   return record.levelno >= std_logging.WARNING or not noisy
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with a bad `--config.key=value` override (which config_flags raises as a bare
+  AttributeError or KeyError, three chained tracebacks) reported as one line."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    exit_with_error(e, argv)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    exit_with_error(e, argv, prefix='bad --config override: ')
 
 
 def main(argv):
@@ -56,6 +72,8 @@ def main(argv):
   os.makedirs(FLAGS.workdir, exist_ok=True)
   try:
     summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except BAD_INPUT as e:
+    exit_with_error(e, sys.argv)
   except KeyboardInterrupt:  # A second Ctrl-C (the first one saves and stops).
     step = latest_checkpoint_step(FLAGS.workdir)
     kept = f'the checkpoint of step {step} is kept' if step is not None else 'no checkpoint was written'
@@ -77,4 +95,4 @@ def main(argv):
 if __name__ == '__main__':
   if (config_path := config_path_in_flags(sys.argv[1:])) is not None:
     add_config_root(config_path)  # Before the flags load it: its `from configs import …` works from anywhere.
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

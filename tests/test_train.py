@@ -202,3 +202,19 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     train.train_and_evaluate(config, str(tmp_path))
   assert os.listdir(os.path.join(tmp_path, 'checkpoints')) == ['3']
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(restore(str(tmp_path), 3)['params']))
+
+
+def test_infinite_learning_rate_is_rejected():
+  config = smoke.get_config()
+  config.learning_rate = float('inf')
+  with pytest.raises(ValueError, match=r'learning_rate=inf is out of range.*\(0.0, inf\)'):
+    validate_config(config)
+
+
+@pytest.mark.parametrize('batch_size, key, value', [(16, 'batch_size', 16), (18, 'eval_batch_size', 2000)])
+def test_batch_size_not_divisible_by_the_devices_names_its_key(monkeypatch, batch_size, key, value):
+  monkeypatch.setattr(jax, 'device_count', lambda: 3)
+  config = smoke.get_config()
+  config.batch_size = batch_size
+  with pytest.raises(ValueError, match=rf'^config.{key}={value} does not divide evenly over 3 devices'):
+    validate_config(config)

@@ -240,9 +240,9 @@ def open_study(sweep: ml_collections.ConfigDict, space: dict[str, tuple], storag
           sampler=create_sampler(sweep, space), pruner=create_pruner(sweep),
           direction=OBJECTIVES[sweep.objective], load_if_exists=True)
       break
-    except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError):
+    except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
       if attempt == 4:
-        raise
+        raise unreadable_storage(storage, e) from e
       time.sleep(1 + attempt)
   current = experiment_record(sweep)
   recorded = study.user_attrs.get('sweep')
@@ -258,11 +258,18 @@ def open_study(sweep: ml_collections.ConfigDict, space: dict[str, tuple], storag
 def load_study(directory: str, storage: str | None, study_name: str | None) -> optuna.Study:
   """The sweep's study (the only one in the storage unless `study_name` is given), for report / promote."""
   target = storage or default_storage(directory)
-  if target == default_storage(directory) and not os.path.exists(os.path.join(directory, 'study.db')):
-    raise ValueError(f'No sweep in {directory!r}: {os.path.join(directory, "study.db")} does not exist '
-                     '(pass --storage for a PostgreSQL or journal storage).')
-  backend = create_storage(target)
-  names = optuna.get_all_study_names(backend)
+  path = os.path.join(directory, 'study.db')
+  if target == default_storage(directory):
+    if not os.path.exists(path):
+      raise ValueError(f'No sweep in {directory!r}: {path} does not exist '
+                       '(pass --storage for a PostgreSQL or journal storage).')
+    if os.path.getsize(path) == 0:
+      raise ValueError(f'{path} is empty (0 bytes): no sweep was written there, or the file was truncated.')
+  try:
+    backend = create_storage(target)
+    names = optuna.get_all_study_names(backend)
+  except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
+    raise unreadable_storage(target, e) from e
   if study_name is None:
     if len(names) != 1:
       raise ValueError(f'{target} holds studies {names}; choose one with --study-name.')
@@ -273,3 +280,11 @@ def load_study(directory: str, storage: str | None, study_name: str | None) -> o
   if 'sweep' not in study.user_attrs:
     raise ValueError(f"Study {study_name!r} in {target} was not written by `python -m bw_jax.sweep run`.")
   return study
+
+
+def unreadable_storage(target: str, error: Exception) -> ValueError:
+  """One line naming the storage that the database driver could not read, and the driver's reason."""
+  cause = error.__cause__ or error
+  reason = str(getattr(cause, 'orig', None) or cause).splitlines()[0]
+  return ValueError(f'{target} cannot be read ({reason}); if it is a damaged study.db, move it away and '
+                    'start the sweep again, or restore a copy.')
