@@ -9,6 +9,7 @@ This file is also the script those processes run, with the JAX settings of the t
 import ctypes
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
@@ -42,6 +43,24 @@ def die_with_parent() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def start_test_process(command: list[str], **popen_kwargs) -> subprocess.Popen:
+  """`subprocess.Popen(command)` in a session of its own (`stop_test_process` kills its whole group) that the
+  kernel SIGKILLs if the thread that started it dies, pytest killed included (`setpriv --pdeathsig`, from
+  util-linux; start it from a thread that outlives it)."""
+  prefix = ['setpriv', '--pdeathsig', 'KILL', '--'] if shutil.which('setpriv') else []
+  return subprocess.Popen([*prefix, *command], start_new_session=True, **popen_kwargs)
+
+
+def stop_test_process(process: subprocess.Popen) -> None:
+  """Kills the process's group (it and anything it started) unless it has exited; reaps it."""
+  if process.poll() is None:
+    try:
+      os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+  process.wait()
+
+
 def subprocess_env(extra: dict | None = None) -> dict[str, str]:
   env = {k: v for k, v in os.environ.items()
          if k not in ('XLA_FLAGS', 'JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID',
@@ -56,7 +75,7 @@ class MainRun:
   def __init__(self, log: str, *flags: str, pause_at: int = 0, env: dict | None = None):
     self.log = log
     with open(log, 'w') as stderr:
-      self.process = subprocess.Popen(
+      self.process = start_test_process(
           [sys.executable, os.path.abspath(__file__), str(pause_at), *flags], cwd=REPO,
           env=subprocess_env(env), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True)
     self.lines: queue.Queue = queue.Queue()
@@ -108,9 +127,7 @@ class MainRun:
     try:
       self.process.wait(timeout=TIMEOUT)
     finally:
-      if self.process.poll() is None:
-        self.process.kill()
-        self.process.wait()
+      stop_test_process(self.process)
       self.reader.join(timeout=60)
     return self.process.returncode
 

@@ -1,22 +1,25 @@
 """Bad input on the command line: one clean `error: …` line and exit status 2 (`--debug` or BW_JAX_DEBUG=1
 shows the traceback), for `python -m bw_jax.main` and `python -m bw_jax.sweep`."""
 
-import os
 import subprocess
 import sys
 
 import pytest
 
-from subprocess_runs import REPO, die_with_parent, subprocess_env
+from subprocess_runs import REPO, start_test_process, stop_test_process, subprocess_env
 
 from bw_jax.sweep import __main__ as sweep_cli
 
 
 def run_main(tmp_path, *flags, env=None):
-  return subprocess.run(
+  process = start_test_process(
       [sys.executable, '-m', 'bw_jax.main', '--config=configs/smoke.py', f'--workdir={tmp_path / "run"}', *flags],
-      cwd=REPO, env=subprocess_env(env), capture_output=True, text=True, timeout=300, start_new_session=True,
-      preexec_fn=die_with_parent)
+      cwd=REPO, env=subprocess_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    stdout, stderr = process.communicate(timeout=300)
+  finally:
+    stop_test_process(process)
+  return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 @pytest.mark.parametrize('flag, message', [

@@ -21,6 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # The configs/ folder is imported as `configs`, as by `python -m bw_jax.main`.
 
 from bw_jax.checkpoints import latest_checkpoint_step  # noqa: E402
+from subprocess_runs import start_test_process, stop_test_process  # noqa: E402
 from bw_jax.config_files import load_config_file  # noqa: E402
 from bw_jax.sweep import __main__ as sweep_cli  # noqa: E402
 from bw_jax.sweep import promote as sweep_promote  # noqa: E402
@@ -272,13 +273,17 @@ def test_promote_writes_configs_that_main_accepts(synthetic_study, tmp_path):
 def start_worker(directory, log_name, *args):
   """A `python -m bw_jax.sweep run` process of the smoke sweep, its output in DIRECTORY/LOG_NAME.log."""
   with open(os.path.join(directory, f'{log_name}.log'), 'w') as log:
-    return subprocess.Popen([sys.executable, '-m', 'bw_jax.sweep', 'run', f'--config={SMOKE_SWEEP}',
-                             f'--dir={directory}', *args], cwd=REPO, env=WORKER_ENV, stdout=log,
-                            stderr=subprocess.STDOUT)
+    return start_test_process([sys.executable, '-m', 'bw_jax.sweep', 'run', f'--config={SMOKE_SWEEP}',
+                               f'--dir={directory}', *args], cwd=REPO, env=WORKER_ENV, stdout=log,
+                              stderr=subprocess.STDOUT)
 
 
 def wait_all(workers, directory, timeout=900):
-  codes = [w.wait(timeout=timeout) for w in workers]
+  try:
+    codes = [w.wait(timeout=timeout) for w in workers]
+  finally:
+    for worker in workers:
+      stop_test_process(worker)
   logs = '\n'.join(open(p).read()[-3000:] for p in sorted(glob.glob(os.path.join(directory, '*.log'))))
   assert codes == [0] * len(workers), logs
   return logs

@@ -34,8 +34,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from subprocess_runs import (REPO, TIMEOUT, MainRun, configure_jax, free_port, progress_steps, subprocess_env,
-                             wait_until)
+from subprocess_runs import (REPO, TIMEOUT, MainRun, configure_jax, free_port, progress_steps, start_test_process,
+                             stop_test_process, subprocess_env, wait_until)
 
 sys.path.insert(0, REPO)  # The configs/ folder is imported as `configs`, as by `python -m bw_jax.main`.
 
@@ -227,7 +227,7 @@ def start_eight_devices(folder) -> dict[str, Any]:
   np.savez(paths['batches.npz'], **{f'{i}/{k}': v for i in (1, 2) for k, v in next(batches).items()})
   env = subprocess_env({'XLA_FLAGS': f'--xla_force_host_platform_device_count={DEVICES}'})
   with open(paths['eight_devices.log'], 'w') as log:
-    process = subprocess.Popen(
+    process = start_test_process(
         [sys.executable, os.path.abspath(__file__), paths['batches.npz'], paths['out.npz']],
         cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
   return {'process': process, **paths}
@@ -303,10 +303,11 @@ def background(tmp_path_factory):
   jobs = {'eight_devices': start_eight_devices(folder),
           'two_hosts': None if GLOO_MISSING else threads.submit(run_two_hosts, folder),
           'killed': threads.submit(run_killed, folder)}
-  yield jobs
-  if jobs['eight_devices']['process'].poll() is None:  # Only left running when a test failed first.
-    jobs['eight_devices']['process'].kill()
-  threads.shutdown()
+  try:
+    yield jobs
+  finally:
+    stop_test_process(jobs['eight_devices']['process'])  # Only left running when a test failed first.
+    threads.shutdown()
 
 
 @pytest.fixture(scope='module')
