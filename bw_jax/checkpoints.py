@@ -83,11 +83,16 @@ def check_resumed_config(directory: str, stored: dict[str, Any], config: ml_coll
     say(f'Resuming with a changed setting: {difference_line(key, values)}.')
 
 
-def latest_checkpoint_step(workdir: str) -> int | None:
-  """The step of the newest finished checkpoint in `workdir/checkpoints` (Orbax names them by step)."""
+def saved_steps(workdir: str) -> list[int]:
+  """The steps of the finished checkpoints in `workdir/checkpoints`, ascending (Orbax names them by step;
+  its temporary folders, config.json and corrupt-* are other names)."""
   path = os.path.join(workdir, 'checkpoints')
-  steps = [int(name) for name in os.listdir(path) if name.isdigit()] if os.path.isdir(path) else []
-  return max(steps, default=None)
+  return sorted(int(name) for name in os.listdir(path) if name.isdigit()) if os.path.isdir(path) else []
+
+
+def latest_checkpoint_step(workdir: str) -> int | None:
+  """The step of the newest finished checkpoint in `workdir/checkpoints`, None when there is none."""
+  return max(saved_steps(workdir), default=None)
 
 
 def quiet_abandoned_reads(record: std_logging.LogRecord) -> bool:

@@ -18,6 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # The configs/ folder is imported as `configs`, as by `python -m bw_jax.main`.
 
 from bw_jax import train  # noqa: E402
+from bw_jax.checkpoints import saved_steps  # noqa: E402
 from bw_jax.config_validation import validate_config  # noqa: E402
 from bw_jax.data import fashion_mnist  # noqa: E402
 from bw_jax.train_utils import create_model  # noqa: E402
@@ -55,7 +56,7 @@ def test_smoke_writes_summary_events_and_checkpoints(smoke_run):
   assert written['config']['batch_size'] == 16
   assert written['train_images_per_sec'] > 0
   assert glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
-  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3', '6']
+  assert saved_steps(workdir) == [3, 6]
   assert summary['eval_accuracy'] == written['eval_accuracy']
 
 
@@ -124,7 +125,7 @@ def test_sigterm_saves_the_next_step_and_the_rerun_finishes(smoke_run, tmp_path)
                                      on_eval=lambda step, _: os.kill(os.getpid(), signal.SIGTERM))
   assert stopped == {'preempted': True, 'step': 5, 'signal': 'SIGTERM'}
   assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers_before
-  assert sorted(os.listdir(os.path.join(tmp_path, 'checkpoints'))) == ['3', '5']
+  assert saved_steps(str(tmp_path)) == [3, 5]
   assert not os.path.exists(os.path.join(tmp_path, 'summary.json'))
   assert train.train_and_evaluate(smoke.get_config(), str(tmp_path))['step'] == 6
   straight, resumed = restore(straight_dir, 6), restore(str(tmp_path), 6)
@@ -200,7 +201,7 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_p
   with pytest.raises(train.NonFiniteLossError, match=r'at step [56]; the last good checkpoint \(step 3\) is kept'
                      r'.*Lower config.learning_rate.*bw.epsilon'):
     train.train_and_evaluate(config, str(tmp_path))
-  assert os.listdir(os.path.join(tmp_path, 'checkpoints')) == ['3']
+  assert saved_steps(str(tmp_path)) == [3]
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(restore(str(tmp_path), 3)['params']))
 
 

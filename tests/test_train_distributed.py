@@ -40,6 +40,7 @@ from subprocess_runs import (REPO, TIMEOUT, MainRun, configure_jax, free_port, p
 sys.path.insert(0, REPO)  # The configs/ folder is imported as `configs`, as by `python -m bw_jax.main`.
 
 from bw_jax import data, train  # noqa: E402
+from bw_jax.checkpoints import saved_steps  # noqa: E402
 from bw_jax.data import fashion_mnist, pipeline  # noqa: E402
 from bw_jax.train_utils import create_learning_rate_fn, create_model, create_optimizer  # noqa: E402
 from configs import smoke  # noqa: E402
@@ -124,7 +125,8 @@ def assert_same_state(actual: dict, expected: dict, tolerance: float, what: str)
 
 
 def checkpoint_steps(workdir: str) -> list[str]:
-  return sorted(os.listdir(os.path.join(workdir, 'checkpoints')), key=lambda name: (len(name), name))
+  """The saved steps as folder names, ascending (config.json and other files left out)."""
+  return [str(step) for step in saved_steps(workdir)]
 
 
 def sharded_steps(batches_path: str, out_path: str) -> None:
