@@ -196,6 +196,7 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_p
   config.log_every_steps = 1
   train.train_and_evaluate(config, str(tmp_path))
   config.learning_rate = 1e30
+  config.resume_allow_changes = 'learning_rate'  # On purpose: the resumed run must diverge.
   config.num_train_steps = 6
   config.log_every_steps = 100  # Only the save at step 6 looks at the losses of steps 4–6.
   with pytest.raises(train.NonFiniteLossError, match=r'at step [56]; the last good checkpoint \(step 3\) is kept'
