@@ -65,5 +65,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 100  # Console progress line and TensorBoard train metrics.
   config.eval_every_steps = -1  # Eval over the whole eval split every this many steps; -1: each epoch.
   config.checkpoint_every_steps = 1000  # Checkpoint period; a checkpoint is also written at the end.
+  # Stop the run (after its eval) when the BW fallbacks summed over layers exceed this; -1: never. Each eval
+  # line shows the fallbacks and the worst condition number, and warns when the fallbacks grow.
+  config.bw_max_fallbacks = -1
   config.keep_checkpoints = 2  # How many of the latest checkpoints to keep in workdir/checkpoints.
+  # Resuming checks the config against the checkpoints' (workdir/checkpoints/config.json) and stops on any
+  # difference but in bw_jax.checkpoints.SAFE_TO_CHANGE (run length, intervals, data_dir) and the
+  # comma-separated dotted keys named here, e.g. 'batch_size,learning_rate' to change them on purpose.
+  config.resume_allow_changes = ''
   return config

@@ -12,7 +12,7 @@ import ml_collections
 
 from bw_jax import config_schema
 from bw_jax.checks import check_choice, is_positive_int
-from bw_jax.data import default_dataset_config
+from bw_jax.data import dataset_module, default_dataset_config
 from bw_jax.data.pipeline import check_batch_size
 
 OPTIMIZERS = ('sgd', 'nesterov', 'adamw', 'rmsprop_tf')
@@ -83,11 +83,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
   check_choice('config.optimizer', config.optimizer, OPTIMIZERS)
   check_choice('config.lr_schedule', config.lr_schedule, LR_SCHEDULES)
-  _check_positive_int('batch_size', config.batch_size)
-  if config.eval_batch_size is not None:
-    _check_positive_int('eval_batch_size', config.eval_batch_size)
-    check_batch_size(config.eval_batch_size, jax.device_count(), jax.process_count())
-  check_batch_size(config.batch_size, jax.device_count(), jax.process_count())
+  for name in ('batch_size', 'eval_batch_size'):
+    if config[name] is not None:
+      _check_positive_int(name, config[name])
+      check_batch_size(config[name], jax.device_count(), jax.process_count(), name=f'config.{name}')
   if config.num_train_steps != -1:
     _check_positive_int('num_train_steps (or -1 to train for num_epochs)', config.num_train_steps)
   else:
@@ -96,7 +95,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _check_positive_int(name, config[name])
   if config.eval_every_steps != -1:
     _check_positive_int('eval_every_steps (or -1 for once per epoch)', config.eval_every_steps)
-  _check_range('learning_rate', config.learning_rate, 0.0, float('inf'), low_open=True)
+  if config.bw_max_fallbacks != -1:
+    _check_range('bw_max_fallbacks (or -1 for no limit)', config.bw_max_fallbacks, 0, float('inf'))
+  _check_range('learning_rate', config.learning_rate, 0.0, float('inf'), low_open=True, high_open=True)
   _check_range('momentum', config.momentum, 0.0, 1.0, high_open=True)
   _check_range('warmup_epochs', config.warmup_epochs, 0.0, float('inf'))
   _check_range('decay_rate', config.decay_rate, 0.0, 1.0, low_open=True)

@@ -26,10 +26,13 @@ import jax
 from ml_collections import config_flags
 
 from bw_jax import train
+from bw_jax.checkpoints import CheckpointError, latest_checkpoint_step
+from bw_jax.cli_errors import exit_with_error
 from bw_jax.config_files import add_config_root, config_path_in_flags
 from bw_jax.runtime import configure_cpu_dispatch
 
 FLAGS = flags.FLAGS
+EXIT_INTERRUPTED = 130  # The shell's status for a process stopped by Ctrl-C (128 + SIGINT).
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard logs and summary.json.')
 DISTRIBUTED_MODES = ('env', 'auto', 'off')
 flags.DEFINE_enum('distributed', 'env', DISTRIBUTED_MODES,
@@ -38,7 +41,11 @@ flags.DEFINE_enum('distributed', 'env', DISTRIBUTED_MODES,
 ENV_KEYS = ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID')
 config_flags.DEFINE_config_file('config', None, 'Training configuration file (configs/*.py).',
                                 lock_config=True)
+flags.DEFINE_bool('debug', False, 'Show the traceback of a bad-input error (also: BW_JAX_DEBUG=1).')
 flags.mark_flags_as_required(['config', 'workdir'])
+# Bad input, reported as one line with exit status 2 (bw_jax/cli_errors.py): invalid or changed configs (ValueError),
+# missing or damaged data (DataNotFoundError is a FileNotFoundError), no loadable checkpoint.
+BAD_INPUT = (ValueError, FileNotFoundError, CheckpointError)
 
 
 def quiet_library_info(record: std_logging.LogRecord) -> bool:
@@ -65,6 +72,17 @@ def distributed_initialize_args(mode: str, environ: Mapping[str, str]) -> dict[s
           'num_processes': int(environ['JAX_NUM_PROCESSES']), 'process_id': int(environ['JAX_PROCESS_ID'])}
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with a bad `--config.key=value` override (which config_flags raises as a bare
+  AttributeError or KeyError, three chained tracebacks) reported as one line."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    exit_with_error(e, argv)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    exit_with_error(e, argv, prefix='bad --config override: ')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}; settings go in --config.key=value.')
@@ -74,8 +92,20 @@ def main(argv):
   if initialize_args is not None:
     jax.distributed.initialize(**initialize_args)
   os.makedirs(FLAGS.workdir, exist_ok=True)
-  summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except BAD_INPUT as e:
+    exit_with_error(e, sys.argv)
+  except KeyboardInterrupt:  # A second Ctrl-C (the first one saves and stops).
+    step = latest_checkpoint_step(FLAGS.workdir)
+    kept = f'the checkpoint of step {step} is kept' if step is not None else 'no checkpoint was written'
+    print(f'Ctrl-C again: stopped at once without saving; {kept}.', flush=True)
+    sys.exit(EXIT_INTERRUPTED)
   if jax.process_index() == 0:
+    if summary.get('signal') == 'SIGINT':
+      print(f"Stopped by Ctrl-C (SIGINT) at step {summary['step']}; its checkpoint is saved: rerun the same "
+            'command to resume.', flush=True)
+      sys.exit(EXIT_INTERRUPTED)
     if summary.get('preempted'):
       print(f"Stopped by SIGTERM at step {summary['step']}; rerun the same command to resume.")
     else:
@@ -87,4 +117,4 @@ def main(argv):
 if __name__ == '__main__':
   if (config_path := config_path_in_flags(sys.argv[1:])) is not None:
     add_config_root(config_path)  # Before the flags load it: its `from configs import …` works from anywhere.
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

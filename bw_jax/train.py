@@ -15,7 +15,6 @@ import time
 from typing import Any, Callable, Iterator
 
 from absl import logging
-import flax
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -24,11 +23,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from bw_jax import data
+from bw_jax.checkpoints import Checkpoints, say
 from bw_jax.config_validation import validate_config, with_global_batch_size
 from bw_jax.data.on_device import normalise_images, prefetch_to_device, shard_batch
-from bw_jax.train_utils import (Progress, TrainState, bw_health, create_learning_rate_fn, create_metric_writer,
-                                create_model, create_optimizer, cross_entropy, hyperparameters, memory_report,
-                                train_batch_spec, update_ema)
+from bw_jax.train_utils import (Progress, TrainState, bw_health, bw_health_report, bw_totals,
+                                create_learning_rate_fn, create_metric_writer, create_model, create_optimizer,
+                                cross_entropy, hyperparameters, memory_report, train_batch_spec, update_ema)
 
 
 def train_step(state: TrainState, batch: dict, *, model: Any, learning_rate_fn: Any, num_classes: int,
@@ -104,57 +104,36 @@ def initial_state(config: ml_collections.ConfigDict, model: Any, tx: Any, replic
   return init()
 
 
-class Checkpoints:
-  """Orbax CheckpointManager over the train state as a plain nested dict (`flax.serialization`)."""
-
-  def __init__(self, directory: str, keep: int):
-    # Saved in the background on one process. On several, synchronously: Orbax's background finalisation asks
-    # for the preemption sync point with the saved (older) step, which would move process 0's step counter
-    # back while JAX's preemption service may be reading it (see PreemptionNotice). The state is small
-    # (B0: ~60 MB with optimizer and EMA), so the wait is short.
-    self.manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=jax.process_count() == 1))
-
-  def save(self, state: TrainState) -> None:
-    step = int(state.step)
-    if self.manager.latest_step() != step:
-      self.manager.save(step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)))
-
-  def restore_latest(self, state: TrainState) -> TrainState:
-    """The latest checkpoint, with `state`'s structure and shardings; `state` itself when there is none."""
-    step = self.manager.latest_step()
-    if step is None:
-      return state
-    target = flax.serialization.to_state_dict(state)
-    restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
-    logging.info('Restored checkpoint of step %d from %s', step, self.manager.directory)
-    return flax.serialization.from_state_dict(state, restored)
-
-  def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
-
-
 class PreemptionNotice:
-  """Says at which step to save and stop after a SIGTERM; ask at every step.
+  """Says at which step to save and stop after a SIGTERM or a Ctrl-C (SIGINT); ask at every step.
 
-  One process: a Python SIGTERM handler raises a flag, seen at the next step. Several processes: the hosts
-  must save the same step, and a scheduler may signal only some of them, so JAX's preemption service
-  (started by `jax.distributed.initialize`, it catches SIGTERM itself) agrees on the step in the background
-  and `reached_preemption_sync_point` turns true on every host at that step; no Python handler then, which
-  would take the signal from it.
+  One process: a Python handler raises a flag, seen at the next step; after a first Ctrl-C, a second one
+  raises KeyboardInterrupt at once (no save). Several processes: the hosts must save the same step, and a
+  scheduler may signal only some of them, so JAX's preemption service (started by `jax.distributed.initialize`,
+  it catches SIGTERM itself) agrees on the step in the background and `reached_preemption_sync_point` turns
+  true on every host at that step; no Python SIGTERM handler then, which would take the signal from it.
   """
 
   def __init__(self, manager: ocp.CheckpointManager, start_step: int):
     """Call it as soon as the run knows `start_step` (restored): the service's step counter starts at 0, so
     a notice handled before the first question would pick step 1, which a resumed run never asks about."""
-    self._manager, self._flag, self._previous = manager, threading.Event(), None
+    self._manager, self._flag, self._previous = manager, threading.Event(), {}
     self._multihost = jax.process_count() > 1
+    self.signal_name = 'SIGTERM'
     if self._multihost:
       if manager.reached_preemption(start_step):  # Every host asks about the same step: all agree.
         self._flag.set()
     elif threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+      self._previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, self._notice),
+                        signal.SIGINT: signal.signal(signal.SIGINT, self._notice)}
+
+  def _notice(self, signum: int, _) -> None:
+    self.signal_name = signal.Signals(signum).name
+    self._flag.set()
+    if signum == signal.SIGINT:  # The next Ctrl-C interrupts at once.
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+      os.write(2, b'\nCtrl-C: saving a checkpoint at this step, then stopping (Ctrl-C again to stop at once '
+                  b'without saving).\n')
 
   def reached(self, step: int) -> bool:
     if self._multihost:
@@ -162,8 +141,8 @@ class PreemptionNotice:
     return self._flag.is_set()
 
   def close(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -205,7 +184,8 @@ def training_length(config: ml_collections.ConfigDict) -> tuple[int, int]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        on_eval: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
   """Trains `config`'s model, resuming from the latest checkpoint in `workdir`; returns the summary that is
-  also written to `workdir/summary.json` (or {'preempted': True, 'step': …} after a SIGTERM).
+  also written to `workdir/summary.json` (or {'preempted': True, 'step': …, 'signal': 'SIGTERM' or 'SIGINT'}
+  after a SIGTERM or a first Ctrl-C; a second Ctrl-C raises KeyboardInterrupt).
 
   `on_eval(step, {'loss', 'accuracy', 'count'})` runs after each periodic eval (the sweep's pruner); an
   exception it raises ends training with the checkpoints already written intact.
@@ -225,7 +205,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   normalise = functools.partial(normalise_images, mean=info.mean, std=info.std)  # On the device.
   # Before compiling anything: creating the manager is the hosts' first collective (Orbax syncs them), and
   # gloo (CPU) gives up on a host that joins its first collective over 30 s late, as one compiling longer can.
-  checkpoints = Checkpoints(os.path.join(os.path.abspath(workdir), 'checkpoints'), config.keep_checkpoints)
+  checkpoints = Checkpoints(os.path.join(os.path.abspath(workdir), 'checkpoints'), config)
   state = initial_state(config, model, create_optimizer(config, learning_rate_fn), replicated)
   state = checkpoints.restore_latest(state)
   start_step = int(state.step)
@@ -255,6 +235,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   last_checkpoint = checkpoints.manager.latest_step()
   steady_start, steady_steps, excluded = None, 0, 0.0
   eval_metrics: dict[str, float] = {}
+  fallbacks_seen = bw_totals(bw_health(state.batch_stats))[0]  # The eval lines warn when they grow.
 
   def flush_window() -> dict[str, float]:
     fetched = [(s, jax.device_get(m)) for s, m in window]
@@ -299,16 +280,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if checkpoint_now or preempted:
         save()
       if preempted:
-        logging.warning('SIGTERM: saved the checkpoint of step %d; exiting.', step)
-        return {'preempted': True, 'step': step}
+        logging.warning('%s: saved the checkpoint of step %d; exiting.', preemption.signal_name, step)
+        return {'preempted': True, 'step': step, 'signal': preemption.signal_name}
       if eval_now:
         eval_metrics = evaluate(eval_fn, state, config, data_sharding)
         health = bw_health(state.batch_stats, state.bw_health)
         writer.write_scalars(step, {**{f'eval/{k}': v for k, v in eval_metrics.items()},
                                     **{f'bw_health/{k}': v for k, v in health.items()}})
+        health_text, health_warning = bw_health_report(health, fallbacks_seen, config.bw_max_fallbacks)
+        fallbacks_seen = bw_totals(health)[0]
         if jax.process_index() == 0:
           print(f"eval step {step}: loss {eval_metrics['loss']:.4f}  accuracy "
-                f"{eval_metrics['accuracy']:.4f} on {eval_metrics['count']} examples", flush=True)
+                f"{eval_metrics['accuracy']:.4f} on {eval_metrics['count']} examples  {health_text}".rstrip(),
+                flush=True)
+        if health_warning:
+          say(health_warning)
         if on_eval is not None:
           on_eval(step, eval_metrics)
       excluded += time.perf_counter() - paused
@@ -329,9 +315,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       'epochs': int(state.step) / steps_per_epoch,
       'train_images_per_sec': steady_steps * config.batch_size / steady_seconds if steady_steps else None,
       'wall_seconds': time.perf_counter() - start_time,
-      'bw_max_cov_condition': max((v for k, v in health.items() if k.endswith('cov_condition')),
-                                  default=None),
-      'bw_fallbacks': sum(v for k, v in health.items() if k.endswith('/fallbacks')),
+      'bw_max_cov_condition': bw_totals(health)[1],
+      'bw_fallbacks': bw_totals(health)[0],
       'config': config.to_dict(),
   }
   if jax.process_index() == 0:

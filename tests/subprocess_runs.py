@@ -9,6 +9,7 @@ This file is also the script those processes run, with the JAX settings of the t
 import ctypes
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,6 +36,33 @@ def configure_jax(compilation_cache: bool = True) -> None:
     jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
 
 
+def die_with_parent() -> None:
+  """Makes the kernel SIGKILL this process when its parent dies (Linux prctl PR_SET_PDEATHSIG), so that a
+  killed pytest leaves no test process behind; call it first thing in a child."""
+  parent = os.getppid()
+  ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG.
+  if os.getppid() != parent:  # The parent died before the call.
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def start_test_process(command: list[str], **popen_kwargs) -> subprocess.Popen:
+  """`subprocess.Popen(command)` in a session of its own (`stop_test_process` kills its whole group) that the
+  kernel SIGKILLs if the thread that started it dies, pytest killed included (`setpriv --pdeathsig`, from
+  util-linux; start it from a thread that outlives it)."""
+  prefix = ['setpriv', '--pdeathsig', 'KILL', '--'] if shutil.which('setpriv') else []
+  return subprocess.Popen([*prefix, *command], start_new_session=True, **popen_kwargs)
+
+
+def stop_test_process(process: subprocess.Popen) -> None:
+  """Kills the process's group (it and anything it started) unless it has exited; reaps it."""
+  if process.poll() is None:
+    try:
+      os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+  process.wait()
+
+
 def subprocess_env(extra: dict | None = None) -> dict[str, str]:
   """This environment for a child Python process, without the multi-host and device-count settings; the
   repository first on its PYTHONPATH, so that it imports the bw_jax and `configs` this test session does."""
@@ -53,7 +81,7 @@ class MainRun:
   def __init__(self, log: str, *flags: str, pause_at: int = 0, env: dict | None = None):
     self.log = log
     with open(log, 'w') as stderr:
-      self.process = subprocess.Popen(
+      self.process = start_test_process(
           [sys.executable, os.path.abspath(__file__), str(pause_at), *flags], cwd=REPO,
           env=subprocess_env(env), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True)
     self.lines: queue.Queue = queue.Queue()
@@ -105,9 +133,7 @@ class MainRun:
     try:
       self.process.wait(timeout=TIMEOUT)
     finally:
-      if self.process.poll() is None:
-        self.process.kill()
-        self.process.wait()
+      stop_test_process(self.process)
       self.reader.join(timeout=60)
     return self.process.returncode
 

@@ -122,3 +122,80 @@ def test_training_batches_are_normalised_training_images():
   assert batch['image'].shape == (32, 28, 28, 1) and batch['image'].dtype == np.float32
   pixels = np.rint(batch['image'] * np.float32(info.std) + np.float32(info.mean)).astype(np.uint8)
   assert [label_of[p.tobytes()] for p in pixels] == batch['label'].tolist()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad data is named, never used silently
+
+
+def write_idx(path, values, dims=None, compress=True):
+  """An IDX file of uint8 `values` (its header says `dims`, the array's shape by default)."""
+  dims = values.shape if dims is None else dims
+  raw = bytes([0, 0, 0x08, len(dims)]) + struct.pack(f'>{len(dims)}I', *dims) + values.tobytes()
+  with (gzip.open if compress else open)(path, 'wb') as f:
+    f.write(raw)
+  return raw
+
+
+def link_real_files(directory, except_name=None):
+  for names in fashion_mnist.FILES.values():
+    for name in names:
+      if name != except_name:
+        os.symlink(os.path.join(SYSTEM_DIR, name), os.path.join(directory, name))
+
+
+@pytest.mark.parametrize('make', ['missing', 'empty', 'partial'])
+def test_an_explicit_data_dir_without_the_files_is_an_error_not_a_fallback(tmp_path, make):
+  require_real_data()  # The system copy is there and must not be used instead.
+  directory = tmp_path / 'fmnist'
+  if make != 'missing':
+    directory.mkdir()
+  if make == 'partial':
+    link_real_files(str(directory), except_name='t10k-labels-idx1-ubyte.gz')
+  with pytest.raises(fashion_mnist.DataNotFoundError) as error:
+    fashion_mnist.load('test', config(data_dir=str(directory)))
+  message = str(error.value)
+  assert f'config.dataset.data_dir={str(directory)!r}' in message
+  assert {'missing': 'does not exist', 'empty': 'holds none of',
+          'partial': 'lacks t10k-labels-idx1-ubyte.gz'}[make] in message
+
+
+def test_missing_data_does_not_try_a_tfds_download(monkeypatch):
+  """Offline, TFDS would retry its download for minutes: only a copy TFDS already prepared is used."""
+  monkeypatch.setattr(fashion_mnist, 'SYSTEM_DIRS', ())
+  calls = []
+  import tensorflow_datasets as tfds
+  monkeypatch.setattr(tfds, 'load', lambda *args, **kwargs: calls.append(kwargs) or (_ for _ in ()).throw(
+      RuntimeError('not prepared')))
+  with pytest.raises(fashion_mnist.DataNotFoundError, match='apt-get install dataset-fashion-mnist'):
+    fashion_mnist.load('test', config())
+  assert [c.get('download') for c in calls] == [False]
+
+
+@pytest.mark.parametrize('damage, problem', [
+    ('truncated', 'truncated'),
+    ('corrupt', 'not a valid gzip file'),
+    ('labels out of range', 'label 10 outside [0, 10)'),
+    ('wrong dims', 'expected 10000 labels'),
+    ('short data', 'header says shape'),
+])
+def test_damaged_files_are_named_with_the_problem(tmp_path, damage, problem):
+  require_real_data()
+  name = 't10k-labels-idx1-ubyte.gz'
+  link_real_files(str(tmp_path), except_name=name)
+  path = str(tmp_path / name)
+  labels = np.frombuffer(raw_bytes(name)[8:], np.uint8).copy()
+  if damage == 'labels out of range':
+    labels[1234] = 10
+  if damage == 'wrong dims':
+    labels = labels[:9999]
+  raw = write_idx(path, labels, dims=(10_001,) if damage == 'short data' else None)
+  if damage == 'truncated':
+    with open(path, 'r+b') as f:
+      f.truncate(os.path.getsize(path) // 2)
+  if damage == 'corrupt':
+    with open(path, 'wb') as f:
+      f.write(gzip.compress(raw)[:10] + b'\xff' * 200)
+  with pytest.raises(fashion_mnist.DataError) as error:
+    fashion_mnist.load_arrays('test', config(data_dir=str(tmp_path)))
+  assert path in str(error.value) and problem in str(error.value)

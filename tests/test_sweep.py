@@ -4,12 +4,9 @@ and on a PostgreSQL server started here."""
 
 import glob
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import ml_collections
@@ -20,6 +17,7 @@ from optuna.trial import TrialState
 import pandas as pd
 import pytest
 
+from bw_jax.checkpoints import latest_checkpoint_step
 from bw_jax.config_files import load_config_file
 from bw_jax.config_validation import validate_config
 from bw_jax.sweep import __main__ as sweep_cli
@@ -28,6 +26,7 @@ from bw_jax.sweep import report as sweep_report
 from bw_jax.sweep import space as sweep_space
 from bw_jax.sweep import study as sweep_study
 from bw_jax.sweep import worker as sweep_worker
+from subprocess_runs import start_test_process, stop_test_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE_SWEEP = os.path.join(REPO, 'configs', 'sweeps', 'smoke.py')
@@ -79,12 +78,14 @@ def test_unknown_search_space_key_is_named_with_the_nearest_key():
   assert "unknown config key 'learning_rat' (did you mean 'learning_rate'?)" in message
 
 
-def test_run_with_a_misspelt_key_fails_before_anything_is_created(tmp_path):
+def test_run_with_a_misspelt_key_fails_before_anything_is_created(tmp_path, capsys):
   path = tmp_path / 'sweep_typo.py'
   path.write_text('from configs.sweeps import smoke as sweep_smoke\n\n\ndef get_config():\n  config = sweep_smoke.get_config()\n'
                   "  config.search_space.model = {'stem_typ': ('categorical', (1, 2))}\n  return config\n")
-  with pytest.raises(SystemExit, match=r"unknown config key 'model.stem_typ' \(did you mean 'model.stem_type'"):
+  with pytest.raises(SystemExit) as exit_:
     sweep_cli.main(['run', f'--config={path}', f'--dir={tmp_path / "sweep"}'])
+  assert exit_.value.code == 2
+  assert "unknown config key 'model.stem_typ' (did you mean 'model.stem_type'" in capsys.readouterr().err
   assert not os.path.exists(tmp_path / 'sweep')
 
 
@@ -274,13 +275,17 @@ def test_promote_writes_configs_that_main_accepts(synthetic_study, tmp_path):
 def start_worker(directory, log_name, *args):
   """A `python -m bw_jax.sweep run` process of the smoke sweep, its output in DIRECTORY/LOG_NAME.log."""
   with open(os.path.join(directory, f'{log_name}.log'), 'w') as log:
-    return subprocess.Popen([sys.executable, '-m', 'bw_jax.sweep', 'run', f'--config={SMOKE_SWEEP}',
-                             f'--dir={directory}', *args], cwd=REPO, env=WORKER_ENV, stdout=log,
-                            stderr=subprocess.STDOUT)
+    return start_test_process([sys.executable, '-m', 'bw_jax.sweep', 'run', f'--config={SMOKE_SWEEP}',
+                               f'--dir={directory}', *args], cwd=REPO, env=WORKER_ENV, stdout=log,
+                              stderr=subprocess.STDOUT)
 
 
 def wait_all(workers, directory, timeout=900):
-  codes = [w.wait(timeout=timeout) for w in workers]
+  try:
+    codes = [w.wait(timeout=timeout) for w in workers]
+  finally:
+    for worker in workers:
+      stop_test_process(worker)
   logs = '\n'.join(open(p).read()[-3000:] for p in sorted(glob.glob(os.path.join(directory, '*.log'))))
   assert codes == [0] * len(workers), logs
   return logs
@@ -379,7 +384,7 @@ def killed_sweep(tmp_path_factory):
     for t in study.get_trials(deepcopy=False):
       workdir = t.user_attrs.get('workdir', '')
       if (t.state == TrialState.RUNNING and t.user_attrs.get('worker', '').endswith(f':{victim.pid}')
-          and (sweep_worker.latest_checkpoint_step(workdir) or 0) >= 2):
+          and (latest_checkpoint_step(workdir) or 0) >= 2):
         victim.send_signal(signal.SIGKILL)
         killed = t.number
   assert killed is not None, 'worker 0 never reached a checkpoint'
@@ -408,50 +413,6 @@ def test_killed_worker_trial_is_retried_and_resumes(killed_sweep):
 
 # ----------------------------------------------------------------------------------------------------------
 # PostgreSQL
-
-
-def postgres_binaries():
-  """Directory of initdb / pg_ctl (Debian's postgresql package, newest version), or None."""
-  found = sorted(glob.glob('/usr/lib/postgresql/*/bin/pg_ctl'))
-  if found:
-    return os.path.dirname(found[-1])
-  pg_ctl = shutil.which('pg_ctl')
-  return os.path.dirname(pg_ctl) if pg_ctl else None
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
-@pytest.fixture(scope='module')
-def postgres_url():
-  """A PostgreSQL server of its own in a temporary directory on a loopback port; stopped at the end."""
-  binaries = postgres_binaries()
-  if binaries is None:
-    pytest.skip('PostgreSQL server binaries not found (apt-get install postgresql; .ci/run does it)')
-  as_user = []
-  data = tempfile.mkdtemp(prefix='bw_jax_pg_')
-  if os.geteuid() == 0:  # The server refuses to run as root.
-    shutil.chown(data, 'postgres', 'postgres')
-    as_user = ['runuser', '-u', 'postgres', '--']
-  port = free_port()
-  subprocess.run([*as_user, f'{binaries}/initdb', '-D', data, '-U', 'postgres', '-A', 'trust', '--no-sync'],
-                 check=True, capture_output=True)
-  options = f'-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off'
-  subprocess.run([*as_user, f'{binaries}/pg_ctl', '-D', data, '-o', options, '-l', f'{data}/server.log', '-w',
-                  'start'], check=True, capture_output=True)
-  try:
-    import psycopg2
-    connection = psycopg2.connect(host='127.0.0.1', port=port, user='postgres', dbname='postgres')
-    connection.autocommit = True
-    connection.cursor().execute('CREATE DATABASE sweep')
-    connection.close()
-    yield f'postgresql+psycopg2://postgres@127.0.0.1:{port}/sweep'
-  finally:
-    subprocess.run([*as_user, f'{binaries}/pg_ctl', '-D', data, '-m', 'immediate', 'stop'], capture_output=True)
-    shutil.rmtree(data, ignore_errors=True)
 
 
 @pytest.mark.slow  # Worker processes train smoke trials.

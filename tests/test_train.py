@@ -14,6 +14,7 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.util.tensor_util import make_ndarray
 
 from bw_jax import train
+from bw_jax.checkpoints import saved_steps
 from bw_jax.config_validation import validate_config
 from bw_jax.data import fashion_mnist
 from bw_jax.train_utils import create_model
@@ -54,7 +55,7 @@ def test_smoke_writes_summary_events_and_checkpoints(smoke_run):
   assert written['config']['batch_size'] == 16
   assert written['train_images_per_sec'] > 0
   assert glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
-  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3', '6']
+  assert saved_steps(workdir) == [3, 6]
   assert summary['eval_accuracy'] == written['eval_accuracy']
 
 
@@ -127,12 +128,12 @@ def test_sigterm_saves_the_next_step_and_the_rerun_finishes(smoke_run, tmp_path)
   straight_dir, _ = smoke_run
   config = smoke.get_config()
   config.eval_every_steps = 4
-  handler_before = signal.getsignal(signal.SIGTERM)
+  handlers_before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
   stopped = train.train_and_evaluate(config, str(tmp_path),
                                      on_eval=lambda step, _: os.kill(os.getpid(), signal.SIGTERM))
-  assert stopped == {'preempted': True, 'step': 5}
-  assert signal.getsignal(signal.SIGTERM) is handler_before
-  assert sorted(os.listdir(os.path.join(tmp_path, 'checkpoints'))) == ['3', '5']
+  assert stopped == {'preempted': True, 'step': 5, 'signal': 'SIGTERM'}
+  assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers_before
+  assert saved_steps(str(tmp_path)) == [3, 5]
   assert not os.path.exists(os.path.join(tmp_path, 'summary.json'))
   assert train.train_and_evaluate(smoke.get_config(), str(tmp_path))['step'] == 6
   straight, resumed = restore(straight_dir, 6), restore(str(tmp_path), 6)
@@ -204,10 +205,27 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_p
   config.log_every_steps = 1
   train.train_and_evaluate(config, str(tmp_path))
   config.learning_rate = 1e30
+  config.resume_allow_changes = 'learning_rate'  # On purpose: the resumed run must diverge.
   config.num_train_steps = 6
   config.log_every_steps = 100  # Only the save at step 6 looks at the losses of steps 4–6.
   with pytest.raises(train.NonFiniteLossError, match=r'at step [56]; the last good checkpoint \(step 3\) is kept'
                      r'.*Lower config.learning_rate.*bw.epsilon'):
     train.train_and_evaluate(config, str(tmp_path))
-  assert os.listdir(os.path.join(tmp_path, 'checkpoints')) == ['3']
+  assert saved_steps(str(tmp_path)) == [3]
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(restore(str(tmp_path), 3)['params']))
+
+
+def test_infinite_learning_rate_is_rejected():
+  config = smoke.get_config()
+  config.learning_rate = float('inf')
+  with pytest.raises(ValueError, match=r'learning_rate=inf is out of range.*\(0.0, inf\)'):
+    validate_config(config)
+
+
+@pytest.mark.parametrize('batch_size, key, value', [(16, 'batch_size', 16), (18, 'eval_batch_size', 2000)])
+def test_batch_size_not_divisible_by_the_devices_names_its_key(monkeypatch, batch_size, key, value):
+  monkeypatch.setattr(jax, 'device_count', lambda: 3)
+  config = smoke.get_config()
+  config.batch_size = batch_size
+  with pytest.raises(ValueError, match=rf'^config.{key}={value} does not divide evenly over 3 devices'):
+    validate_config(config)

@@ -35,11 +35,12 @@ import orbax.checkpoint as ocp
 import pytest
 
 from bw_jax import data, train
+from bw_jax.checkpoints import saved_steps
 from bw_jax.data import fashion_mnist, pipeline
 from bw_jax.train_utils import create_learning_rate_fn, create_model, create_optimizer
 from configs import smoke
-from subprocess_runs import (REPO, TIMEOUT, MainRun, configure_jax, free_port, progress_steps, subprocess_env,
-                             wait_until)
+from subprocess_runs import (REPO, TIMEOUT, MainRun, configure_jax, free_port, progress_steps, start_test_process,
+                             stop_test_process, subprocess_env, wait_until)
 
 configure_jax()
 pytestmark = pytest.mark.slow  # Every test here trains in several processes or on 8 devices.
@@ -122,7 +123,8 @@ def assert_same_state(actual: dict, expected: dict, tolerance: float, what: str)
 
 
 def checkpoint_steps(workdir: str) -> list[str]:
-  return sorted(os.listdir(os.path.join(workdir, 'checkpoints')), key=lambda name: (len(name), name))
+  """The saved steps as folder names, ascending (config.json and other files left out)."""
+  return [str(step) for step in saved_steps(workdir)]
 
 
 def sharded_steps(batches_path: str, out_path: str) -> None:
@@ -225,7 +227,7 @@ def start_eight_devices(folder) -> dict[str, Any]:
   np.savez(paths['batches.npz'], **{f'{i}/{k}': v for i in (1, 2) for k, v in next(batches).items()})
   env = subprocess_env({'XLA_FLAGS': f'--xla_force_host_platform_device_count={DEVICES}'})
   with open(paths['eight_devices.log'], 'w') as log:
-    process = subprocess.Popen(
+    process = start_test_process(
         [sys.executable, os.path.abspath(__file__), paths['batches.npz'], paths['out.npz']],
         cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
   return {'process': process, **paths}
@@ -301,10 +303,11 @@ def background(tmp_path_factory):
   jobs = {'eight_devices': start_eight_devices(folder),
           'two_hosts': None if GLOO_MISSING else threads.submit(run_two_hosts, folder),
           'killed': threads.submit(run_killed, folder)}
-  yield jobs
-  if jobs['eight_devices']['process'].poll() is None:  # Only left running when a test failed first.
-    jobs['eight_devices']['process'].kill()
-  threads.shutdown()
+  try:
+    yield jobs
+  finally:
+    stop_test_process(jobs['eight_devices']['process'])  # Only left running when a test failed first.
+    threads.shutdown()
 
 
 @pytest.fixture(scope='module')

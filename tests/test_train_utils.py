@@ -13,7 +13,7 @@ import optax
 import pytest
 from ml_collections import config_flags
 
-from bw_jax import train
+from bw_jax import train, train_utils
 from bw_jax.config_validation import validate_config, with_global_batch_size
 from bw_jax.train_utils import (TrainState, bw_health, create_learning_rate_fn, create_model, create_optimizer,
                                 memory_report, peak_learning_rate, train_batch_spec)
@@ -276,3 +276,41 @@ def test_bw_health_reads_conditions_from_batch_stats_and_counters_from_their_col
   assert health == {'stem_bw/cov_condition': pytest.approx(4.0), 'stem_bw/fallbacks': 3,
                     'stem_bw/skipped_updates': 1}
   assert all(isinstance(health[f'stem_bw/{k}'], int) for k in ('fallbacks', 'skipped_updates'))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# BW health on the console
+
+
+def fake_bw_stats(fallbacks):
+  """Two BW layers' (batch_stats, bw_health): covariances with known eigenvalues, the given fallback counters."""
+  rng = np.random.RandomState(0)
+  q = np.linalg.qr(rng.randn(3, 3))[0]
+  cov_a = np.stack([q @ np.diag([1.0, 2.0, 4.0]) @ q.T, q @ np.diag([1.0, 1.0, 50.0]) @ q.T])  # (2, 3, 3)
+  cov_b = (q @ np.diag([0.5, 1.0, 1.0]) @ q.T)[None]
+  batch_stats = {'stem': {'bw': {'cov': cov_a}}, 'head': {'cov': cov_b}}
+  counters = {'stem': {'bw': {'fallbacks': np.float32(fallbacks[0]), 'skipped_updates': np.float32(0)}},
+              'head': {'fallbacks': np.float32(fallbacks[1]), 'skipped_updates': np.float32(0)}}
+  return batch_stats, counters
+
+
+def test_bw_health_text_has_the_total_fallbacks_and_the_worst_condition_number():
+  health = train_utils.bw_health(*fake_bw_stats((2, 3)))
+  totals = train_utils.bw_totals(health)
+  worst = max(np.linalg.cond(c) for c in fake_bw_stats((0, 0))[0]['stem']['bw']['cov'])  # 50, from NumPy's SVD
+  assert totals == (5, pytest.approx(worst, rel=1e-9))
+  text, warning = train_utils.bw_health_report(health, previous_fallbacks=5, max_fallbacks=-1)
+  assert text == 'BW: fallbacks 5, worst condition number 50' and warning is None
+
+
+def test_growing_fallbacks_warn_and_too_many_stop_the_run():
+  health = train_utils.bw_health(*fake_bw_stats((2, 3)))
+  _, warning = train_utils.bw_health_report(health, previous_fallbacks=1, max_fallbacks=-1)
+  assert 'BW fallbacks grew from 1 to 5 since the last eval' in warning and 'model.bw.epsilon' in warning
+  assert train_utils.bw_health_report(health, previous_fallbacks=1, max_fallbacks=5)[1] is not None
+  with pytest.raises(train_utils.BWHealthError, match=r'5 BW fallbacks exceed config.bw_max_fallbacks=4'):
+    train_utils.bw_health_report(health, previous_fallbacks=1, max_fallbacks=4)
+
+
+def test_a_model_without_bw_reports_nothing():
+  assert train_utils.bw_health_report({}, previous_fallbacks=0, max_fallbacks=0) == ('', None)

@@ -1,10 +1,13 @@
 """Fashion-MNIST (Xiao et al. 2017) from its four original IDX files: the offline default dataset.
 
-Where the data is looked for, in order:
-  1. `dataset_config.data_dir`, when set;
-  2. SYSTEM_DIRS: `/usr/share/datasets/fashion-mnist/`, where `apt-get install dataset-fashion-mnist` puts
-     the original `.gz` files;
-  3. TFDS's `fashion_mnist` builder (downloads when online).
+Where the data is looked for:
+  1. `dataset_config.data_dir`, when set: only there (a folder without the four files is an error, never a
+     silent fallback to another copy);
+  2. else SYSTEM_DIRS: `/usr/share/datasets/fashion-mnist/`, where `apt-get install dataset-fashion-mnist`
+     puts the original `.gz` files;
+  3. else a copy TFDS has already prepared (no download: offline, TFDS retries one for minutes).
+Every file is checked when a split is opened (gzip stream, IDX header, sizes, label range); an error names
+the file and the problem.
 The IDX files are parsed here with NumPy instead of going through TFDS: TFDS's builder rejects the Debian
 files (its registered checksums are of differently compressed copies), and parsing keeps the bytes exactly.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from typing import Any, Optional
 
 import numpy as np
@@ -48,72 +52,110 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: '>i2', 0x0C: '>i4', 0x0D: '>
 
 
 class DataNotFoundError(FileNotFoundError):
-  """Fashion-MNIST is in none of the places searched."""
+  """Fashion-MNIST is not where the config says, nor in any of the places searched."""
+
+
+class DataError(ValueError):
+  """A Fashion-MNIST file is damaged (the message names the file and the problem)."""
+
+
+def read_bytes(path: str) -> bytes:
+  """The (decompressed) bytes of `path`; DataError naming it for a truncated or corrupt gzip file."""
+  try:
+    with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
+      return f.read()
+  except EOFError:
+    raise DataError(f'{path} is truncated (its gzip stream ends early); download or install it again.') from None
+  except (gzip.BadGzipFile, zlib.error) as e:
+    raise DataError(f'{path} is not a valid gzip file ({e}); download or install it again.') from None
 
 
 def read_idx(path: str) -> np.ndarray:
   """The array stored in an IDX file (optionally gzipped): 2 zero bytes, a dtype code, ndim, then
   ndim big-endian uint32 sizes and the data in C order."""
-  opener = gzip.open if path.endswith('.gz') else open
-  with opener(path, 'rb') as f:
-    data = f.read()
+  data = read_bytes(path)
   if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-    raise ValueError(f'{path} is not an IDX file (magic bytes {data[:4].hex()}).')
+    raise DataError(f'{path} is not an IDX file (magic bytes {data[:4].hex()}).')
   ndim = data[3]
+  if len(data) < 4 + 4 * ndim:
+    raise DataError(f'{path}: the IDX header of {ndim} dimensions is cut short ({len(data)} bytes).')
   shape = tuple(int(d) for d in np.frombuffer(data, '>u4', count=ndim, offset=4))
-  array = np.frombuffer(data, _IDX_DTYPES[data[2]], offset=4 + 4 * ndim)
-  if array.size != np.prod(shape):
-    raise ValueError(f'{path}: header says shape {shape} but holds {array.size} values.')
-  return array.reshape(shape)
+  itemsize = np.dtype(_IDX_DTYPES[data[2]]).itemsize
+  size = (len(data) - 4 - 4 * ndim) // itemsize
+  if size != np.prod(shape):
+    raise DataError(f'{path}: header says shape {shape} but holds {size} values.')
+  return np.frombuffer(data, _IDX_DTYPES[data[2]], offset=4 + 4 * ndim).reshape(shape)
 
 
 def find_files(data_dir: Optional[str]) -> Optional[dict[str, tuple[str, str]]]:
   """{split: (images path, labels path)} when `data_dir` holds all four files (.gz or not), else None."""
   if not data_dir:
     return None
-  found = {}
-  for split, names in FILES.items():
-    paths = []
-    for name in names:
-      candidates = [os.path.join(data_dir, name), os.path.join(data_dir, name[:-len('.gz')])]
-      existing = [p for p in candidates if os.path.isfile(p)]
-      if not existing:
-        return None
-      paths.append(existing[0])
-    found[split] = tuple(paths)
-  return found
+  found = {split: tuple(_existing(data_dir, name) for name in names) for split, names in FILES.items()}
+  return None if any(None in paths for paths in found.values()) else found
+
+
+def _existing(data_dir: str, name: str) -> Optional[str]:
+  """`data_dir/name` or its uncompressed twin, whichever exists."""
+  candidates = [os.path.join(data_dir, name), os.path.join(data_dir, name[:-len('.gz')])]
+  return next((p for p in candidates if os.path.isfile(p)), None)
+
+
+def required_files(data_dir: str) -> dict[str, tuple[str, str]]:
+  """The four files in an explicit `config.dataset.data_dir`; DataNotFoundError saying what is missing."""
+  where = f'config.dataset.data_dir={data_dir!r}'
+  if not os.path.isdir(data_dir):
+    raise DataNotFoundError(f'{where} does not exist. {INSTALL_HINT}')
+  names = [name for split_names in FILES.values() for name in split_names]
+  missing = [name for name in names if _existing(data_dir, name) is None]
+  if len(missing) == len(names):
+    raise DataNotFoundError(f'{where} holds none of the Fashion-MNIST files. {INSTALL_HINT}')
+  if missing:
+    raise DataNotFoundError(f'{where} lacks {", ".join(missing)}. {INSTALL_HINT}')
+  return find_files(data_dir)
+
+
+def check_arrays(split: str, images_path: str, images: np.ndarray, labels_path: str, labels: np.ndarray) -> None:
+  """DataError naming the file unless images are (N, 28, 28), labels (N,) in [0, num_classes), N the split's."""
+  count = INFO.num_examples[split]
+  if images.shape != (count, 28, 28):
+    raise DataError(f'{images_path}: expected {count} images of 28x28, the header says shape {images.shape}.')
+  if labels.shape != (count,):
+    raise DataError(f'{labels_path}: expected {count} labels, the header says shape {labels.shape}.')
+  bad = np.flatnonzero(labels >= INFO.num_classes)
+  if bad.size:
+    raise DataError(f'{labels_path}: label {labels[bad[0]]} outside [0, {INFO.num_classes}) at index {bad[0]} '
+                    f'({bad.size} such labels).')
 
 
 def _search_dirs(dataset_config: Any) -> list[str]:
   data_dir = getattr(dataset_config, 'data_dir', None)
-  return ([data_dir] if data_dir else []) + list(SYSTEM_DIRS)
+  return [data_dir] if data_dir else list(SYSTEM_DIRS)
 
 
 def load_arrays(split: str, dataset_config: Any) -> Optional[tuple[np.ndarray, np.ndarray]]:
-  """(images uint8 (N, 28, 28, 1), labels uint8 (N,)) from the first folder with the IDX files, or None."""
+  """(images uint8 (N, 28, 28, 1), labels uint8 (N,)) from `data_dir` when set (DataNotFoundError if the
+  files are not there), else from the first system folder with the files, else None."""
   if split not in FILES:
     raise ValueError(f'Fashion-MNIST has splits {sorted(FILES)}, not {split!r}.')
-  for directory in _search_dirs(dataset_config):
-    files = find_files(directory)
-    if files:
-      images_path, labels_path = files[split]
-      images, labels = read_idx(images_path), read_idx(labels_path)
-      if images.shape != (INFO.num_examples[split], 28, 28) or labels.shape != images.shape[:1]:
-        raise ValueError(f'{images_path}, {labels_path}: unexpected shapes {images.shape}, '
-                         f'{labels.shape}; expected {INFO.num_examples[split]} images of 28x28.')
-      return images[..., None], labels
-  return None
+  data_dir = getattr(dataset_config, 'data_dir', None)
+  files = required_files(data_dir) if data_dir else next(filter(None, map(find_files, SYSTEM_DIRS)), None)
+  if files is None:
+    return None
+  images_path, labels_path = files[split]
+  images, labels = read_idx(images_path), read_idx(labels_path)
+  check_arrays(split, images_path, images, labels_path, labels)
+  return images[..., None], labels
 
 
 def _load_tfds(split: str, dataset_config: Any) -> tf.data.Dataset:
   import tensorflow_datasets as tfds  # Slow to import; only needed on this fallback path.
   try:
-    ds = tfds.load('fashion_mnist', split=split, data_dir=getattr(dataset_config, 'data_dir', None),
-                   download=True)
-  except Exception as e:  # Offline, or TFDS's own download failed: one message for the user.
+    ds = tfds.load('fashion_mnist', split=split, download=False)
+  except Exception as e:  # Not prepared: one message for the user.
     raise DataNotFoundError(
-        f'Fashion-MNIST not found in {_search_dirs(dataset_config)} and TFDS could not provide it '
-        f'({type(e).__name__}: {e}). {INSTALL_HINT}') from e
+        f'Fashion-MNIST not found in {_search_dirs(dataset_config)} nor prepared by TFDS '
+        f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}). {INSTALL_HINT}') from e
   return ds.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
 
 

@@ -62,15 +62,16 @@ class DatasetInfo:
   std: tuple[float, ...]  # (C,) per-channel standard deviation, pixel units.
 
 
-def check_batch_size(global_batch_size: int, device_count: int, process_count: int) -> None:
-  """Raises a ValueError unless the global batch splits evenly over devices and hosts."""
+def check_batch_size(global_batch_size: int, device_count: int, process_count: int,
+                     name: str = 'global_batch_size') -> None:
+  """Raises a ValueError naming `name` unless the global batch splits evenly over devices and hosts."""
   if global_batch_size <= 0:
-    raise ValueError(f'global_batch_size must be positive, got {global_batch_size}.')
+    raise ValueError(f'{name} must be positive, got {global_batch_size}.')
   for count, what in ((device_count, 'devices (jax.device_count())'),
                       (process_count, 'hosts (jax.process_count())')):
     if global_batch_size % count:
       raise ValueError(
-          f'global_batch_size={global_batch_size} does not divide evenly over {count} {what}; '
+          f'{name}={global_batch_size} does not divide evenly over {count} {what}; '
           f'use a multiple of {count}, e.g. {max(count, global_batch_size // count * count)}.')
 
 

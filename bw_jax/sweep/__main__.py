@@ -30,6 +30,7 @@ except ImportError as error:  # An install without the extra: say what to instal
   raise SystemExit("python -m bw_jax.sweep needs the sweep extra: pip install 'bw_jax[sweep]' "
                    f'({error}).') from None
 
+from bw_jax.cli_errors import exit_with_error
 from bw_jax.config_files import load_config_file
 from bw_jax.runtime import configure_cpu_dispatch
 from bw_jax.sweep.compare import (RunSampler, check_compare_config, join_compare_record, machine_record,
@@ -87,6 +88,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   commands = parser.add_subparsers(dest='command', required=True)
   common = argparse.ArgumentParser(add_help=False)
   common.add_argument('--dir', required=True, help='Sweep directory: study.db (default storage), trials/.')
+  common.add_argument('--debug', action='store_true', help='Show the traceback of a bad-input error '
+                                                           '(also: BW_JAX_DEBUG=1).')
   common.add_argument('--storage', help='Optuna RDB URL (postgresql://user@host/db) or a journal file path; '
                                         'default: sqlite:///DIR/study.db.')
   run_parser = commands.add_parser('run', parents=[common], help='Train trials until the budget is spent.')
@@ -116,7 +119,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  args = parse_args(sys.argv[1:] if argv is None else argv)
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = parse_args(argv)
   try:
     if args.command == 'run':
       run(args)
@@ -140,8 +144,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
       for line in promote.promote(study, args.top_k, args.base, args.out, args.workdir_root):
         print(line)
-  except ValueError as e:
-    raise SystemExit(f'error: {e}') from None
+  except ValueError as e:  # Bad input: one line, exit status 2 (bw_jax/cli_errors.py).
+    exit_with_error(e, argv)
 
 
 if __name__ == '__main__':

@@ -8,6 +8,8 @@ queued again by `RetryHeartbeatStaleTrialCallback` with the same values) takes i
 """
 
 import bisect
+import copy
+import datetime
 import itertools
 import json
 import os
@@ -19,6 +21,8 @@ import zlib
 import ml_collections
 import numpy as np
 import optuna
+from optuna.storages._rdb import models
+from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial, TrialState
 import sqlalchemy
 
@@ -28,6 +32,7 @@ from bw_jax.sweep.space import OBJECTIVES
 # What defines the experiment: a worker whose sweep file differs here from the study's record is refused.
 EXPERIMENT_KEYS = ('train', 'trial_budget', 'search_space', 'stratify', 'objective', 'sampler', 'seed')
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+RETRY_CLAIM = 'bw_jax:retry_queued'  # System attribute of a failed trial whose retry has been queued.
 
 
 def original_number(trial: FrozenTrial) -> int:
@@ -120,6 +125,71 @@ def create_pruner(sweep: ml_collections.ConfigDict) -> optuna.pruners.BasePruner
 # Storage and study
 
 
+class ClaimingRDBStorage(optuna.storages.RDBStorage):
+  """Optuna's RDBStorage whose trial state changes are atomic claims on SQLite too.
+
+  Optuna checks a trial's state with SELECT … FOR UPDATE, then writes it; SQLite ignores FOR UPDATE, so two
+  restarted workers could both see a dead trial RUNNING, both fail it and both queue a retry, or both take
+  one WAITING retry and train it together. Here the check and the write are one conditional UPDATE
+  (`… WHERE state IN (expected)`), which the database applies under its write lock (SQLite's file lock,
+  PostgreSQL's row lock): exactly one caller changes the state, the others see it already changed.
+  """
+
+  def set_trial_state_values(self, trial_id: int, state: TrialState,
+                             values: Sequence[float] | None = None) -> bool:
+    """As RDBStorage's: False when asked for RUNNING of a trial that is no longer WAITING;
+    UpdateFinishedTrialError when the trial is already finished (another worker got there first)."""
+    expected = [TrialState.WAITING] if state == TrialState.RUNNING else [TrialState.RUNNING, TrialState.WAITING]
+    now = datetime.datetime.now()
+    changes = {'state': state, **({'datetime_start': now} if state == TrialState.RUNNING else {}),
+               **({'datetime_complete': now} if state.is_finished() else {})}
+    with _create_scoped_session(self.scoped_session) as session:
+      trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
+      self.check_trial_is_updatable(trial_id, trial.state)
+      for objective, value in enumerate(values or ()):
+        self._set_trial_value_without_commit(session, trial, objective, value)
+      session.flush()
+      claim = (sqlalchemy.update(models.TrialModel)
+               .where(models.TrialModel.trial_id == trial_id, models.TrialModel.state.in_(expected))
+               .values(**changes).execution_options(synchronize_session=False))
+      if session.execute(claim).rowcount == 1:
+        return True
+      session.rollback()  # The values written above belong to a trial someone else changed.
+      current = session.scalar(sqlalchemy.select(models.TrialModel.state)
+                               .where(models.TrialModel.trial_id == trial_id))
+      self.check_trial_is_updatable(trial_id, current)
+      return False
+
+
+def claim_retry(storage: optuna.storages.BaseStorage, trial_id: int) -> bool:
+  """True for the one caller that may queue the retry of failed trial `trial_id`: the claim is an insert of
+  a system attribute that the (trial, key) unique constraint admits once, on SQLite and PostgreSQL alike."""
+  backend = getattr(storage, '_backend', storage)  # Optuna wraps an RDBStorage in a cache.
+  try:
+    with backend.engine.begin() as connection:
+      connection.execute(sqlalchemy.insert(models.TrialSystemAttributeModel).values(
+          trial_id=trial_id, key=RETRY_CLAIM, value_json=json.dumps(True)))
+  except sqlalchemy.exc.IntegrityError:
+    return False
+  return True
+
+
+class RetryOnce:
+  """Optuna's RetryHeartbeatStaleTrialCallback, queueing at most one retry per failed trial however many
+  workers (or paths of one worker: stale trials, its own crash, Ctrl-C) call it."""
+
+  def __init__(self, max_retry: int):
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore', optuna.exceptions.ExperimentalWarning)
+      self._retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry)
+
+  def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+    if claim_retry(study._storage, trial._trial_id):
+      trial = copy.copy(trial)  # The retry inherits the system attributes: not this trial's claim.
+      trial.system_attrs = {k: v for k, v in trial.system_attrs.items() if k != RETRY_CLAIM}
+      self._retry(study, trial)
+
+
 def default_storage(directory: str) -> str:
   return 'sqlite:///' + os.path.abspath(os.path.join(directory, 'study.db'))
 
@@ -133,13 +203,12 @@ def create_storage(target: str, sweep: ml_collections.ConfigDict | None = None) 
   # SQLite: wait for the file lock instead of failing when workers write at once. Servers: drop dead links.
   engine_kwargs = {'connect_args': {'timeout': 120}} if target.startswith('sqlite') else {'pool_pre_ping': True}
   if sweep is None:
-    return optuna.storages.RDBStorage(target, engine_kwargs=engine_kwargs)
+    return ClaimingRDBStorage(target, engine_kwargs=engine_kwargs)
   with warnings.catch_warnings():
     warnings.simplefilter('ignore', optuna.exceptions.ExperimentalWarning)
-    return optuna.storages.RDBStorage(
+    return ClaimingRDBStorage(
         target, engine_kwargs=engine_kwargs, heartbeat_interval=sweep.heartbeat_interval,
-        grace_period=sweep.grace_period,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(sweep.max_retry))
+        grace_period=sweep.grace_period, heartbeat_stale_trial_callback=RetryOnce(sweep.max_retry))
 
 
 def experiment_record(sweep: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -173,9 +242,9 @@ def open_study(sweep: ml_collections.ConfigDict, space: dict[str, tuple], storag
           sampler=create_sampler(sweep, space), pruner=create_pruner(sweep),
           direction=OBJECTIVES[sweep.objective], load_if_exists=True)
       break
-    except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError):
+    except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
       if attempt == 4:
-        raise
+        raise unreadable_storage(storage, e) from e
       time.sleep(1 + attempt)
   current = experiment_record(sweep)
   recorded = study.user_attrs.get('sweep')
@@ -191,11 +260,18 @@ def open_study(sweep: ml_collections.ConfigDict, space: dict[str, tuple], storag
 def load_study(directory: str, storage: str | None, study_name: str | None) -> optuna.Study:
   """The sweep's study (the only one in the storage unless `study_name` is given), for report / promote."""
   target = storage or default_storage(directory)
-  if target == default_storage(directory) and not os.path.exists(os.path.join(directory, 'study.db')):
-    raise ValueError(f'No sweep in {directory!r}: {os.path.join(directory, "study.db")} does not exist '
-                     '(pass --storage for a PostgreSQL or journal storage).')
-  backend = create_storage(target)
-  names = optuna.get_all_study_names(backend)
+  path = os.path.join(directory, 'study.db')
+  if target == default_storage(directory):
+    if not os.path.exists(path):
+      raise ValueError(f'No sweep in {directory!r}: {path} does not exist '
+                       '(pass --storage for a PostgreSQL or journal storage).')
+    if os.path.getsize(path) == 0:
+      raise ValueError(f'{path} is empty (0 bytes): no sweep was written there, or the file was truncated.')
+  try:
+    backend = create_storage(target)
+    names = optuna.get_all_study_names(backend)
+  except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
+    raise unreadable_storage(target, e) from e
   if study_name is None:
     if len(names) != 1:
       raise ValueError(f'{target} holds studies {names}; choose one with --study-name.')
@@ -206,3 +282,11 @@ def load_study(directory: str, storage: str | None, study_name: str | None) -> o
   if 'sweep' not in study.user_attrs:
     raise ValueError(f"Study {study_name!r} in {target} was not written by `python -m bw_jax.sweep run`.")
   return study
+
+
+def unreadable_storage(target: str, error: Exception) -> ValueError:
+  """One line naming the storage that the database driver could not read, and the driver's reason."""
+  cause = error.__cause__ or error
+  reason = str(getattr(cause, 'orig', None) or cause).splitlines()[0]
+  return ValueError(f'{target} cannot be read ({reason}); if it is a damaged study.db, move it away and '
+                    'start the sweep again, or restore a copy.')

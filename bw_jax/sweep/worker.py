@@ -7,11 +7,12 @@ whose loss went non-finite fails and keeps its slot: that is a result of its val
 
 import contextlib
 import dataclasses
+import fcntl
 import os
 import socket
 import time
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 import warnings
 
 import ml_collections
@@ -20,8 +21,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from bw_jax.formatting import format_seconds
 from bw_jax.sweep.space import BLOCK_KEYS, config_value, display_order, suggest, trial_config
-from bw_jax.sweep.study import (FINISHED, budget_done, budget_slot, can_start, default_storage, finished_count,
-                                is_retry, is_surplus, original_number)
+from bw_jax.sweep.study import (FINISHED, RetryOnce, budget_done, budget_slot, can_start, default_storage,
+                                finished_count, is_retry, is_surplus, original_number)
 
 
 class SurplusTrial(Exception):
@@ -36,17 +37,45 @@ def trial_workdir(directory: str, trial: FrozenTrial) -> str:
   return os.path.join(directory, 'trials', f'{original_number(trial):04d}')
 
 
-def latest_checkpoint_step(workdir: str) -> int | None:
-  """The step of the newest finished checkpoint in `workdir/checkpoints` (Orbax names them by step)."""
-  path = os.path.join(workdir, 'checkpoints')
-  steps = [int(name) for name in os.listdir(path) if name.isdigit()] if os.path.isdir(path) else []
-  return max(steps, default=None)
+@contextlib.contextmanager
+def workdir_lock(workdir: str, owner: str, log: Callable[[str], None], timeout: float | None = None,
+                 poll_seconds: float = 1.0) -> Iterator[None]:
+  """Holds `workdir/.lock` (an flock, which the kernel drops when its process dies) while a trial trains
+  there, so that two processes never train in one workdir: a worker whose heartbeat went stale while it
+  still trains would otherwise share it with the retry. A second taker says who holds it and waits
+  (TimeoutError after `timeout` seconds, when given)."""
+  with open(os.path.join(workdir, '.lock'), 'a+') as f:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    waiting = False
+    while True:
+      try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        break
+      except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or 'another process'
+        if not waiting:
+          log(f'Trial workdir {workdir} is in use by {holder} (a worker still training it although its '
+              'heartbeat went stale); waiting for it to finish before resuming from its checkpoint.')
+          waiting = True
+        if deadline is not None and time.monotonic() > deadline:
+          raise TimeoutError(f'{workdir} is still locked by {holder} after {timeout} s.') from None
+        time.sleep(poll_seconds)
+    f.seek(0)
+    f.truncate()
+    f.write(owner + '\n')
+    f.flush()
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def is_divergence(error: BaseException) -> bool:
-  """The non-finite loss error of `bw_jax.train.check_finite`: a result of the trial's values."""
-  from bw_jax import train  # Already loaded by the trial that raised `error`.
-  return isinstance(error, train.NonFiniteLossError)
+  """A non-finite loss (`bw_jax.train.check_finite`) or too many BW fallbacks (`config.bw_max_fallbacks`):
+  results of the trial's values, not accidents to retry."""
+  from bw_jax import train, train_utils  # Already loaded by the trial that raised `error`.
+  return isinstance(error, (train.NonFiniteLossError, train_utils.BWHealthError))
 
 
 @dataclasses.dataclass
@@ -85,8 +114,14 @@ class Worker:
       trial.set_user_attr(key, None)
     trial.set_user_attr('worker', self.name)
     trial.set_user_attr('workdir', workdir)
-    trial.set_user_attr('resumed_from_step', latest_checkpoint_step(workdir))
+    with workdir_lock(workdir, self.name, lambda line: print(line, flush=True)):
+      return self.train(trial, config, workdir)
+
+  def train(self, trial: optuna.Trial, config: ml_collections.ConfigDict, workdir: str) -> float:
+    """Trains the trial's `config` in `workdir`, which this process holds (`workdir_lock`)."""
     from bw_jax import train  # Imported here: `report` and `promote` need no JAX.
+    from bw_jax.checkpoints import latest_checkpoint_step
+    trial.set_user_attr('resumed_from_step', latest_checkpoint_step(workdir))
     last_step, metric = train.training_length(config)[1], self.sweep.objective.replace('eval_', '')
 
     # [[step, accuracy, loss], …] of every periodic eval (the compare report's learning curves); a retry
@@ -120,7 +155,9 @@ class Worker:
     trial.set_user_attr('seconds', time.perf_counter() - start)
     if summary.get('preempted'):
       trial.set_user_attr('outcome', 'preempted')
-      raise Preempted(f"SIGTERM at step {summary['step']}")
+      stopped = f"{summary['signal']} at step {summary['step']}"
+      trial.set_user_attr('error', stopped)
+      raise Preempted(stopped)
     for key in ('eval_accuracy', 'eval_loss', 'step', 'train_images_per_sec', 'bw_fallbacks'):
       trial.set_user_attr(key, summary[key])
     return summary[self.sweep.objective]
@@ -152,9 +189,7 @@ class Worker:
 
   def requeue(self, trial: FrozenTrial) -> None:
     if trial.state == TrialState.FAIL and self.heartbeat:
-      with warnings.catch_warnings():
-        warnings.simplefilter('ignore', optuna.exceptions.ExperimentalWarning)
-        optuna.storages.RetryHeartbeatStaleTrialCallback(self.sweep.max_retry)(self.study, trial)
+      RetryOnce(self.sweep.max_retry)(self.study, trial)
 
   def fail_stale_trials(self) -> None:
     if self.heartbeat:
@@ -181,7 +216,7 @@ class Worker:
         continue
       log(progress_line(trial, self.study, self.n_trials, self.space))
       if trial.user_attrs.get('outcome') == 'preempted':
-        log('SIGTERM: the trial was checkpointed and queued again; this worker stops.')
+        log(f"{trial.user_attrs['error']}: the trial was checkpointed and queued again; this worker stops.")
         return
       crashes = crashes + 1 if trial.user_attrs.get('outcome') == 'crashed' else 0
       if self.crash:

@@ -1,0 +1,176 @@
+"""A run's checkpoints: Orbax over the train state, the resolved config stored beside them and compared on
+resume, and a fallback past a newest checkpoint that does not load (docs/design.md §4).
+
+`workdir/checkpoints/` holds one folder per saved step (Orbax's), `config.json` (the config of the run
+that wrote them) and `corrupt-<step>-<time>/` folders: checkpoints that failed to load, moved aside for a
+look rather than deleted.
+"""
+
+import datetime
+import json
+import logging as std_logging
+import os
+from typing import Any
+
+from absl import logging
+import flax
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+# Keys a resumed run may change without mixing two runs: how long it trains and how often it logs,
+# evaluates and saves; where the data lives. `config.resume_allow_changes` names more, on purpose.
+SAFE_TO_CHANGE = ('num_train_steps', 'num_epochs', 'log_every_steps', 'eval_every_steps',
+                  'checkpoint_every_steps', 'keep_checkpoints', 'eval_batch_size', 'dataset.data_dir',
+                  'bw_max_fallbacks', 'resume_allow_changes')
+CONFIG_FILE = 'config.json'
+
+
+class ConfigMismatchError(ValueError):
+  """The checkpoints were written with another config (the message lists the keys that differ)."""
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint in the directory loads (the message says why for each)."""
+
+
+def say(message: str) -> None:
+  """A warning on the console (process 0) and in the log: these must not scroll by unseen."""
+  logging.warning(message)
+  if jax.process_index() == 0:
+    print(f'WARNING: {message}', flush=True)
+
+
+def json_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config as config.json stores it (tuples become lists), so that a stored and a live config compare."""
+  return json.loads(json.dumps(config.to_dict()))
+
+
+def config_differences(stored: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+  """{dotted key: (stored value, current value)} for every key whose value differs (or exists on one side)."""
+  missing = object()
+  a = flax.traverse_util.flatten_dict(stored, sep='.')
+  b = flax.traverse_util.flatten_dict(current, sep='.')
+  return {k: (a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b))
+          if a.get(k, missing) != b.get(k, missing)}
+
+
+def allowed_changes(config: ml_collections.ConfigDict) -> set[str]:
+  extra = config.get('resume_allow_changes') or ''
+  return set(SAFE_TO_CHANGE) | {key.strip() for key in extra.split(',') if key.strip()}
+
+
+def difference_line(key: str, values: tuple[Any, Any]) -> str:
+  stored, current = ('(absent)' if not isinstance(v, (type(None), bool, int, float, str, list, dict))
+                     else repr(v) for v in values)
+  return f'{key}: the checkpoints were written with {stored}, this run has {current}'
+
+
+def check_resumed_config(directory: str, stored: dict[str, Any], config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigMismatchError listing the keys that differ from the stored config beyond the allowed
+  ones; says which allowed keys differ."""
+  differences = config_differences(stored, json_config(config))
+  allowed = allowed_changes(config)
+  refused = {k: v for k, v in differences.items() if k not in allowed}
+  if refused:
+    raise ConfigMismatchError(
+        f'The checkpoints in {directory} were written with another config; resuming would mix two runs '
+        '(data order, schedule, shapes). Keys that differ:\n  ' +
+        '\n  '.join(difference_line(k, v) for k, v in refused.items()) +
+        '\nUse the same config, another --workdir for a new run, or, to resume on purpose, '
+        f'--config.resume_allow_changes={",".join(refused)} (always allowed: {", ".join(SAFE_TO_CHANGE)}).')
+  for key, values in differences.items():
+    say(f'Resuming with a changed setting: {difference_line(key, values)}.')
+
+
+def saved_steps(workdir: str) -> list[int]:
+  """The steps of the finished checkpoints in `workdir/checkpoints`, ascending (Orbax names them by step;
+  its temporary folders, config.json and corrupt-* are other names)."""
+  path = os.path.join(workdir, 'checkpoints')
+  return sorted(int(name) for name in os.listdir(path) if name.isdigit()) if os.path.isdir(path) else []
+
+
+def latest_checkpoint_step(workdir: str) -> int | None:
+  """The step of the newest finished checkpoint in `workdir/checkpoints`, None when there is none."""
+  return max(saved_steps(workdir), default=None)
+
+
+def quiet_abandoned_reads(record: std_logging.LogRecord) -> bool:
+  """Drops asyncio's 'Future exception was never retrieved' dumps, which a failed Orbax restore leaves for
+  each array it was reading (dozens of screens of TensorStore specs); the failure itself is reported once."""
+  return 'exception was never retrieved' not in record.getMessage()
+
+
+class Checkpoints:
+  """Orbax CheckpointManager over the train state as a plain nested dict (`flax.serialization`), with the
+  run's config in `directory/config.json`: a resume with a config that differs beyond SAFE_TO_CHANGE and
+  `config.resume_allow_changes` stops here, before anything compiles."""
+
+  def __init__(self, directory: str, config: ml_collections.ConfigDict):
+    # Saved in the background on one process. On several, synchronously: Orbax's background finalisation asks
+    # for the preemption sync point with the saved (older) step, which would move process 0's step counter
+    # back while JAX's preemption service may be reading it (see train.PreemptionNotice). The state is small
+    # (B0: ~60 MB with optimizer and EMA), so the wait is short.
+    self.manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        max_to_keep=config.keep_checkpoints, create=True,
+        enable_async_checkpointing=jax.process_count() == 1))
+    self.directory = directory
+    self._store_config(config)
+
+  def _store_config(self, config: ml_collections.ConfigDict) -> None:
+    path = os.path.join(self.directory, CONFIG_FILE)
+    if self.manager.latest_step() is not None:
+      if os.path.exists(path):
+        with open(path) as f:
+          check_resumed_config(self.directory, json.load(f), config)
+      else:
+        say(f'{self.directory} holds checkpoints but no {CONFIG_FILE} (written before configs were stored); '
+            'resuming without comparing configs.')
+    if jax.process_index() == 0:  # The config this run trains with; a later resume compares with it.
+      with open(path + '.tmp', 'w') as f:
+        json.dump(json_config(config), f, indent=2)
+      os.replace(path + '.tmp', path)
+
+  def save(self, state: Any) -> None:
+    step = int(state.step)
+    if self.manager.latest_step() != step:
+      self.manager.save(step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)))
+
+  def restore_latest(self, state: Any) -> Any:
+    """The newest checkpoint that loads, with `state`'s structure and shardings; `state` itself when there
+    is none. Newer ones that fail to load are moved aside (`corrupt-<step>-<time>/`) with a warning; if none
+    loads, CheckpointError says why for each and nothing is moved."""
+    target = flax.serialization.to_state_dict(state)
+    failures = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
+      except Exception as e:  # Orbax and TensorStore raise many types for a damaged folder.
+        std_logging.getLogger('asyncio').addFilter(quiet_abandoned_reads)
+        failures.append((step, f'{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ""}'))
+        continue
+      for bad_step, reason in failures:
+        say(f'The checkpoint of step {bad_step} in {self.directory} does not load ({reason}); '
+            f'moved it to {self._move_aside(bad_step)}.')
+      if failures:
+        self.manager.reload()
+        say(f'restored the checkpoint of step {step} instead.')
+      logging.info('Restored checkpoint of step %d from %s', step, self.directory)
+      return flax.serialization.from_state_dict(state, restored)
+    if failures:
+      raise CheckpointError(
+          f'No checkpoint in {self.directory} loads:\n  ' +
+          '; '.join(f'step {step}: {reason}' for step, reason in failures) +
+          f'\nMove the damaged folders out of {self.directory} to start afresh there, or use another --workdir.')
+    return state
+
+  def _move_aside(self, step: int) -> str:
+    """Renames the folder of `step` to corrupt-<step>-<time> (process 0; the others see the rename)."""
+    aside = os.path.join(self.directory, f'corrupt-{step}-{datetime.datetime.now():%Y%m%d-%H%M%S}')
+    if jax.process_index() == 0:
+      os.rename(os.path.join(self.directory, str(step)), aside)
+    return aside
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -1,0 +1,46 @@
+"""Ctrl-C on `python -m bw_jax.main` (a subprocess): the first saves the step and exits 130, a second aborts
+at once. The smoke model with BatchNorm everywhere (a cheaper compile); SIGTERM: tests/test_train.py."""
+
+import signal
+import time
+
+from bw_jax.checkpoints import saved_steps
+from subprocess_runs import MainRun, wait_until
+
+FLAGS = ('--config=configs/smoke.py', '--config.log_every_steps=1', '--config.model.mbconv_type=0',
+         '--config.model.head_type=1')
+PAUSE_STEP = 4  # Between checkpoint 3 and checkpoint 6.
+
+
+def interrupted_run(tmp_path, presses: int) -> tuple[MainRun, str]:
+  """The smoke run paused at PAUSE_STEP, sent SIGINT `presses` times (each seen before the next), resumed."""
+  workdir = str(tmp_path / 'run')
+  run = MainRun(str(tmp_path / 'run.log'), *FLAGS, f'--workdir={workdir}', pause_at=PAUSE_STEP)
+  try:
+    run.wait_for_pause()
+    wait_until(lambda: 3 in saved_steps(workdir), 'checkpoint 3')
+    for press in range(presses):
+      run.process.send_signal(signal.SIGINT)
+      if press == 0:
+        wait_until(lambda: 'Ctrl-C' in run.stderr or run.process.poll() is not None, 'the first Ctrl-C message')
+      time.sleep(0.5)
+    run.resume()
+  finally:
+    run.finish()
+  return run, workdir
+
+
+def test_ctrl_c_saves_the_step_says_so_and_exits_130(tmp_path):
+  run, workdir = interrupted_run(tmp_path, presses=1)
+  assert run.process.returncode == 130, run.failure('exit status')
+  assert f'Stopped by Ctrl-C (SIGINT) at step {PAUSE_STEP}; its checkpoint is saved' in run.stdout, run.failure('')
+  assert 'saving a checkpoint at this step' in run.stderr and 'Traceback' not in run.stderr
+  assert saved_steps(workdir) == [3, PAUSE_STEP]
+
+
+def test_a_second_ctrl_c_aborts_at_once_without_saving(tmp_path):
+  run, workdir = interrupted_run(tmp_path, presses=2)
+  assert run.process.returncode == 130, run.failure('exit status')
+  assert 'Ctrl-C again: stopped at once without saving; the checkpoint of step 3 is kept.' in run.stdout, (
+      run.failure(''))
+  assert saved_steps(workdir) == [3]
