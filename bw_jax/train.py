@@ -26,7 +26,8 @@ import orbax.checkpoint as ocp
 from bw_jax import data
 from bw_jax.config_validation import validate_config
 from bw_jax.train_utils import (Progress, TrainState, bw_health, create_learning_rate_fn, create_metric_writer,
-                                create_model, create_optimizer, cross_entropy, hyperparameters, update_ema)
+                                create_model, create_optimizer, cross_entropy, hyperparameters,
+                                model_num_classes, update_ema)
 
 
 def train_step(state: TrainState, batch: dict, *, model: Any, learning_rate_fn: Any, num_classes: int,
@@ -186,10 +187,15 @@ def all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
-def training_length(config: ml_collections.ConfigDict) -> tuple[int, int]:
-  """(steps per epoch, total steps): `num_train_steps` when > 0, else `num_epochs` of the train split."""
-  info = data.dataset_module(config.dataset.name).INFO
-  steps_per_epoch = info.num_examples[config.dataset.train_split.split('[')[0]] // config.batch_size
+def training_length(config: ml_collections.ConfigDict, num_examples: int | None = None) -> tuple[int, int]:
+  """(steps per epoch, total steps): `num_train_steps` when > 0, else `num_epochs` of the train split, whose
+  length is `num_examples` (default: counted in the data that will be read, `data.split_size`)."""
+  if num_examples is None:
+    num_examples = data.split_size(config.dataset, config.dataset.train_split)
+  steps_per_epoch = num_examples // config.batch_size
+  if steps_per_epoch < 1:
+    raise ValueError(f'config.batch_size={config.batch_size} is larger than the {num_examples} examples of '
+                     f'{config.dataset.name} split {config.dataset.train_split!r}; use at most {num_examples}.')
   if config.num_train_steps > 0:
     return steps_per_epoch, config.num_train_steps
   return steps_per_epoch, int(round(config.num_epochs * steps_per_epoch))
@@ -205,14 +211,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   start_time = time.perf_counter()
   validate_config(config)
-  info = data.dataset_module(config.dataset.name).INFO
-  steps_per_epoch, num_train_steps = training_length(config)
+  # The data that will be read, counted before anything is built: missing data fails here, leaving no workdir.
+  num_examples = data.split_size(config.dataset, config.dataset.train_split)
+  num_classes = model_num_classes(config, data.class_count(config.dataset))
+  steps_per_epoch, num_train_steps = training_length(config, num_examples)
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
+  if jax.process_index() == 0:
+    print(f'{config.dataset.name} split {config.dataset.train_split!r}: {num_examples} examples, '
+          f'{num_classes} classes; {steps_per_epoch} steps of {config.batch_size} per epoch, '
+          f'{num_train_steps} steps ({num_train_steps / steps_per_epoch:.3g} epochs)', flush=True)
+  os.makedirs(workdir, exist_ok=True)
 
   mesh = Mesh(jax.devices(), ('data',))
   replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-  model = create_model(config, info.num_classes)
-  num_classes = config.model.num_classes or info.num_classes
+  model = create_model(config, num_classes)
   learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch, num_train_steps)
   # Before compiling anything: creating the manager is the hosts' first collective (Orbax syncs them), and
   # gloo (CPU) gives up on a host that joins its first collective over 30 s late, as one compiling longer can.
@@ -317,6 +329,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       'bw_max_cov_condition': max((v for k, v in health.items() if k.endswith('cov_condition')),
                                   default=None),
       'bw_fallbacks': sum(v for k, v in health.items() if k.endswith('/fallbacks')),
+      'num_classes': num_classes, 'train_examples': num_examples,
       'config': config.to_dict(),
   }
   if jax.process_index() == 0:

@@ -34,6 +34,16 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> Efficie
   return EfficientNet(**fields, dtype=dtype)
 
 
+def model_num_classes(config: ml_collections.ConfigDict, dataset_classes: int) -> int:
+  """The head's class count: the prepared dataset's `dataset_classes`, which `config.model.num_classes` must
+  equal when set (a 200-way head on 10 classes would train, silently, towards the wrong chance level)."""
+  wanted = config.model.num_classes
+  if wanted is not None and wanted != dataset_classes:
+    raise ValueError(f'config.model.num_classes={wanted}, but the prepared {config.dataset.name} data has '
+                     f'{dataset_classes} classes; set it to {dataset_classes} or leave it None (the data\'s).')
+  return dataset_classes
+
+
 def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
   """`learning_rate` is per 256 images: linear scaling to the global batch."""
   return config.learning_rate * config.batch_size / 256

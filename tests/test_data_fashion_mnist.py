@@ -122,3 +122,15 @@ def test_training_batches_are_normalised_training_images():
   assert batch['image'].shape == (32, 28, 28, 1) and batch['image'].dtype == np.float32
   pixels = np.rint(batch['image'] * np.float32(info.std) + np.float32(info.mean)).astype(np.uint8)
   assert [label_of[p.tobytes()] for p in pixels] == batch['label'].tolist()
+
+
+def test_split_size_is_the_length_of_the_label_files():
+  require_real_data()
+  for split in ('train', 'test'):
+    assert data.split_size(config(), split) == len(read_labels(split)) == fashion_mnist.INFO.num_examples[split]
+  assert data.class_count(config()) == len(np.unique(read_labels('train'))) == 10
+
+
+def read_labels(split):
+  """The labels of `split` parsed here from the raw bytes: 8 header bytes, then one uint8 per example."""
+  return np.frombuffer(raw_bytes(fashion_mnist.FILES[split][1])[8:], np.uint8)

@@ -89,20 +89,43 @@ def _search_dirs(dataset_config: Any) -> list[str]:
   return ([data_dir] if data_dir else []) + list(SYSTEM_DIRS)
 
 
-def load_arrays(split: str, dataset_config: Any) -> Optional[tuple[np.ndarray, np.ndarray]]:
-  """(images uint8 (N, 28, 28, 1), labels uint8 (N,)) from the first folder with the IDX files, or None."""
+def split_files(split: str, dataset_config: Any) -> Optional[tuple[str, str]]:
+  """(images path, labels path) of `split` in the first folder holding the IDX files, or None."""
   if split not in FILES:
     raise ValueError(f'Fashion-MNIST has splits {sorted(FILES)}, not {split!r}.')
   for directory in _search_dirs(dataset_config):
     files = find_files(directory)
     if files:
-      images_path, labels_path = files[split]
-      images, labels = read_idx(images_path), read_idx(labels_path)
-      if images.shape != (INFO.num_examples[split], 28, 28) or labels.shape != images.shape[:1]:
-        raise ValueError(f'{images_path}, {labels_path}: unexpected shapes {images.shape}, '
-                         f'{labels.shape}; expected {INFO.num_examples[split]} images of 28x28.')
-      return images[..., None], labels
+      return files[split]
   return None
+
+
+def load_arrays(split: str, dataset_config: Any) -> Optional[tuple[np.ndarray, np.ndarray]]:
+  """(images uint8 (N, 28, 28, 1), labels uint8 (N,)) from the first folder with the IDX files, or None."""
+  paths = split_files(split, dataset_config)
+  if paths is None:
+    return None
+  images_path, labels_path = paths
+  images, labels = read_idx(images_path), read_idx(labels_path)
+  if images.shape != (INFO.num_examples[split], 28, 28) or labels.shape != images.shape[:1]:
+    raise ValueError(f'{images_path}, {labels_path}: unexpected shapes {images.shape}, '
+                     f'{labels.shape}; expected {INFO.num_examples[split]} images of 28x28.')
+  return images[..., None], labels
+
+
+def count_examples(split: str, dataset_config: Any) -> int:
+  """Examples in `split`: the length of its label array (only the small labels file is read), or TFDS's
+  split info on the TFDS path."""
+  paths = split_files(split, dataset_config)
+  if paths is not None:
+    return len(read_idx(paths[1]))
+  return int(_load_tfds(split, dataset_config).cardinality())
+
+
+def count_classes(dataset_config: Any) -> int:
+  """10: the IDX files carry no class metadata, and the dataset defines ten classes."""
+  del dataset_config
+  return INFO.num_classes
 
 
 def _load_tfds(split: str, dataset_config: Any) -> tf.data.Dataset:
