@@ -27,7 +27,7 @@ from bw_jax import data
 from bw_jax.config_validation import validate_config
 from bw_jax.train_utils import (Progress, TrainState, bw_health, create_learning_rate_fn, create_metric_writer,
                                 create_model, create_optimizer, cross_entropy, hyperparameters,
-                                model_num_classes, update_ema)
+                                model_num_classes, schedule_problems, update_ema)
 
 
 def train_step(state: TrainState, batch: dict, *, model: Any, learning_rate_fn: Any, num_classes: int,
@@ -220,6 +220,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     print(f'{config.dataset.name} split {config.dataset.train_split!r}: {num_examples} examples, '
           f'{num_classes} classes; {steps_per_epoch} steps of {config.batch_size} per epoch, '
           f'{num_train_steps} steps ({num_train_steps / steps_per_epoch:.3g} epochs)', flush=True)
+    for problem in schedule_problems(config, steps_per_epoch, num_train_steps):
+      print(f'Warning: {problem}', flush=True)
   os.makedirs(workdir, exist_ok=True)
 
   mesh = Mesh(jax.devices(), ('data',))

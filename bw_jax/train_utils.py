@@ -49,20 +49,50 @@ def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
   return config.learning_rate * config.batch_size / 256
 
 
+def warmup_steps(config: ml_collections.ConfigDict, steps_per_epoch: int, num_train_steps: int) -> int:
+  """Steps of linear warm-up: `warmup_fraction` of the run when set, else `warmup_epochs` of real epochs."""
+  if config.warmup_fraction is not None:
+    return int(round(config.warmup_fraction * num_train_steps))
+  return int(round(config.warmup_epochs * steps_per_epoch))
+
+
+def decay_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """'exponential': steps between two multiplications by `decay_rate`."""
+  return max(1, int(round(config.decay_epochs * steps_per_epoch)))
+
+
 def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int,
                             num_train_steps: int) -> optax.Schedule:
   """Linear warm-up to the peak, then cosine to 0 at `num_train_steps` or TF's staircase exponential."""
   peak = peak_learning_rate(config)
-  warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
+  warmup = warmup_steps(config, steps_per_epoch, num_train_steps)
   if config.lr_schedule == 'cosine':
-    decay = optax.cosine_decay_schedule(peak, max(1, num_train_steps - warmup_steps))
+    decay = optax.cosine_decay_schedule(peak, max(1, num_train_steps - warmup))
   else:
-    decay = optax.exponential_decay(peak, max(1, int(round(config.decay_epochs * steps_per_epoch))),
-                                    config.decay_rate, staircase=True)
-  if warmup_steps == 0:
+    decay = optax.exponential_decay(peak, decay_steps(config, steps_per_epoch), config.decay_rate,
+                                    staircase=True)
+  if warmup == 0:
     return decay
-  warmup = optax.linear_schedule(0.0, peak, warmup_steps)
-  return optax.join_schedules([warmup, decay], [warmup_steps])
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def schedule_problems(config: ml_collections.ConfigDict, steps_per_epoch: int, num_train_steps: int
+                      ) -> list[str]:
+  """Why the learning-rate schedule cannot run its course within `num_train_steps` (empty when it can): a
+  warm-up that never reaches the peak, or a staircase decay that never takes a step."""
+  problems = []
+  warmup = warmup_steps(config, steps_per_epoch, num_train_steps)
+  length = f'{num_train_steps} steps ({steps_per_epoch} per epoch)'
+  if warmup >= num_train_steps:
+    given = (f'warmup_fraction={config.warmup_fraction}' if config.warmup_fraction is not None
+             else f'warmup_epochs={config.warmup_epochs}')
+    problems.append(f'the warm-up ({given}: {warmup} steps) does not finish within the {length}, so the '
+                    'rate never reaches its peak; set warmup_fraction (e.g. 0.05) or fewer warmup_epochs.')
+  elif config.lr_schedule == 'exponential' and num_train_steps - warmup < decay_steps(config, steps_per_epoch):
+    problems.append(f"the 'exponential' schedule decays every {decay_steps(config, steps_per_epoch)} steps "
+                    f'(decay_epochs={config.decay_epochs}), but only {num_train_steps - warmup} of the {length} '
+                    "follow the warm-up: it never decays; lower decay_epochs or use lr_schedule='cosine'.")
+  return problems
 
 
 def decay_mask(params: Any) -> Any:

@@ -106,6 +106,38 @@ def test_values_and_specs_are_checked_against_what_the_code_allows():
   assert "search_space.optimizer = 'sgd'" not in message
 
 
+@pytest.mark.parametrize('name, num_examples', [('fashion_mnist', 60_000), ('tiny_imagenet', 100_000),
+                                                ('smoke', 60_000)])
+def test_sweep_files_schedules_complete_within_a_trial(name, num_examples):
+  config = load_config_file(os.path.join(REPO, 'configs', 'sweeps', f'{name}.py'))
+  assert sweep_space.schedule_errors(config, sweep_space.check_sweep_config(config), num_examples) == []
+  # Even on a tenth of the data (an epoch 10× shorter) for the relative tiny_imagenet schedule.
+  if name == 'tiny_imagenet':
+    assert sweep_space.schedule_errors(config, sweep_space.check_sweep_config(config), num_examples // 10) == []
+
+
+def test_searched_schedule_values_are_checked_one_by_one():
+  config = smoke_sweep_with(warmup_epochs=('float', 0.0, 0.0001), decay_epochs=('float', 0.001, 1.0))
+  space = sweep_space.check_sweep_config(config)
+  errors = sweep_space.schedule_errors(config, space, 60_000)  # 3750 steps of 16 per epoch, 4-step trials.
+  assert len(errors) == 1 and errors[0].startswith("search_space.decay_epochs = 1.0: the 'exponential' schedule "
+                                                   'decays every 3750 steps')
+  config.search_space.warmup_epochs = ('float', 0.0, 0.01)  # 38 steps: longer than the trial.
+  errors = sweep_space.schedule_errors(config, sweep_space.check_sweep_config(config), 60_000)
+  assert errors[1].startswith('search_space.warmup_epochs = 0.01: the warm-up (warmup_epochs=0.01: 38 steps) '
+                              'does not finish within the 4 steps') and len(errors) == 2
+
+
+def test_run_refuses_a_warmup_longer_than_the_trial_before_creating_anything(tmp_path):
+  path = tmp_path / 'sweep_long_warmup.py'
+  path.write_text('from configs.sweeps import smoke as sweep_smoke\n\n\ndef get_config():\n'
+                  '  config = sweep_smoke.get_config()\n  config.train.warmup_epochs = 1.0\n  return config\n')
+  with pytest.raises(SystemExit, match=r'cannot complete within a trial:\n  train \(with trial_budget\): the '
+                                       r'warm-up \(warmup_epochs=1.0: 3750 steps\) does not finish within the 4'):
+    sweep_cli.main(['run', f'--config={path}', f'--dir={tmp_path / "sweep"}'])
+  assert not os.path.exists(tmp_path / 'sweep')
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Budget slots and sampling
 

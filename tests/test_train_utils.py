@@ -20,7 +20,7 @@ sys.path.insert(0, REPO)  # The configs/ folder is imported as `configs`, as by 
 from bw_jax import train  # noqa: E402
 from bw_jax.config_validation import validate_config  # noqa: E402
 from bw_jax.train_utils import (TrainState, create_learning_rate_fn, create_model, create_optimizer,  # noqa: E402
-                                peak_learning_rate)
+                                peak_learning_rate, schedule_problems)
 from configs import imagenet, smoke  # noqa: E402
 
 TRAINING_CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, 'configs', '*.py'))
@@ -73,6 +73,36 @@ def test_cosine_schedule_with_warmup_matches_its_formula():
     expected = (peak * step / warmup if step < warmup
                 else peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup))))
     assert schedule(step) == pytest.approx(expected, abs=1e-7), step
+
+
+def test_warmup_fraction_is_a_share_of_the_run_whatever_the_epoch_length():
+  config = smoke.get_config()
+  config.lr_schedule, config.learning_rate, config.batch_size = 'cosine', 0.4, 128
+  config.warmup_epochs, config.warmup_fraction = 3.0, 0.25  # The fraction wins: 10 of 40 steps.
+  peak, warmup, total = 0.2, 10, 40
+  for steps_per_epoch in (7, 3125):
+    schedule = create_learning_rate_fn(config, steps_per_epoch, total)
+    for step in range(total + 1):
+      expected = (peak * step / warmup if step < warmup
+                  else peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup))))
+      assert schedule(step) == pytest.approx(expected, abs=1e-7), (steps_per_epoch, step)
+
+
+def test_schedule_problems_name_a_warmup_or_decay_that_cannot_complete():
+  config = smoke.get_config()
+  config.lr_schedule, config.warmup_epochs = 'cosine', 2.0
+  # Issue #17: 2 warm-up epochs of 3125 steps (100,000 images at batch 32) in a 20-step trial.
+  [problem] = schedule_problems(config, 3125, 20)
+  assert problem.startswith('the warm-up (warmup_epochs=2.0: 6250 steps) does not finish within the 20 steps '
+                            '(3125 per epoch)')
+  assert schedule_problems(config, 9, 20) == []  # 18 steps of warm-up, then 2 of cosine.
+  assert schedule_problems(config, 10, 20) != []  # 20 steps of warm-up: the peak is never reached.
+  config.warmup_fraction = 0.1
+  assert schedule_problems(config, 3125, 20) == []
+  config.lr_schedule, config.decay_epochs = 'exponential', 0.01  # Every 31 steps; 18 follow the warm-up.
+  [problem] = schedule_problems(config, 3125, 20)
+  assert "decays every 31 steps (decay_epochs=0.01), but only 18 of the 20 steps" in problem
+  assert schedule_problems(config, 1800, 20) == []  # Every 18 steps: one decay.
 
 
 def _params_and_grads(seed):

@@ -18,7 +18,7 @@ from typing import Sequence
 import optuna
 
 from bw_jax.config_files import load_config_file
-from bw_jax.sweep.space import check_sweep_config
+from bw_jax.sweep.space import check_sweep_config, check_trial_schedules
 from bw_jax.sweep.study import default_storage, load_study, open_study
 from bw_jax.sweep.worker import Worker
 
@@ -28,6 +28,7 @@ def run(args: argparse.Namespace) -> None:
   if args.n_trials is not None:
     sweep.n_trials = args.n_trials
   space = check_sweep_config(sweep)  # Before anything is created: a bad file leaves no trace.
+  check_trial_schedules(sweep, space)  # Counts the data: missing data also fails here.
   os.makedirs(args.dir, exist_ok=True)
   import jax
   # jax 0.10.2 on CPU: asynchronous dispatch intermittently hangs in block_until_ready (tests/conftest.py).
@@ -82,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
       for line in promote.promote(study, args.top_k, args.base, args.out, args.workdir_root):
         print(line)
-  except ValueError as e:
+  except (ValueError, FileNotFoundError) as e:  # Bad input or missing data: one message, no traceback.
     raise SystemExit(f'error: {e}') from None
 
 
