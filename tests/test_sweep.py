@@ -297,6 +297,52 @@ def test_promote_writes_configs_that_main_accepts(synthetic_study, tmp_path):
   assert commands.count('python -m bw_jax.main') == 2
 
 
+def study_of(sweep, trials):
+  """An in-memory study of `sweep` holding COMPLETE `trials`: (params, eval_accuracy, user_attrs) each."""
+  space = sweep_space.check_sweep_config(sweep)
+  distributions = {k: (CategoricalDistribution(list(s[1])) if s[0] == 'categorical'
+                       else FloatDistribution(s[1], s[2], log=s[0] == 'log_float')) for k, s in space.items()}
+  study = optuna.create_study(direction='maximize')
+  study.set_user_attr('sweep', sweep_study.experiment_record(sweep))
+  for params, accuracy, attrs in trials:
+    study.add_trial(optuna.trial.create_trial(
+        state=TrialState.COMPLETE, value=accuracy, params=params, distributions=distributions,
+        user_attrs={'eval_accuracy': accuracy, 'seconds': 5.0, 'model.mbconv_type': 0, 'model.head_type': 1,
+                    'num_classes': 10, **attrs}))
+  return study
+
+
+@pytest.fixture(scope='module')
+def broken_study():
+  """Five trials on 10 classes (chance loss ln 10 = 2.30, absurd above 23.03): 1, 2 and 3 are broken."""
+  sweep = load_config_file(SMOKE_SWEEP)
+  sweep.search_space = ml_collections.ConfigDict({'model': {'stem_type': ('categorical', (1, 2))},
+                                                  'learning_rate': ('log_float', 0.01, 1.0)})
+  return study_of(sweep, [
+      ({'model.stem_type': 1, 'learning_rate': 0.1}, 0.6, {'eval_loss': 1.2, 'bw_fallbacks': 0}),
+      ({'model.stem_type': 1, 'learning_rate': 0.9}, 0.9, {'eval_loss': 1.1e7, 'bw_fallbacks': 0}),
+      ({'model.stem_type': 2, 'learning_rate': 0.5}, 0.8, {'eval_loss': float('nan'), 'bw_fallbacks': 0}),
+      ({'model.stem_type': 2, 'learning_rate': 0.3}, 0.85, {'eval_loss': 0.9, 'bw_fallbacks': 3}),
+      ({'model.stem_type': 2, 'learning_rate': 0.2}, 0.5, {'eval_loss': 23.0, 'bw_fallbacks': 0})])
+
+
+def test_broken_trials_are_flagged_shown_and_left_out_of_the_rankings(broken_study, tmp_path):
+  sweep_report.write_report(broken_study, str(tmp_path))
+  csv = pd.read_csv(tmp_path / 'results.csv')
+  assert list(csv['flags'].fillna('')) == ['', 'eval loss 1.1e+07 > 10·ln(10)', 'eval loss nan', 'BW fell back 3 times', '']
+  assert list(csv.bw_fallbacks) == [0, 0, 0, 3, 0] and csv.eval_loss[1] == 1.1e7
+  blocks = pd.read_csv(tmp_path / 'block_types.csv')
+  assert list(blocks.best_trial) == [0, 4] and list(blocks['count']) == [1, 1]  # Only the healthy trials.
+  summary = (tmp_path / 'summary.md').read_text()
+  assert '5 trials: 5 complete; 3 flagged as broken.' in summary
+  best_rows = summary.split('## Best trials')[1].split('\n\n')[1].splitlines()
+  assert best_rows[0].startswith('| number | eval_accuracy | eval_loss | bw_fallbacks |')
+  assert [row.split(' | ')[0] for row in best_rows[2:]] == ['| 0', '| 4']
+  flagged = summary.split('## Flagged trials')[1].split('\n\n')[1].splitlines()[2:]
+  assert [row.split(' | ')[0] for row in flagged] == ['| 1', '| 2', '| 3']
+  assert flagged[0].endswith('| 1.1e+07 | 0 | eval loss 1.1e+07 > 10·ln(10) |')
+
+
 # ----------------------------------------------------------------------------------------------------------
 # End-to-end sweeps: worker processes
 
