@@ -291,10 +291,10 @@ def test_promote_writes_configs_that_main_accepts(synthetic_study, tmp_path):
         trial.params['model.stem_type'], trial.params['model.mbconv_type'], 1)
     assert config.dataset.to_dict() == base.dataset.to_dict()  # Data keys stay the base's.
     assert config.batch_size == base.batch_size and config.num_epochs == base.num_epochs
-    assert f'python -m bw_jax.main --config={path} --workdir=runs/promoted/{name}' in lines
-    assert lines[rank].startswith(f'{rank + 1}. {path}: trial {trial.number}')
+    assert f'{sys.executable} -m bw_jax.main --config={path} --workdir=runs/promoted/{name}' in lines
+    assert [line for line in lines if line[0].isdigit()][rank].startswith(f'{rank + 1}. {path}: trial {trial.number}')
   commands = (tmp_path / 'commands.sh').read_text()
-  assert commands.count('python -m bw_jax.main') == 2
+  assert commands.count(f'{sys.executable} -m bw_jax.main') == 2  # The interpreter that ran promote.
 
 
 def study_of(sweep, trials):
@@ -341,6 +341,76 @@ def test_broken_trials_are_flagged_shown_and_left_out_of_the_rankings(broken_stu
   flagged = summary.split('## Flagged trials')[1].split('\n\n')[1].splitlines()[2:]
   assert [row.split(' | ')[0] for row in flagged] == ['| 1', '| 2', '| 3']
   assert flagged[0].endswith('| 1.1e+07 | 0 | eval loss 1.1e+07 > 10·ln(10) |')
+
+
+@pytest.fixture(scope='module')
+def sgd_study():
+  """An SGD sweep (cosine, 8 of 40 steps of warm-up, 3750 steps per epoch) on 10 classes: trial 0 and 1 are
+  the best of their combinations, 2 is broken, 3 is below the quality floor (0.12 < 1/10 + 0.05)."""
+  sweep = load_config_file(SMOKE_SWEEP)
+  sweep.train.lr_schedule, sweep.train.warmup_epochs, sweep.trial_budget.num_train_steps = 'cosine', 0.002, 40
+  sweep.search_space = ml_collections.ConfigDict({
+      'model': {'stem_type': ('categorical', (1, 2))}, 'learning_rate': ('log_float', 0.01, 1.0),
+      'optimizer': ('categorical', ('nesterov', 'sgd'))})
+  healthy = {'eval_loss': 1.0, 'bw_fallbacks': 0, 'train_examples': 60_000}
+  return study_of(sweep, [
+      ({'model.stem_type': 1, 'learning_rate': 0.1, 'optimizer': 'nesterov'}, 0.7, healthy),
+      ({'model.stem_type': 2, 'learning_rate': 0.9, 'optimizer': 'sgd'}, 0.5, healthy),
+      ({'model.stem_type': 1, 'learning_rate': 0.2, 'optimizer': 'sgd'}, 0.95, {**healthy, 'eval_loss': 1e7}),
+      ({'model.stem_type': 2, 'learning_rate': 0.3, 'optimizer': 'sgd'}, 0.12, {**healthy, 'model.mbconv_type': 3})])
+
+
+def test_promote_into_another_optimizer_family_carries_the_trials_schedule_shape(sgd_study, tmp_path):
+  base = os.path.join(REPO, 'configs', 'imagenet.py')  # RMSProp, staircase decay, 5 warm-up epochs, EMA.
+  lines = sweep_promote.promote(sgd_study, 3, base, str(tmp_path), 'runs/promoted')
+  assert sorted(os.listdir(tmp_path)) == ['commands.sh', 'stem1_mbconv0_head1.py', 'stem2_mbconv0_head1.py']
+  assert ('Not promoted: stem 2 / MBConv 3 / head 1 (trial 3): eval_accuracy 0.1200 is below the quality floor '
+          '0.1500 (chance 1/10 + margin 0.05; --chance-margin sets it).') in lines
+  assert '1 trials flagged as broken were left out (see the report).' in lines
+  assert lines[0].startswith(f'1. {tmp_path}/stem1_mbconv0_head1.py: trial 0, eval_accuracy 0.7000')
+  config = load_config_file(str(tmp_path / 'stem1_mbconv0_head1.py'))
+  validate_config(config)
+  smoke_train = load_config_file(SMOKE_SWEEP).train
+  # The trial's recipe: its optimizer and rate, the sweep's schedule shape, momentum, weight decay and EMA.
+  assert (config.optimizer, config.learning_rate, config.lr_schedule) == ('nesterov', 0.1, 'cosine')
+  assert config.warmup_fraction == pytest.approx(8 / 40)  # round(0.002 · 3750) = 8 of the trial's 40 steps.
+  assert config.decay_epochs == pytest.approx(4 / 40 * 350)  # round(0.001 · 3750) = 4 of 40 steps, of 350 epochs.
+  assert (config.ema_decay, config.momentum, config.weight_decay) == (
+      smoke_train.ema_decay, smoke_train.momentum, smoke_train.weight_decay)
+  # The base's: the data and everything about the target run.
+  imagenet = load_config_file(base)
+  assert config.dataset.to_dict() == imagenet.dataset.to_dict()
+  for key in ('batch_size', 'num_epochs', 'half_precision', 'keep_checkpoints', 'label_smoothing'):
+    assert config[key] == imagenet[key], key
+  text = (tmp_path / 'stem1_mbconv0_head1.py').read_text()
+  assert "The optimization recipe is the trial's" in text and "imagenet.py's schedule was tuned for" in text
+  assert "peak 0.00625 at the trial's batch 16, 0.8 at batch_size 2048." in ' '.join(text.split())
+  assert text.count('Warning:') == 1 and "Warning: linear scaling stretches the trial's batch 16 to 2048 (128×" in text
+  # Trial 1: 0.9 per 256 images is a peak of 7.2 at batch 2048.
+  warning = 'Warning: the peak learning rate 7.2 at batch 2048 is above the known-good ~2 for SGD'
+  assert warning in ' '.join((tmp_path / 'stem2_mbconv0_head1.py').read_text().split())
+  assert any(line.strip().startswith(warning) for line in lines)
+
+
+def test_promote_into_the_same_optimizer_family_keeps_the_base_schedule(sgd_study, tmp_path):
+  base = os.path.join(REPO, 'configs', 'default.py')  # Nesterov: the SGD family.
+  sweep_promote.promote(sgd_study, 1, base, str(tmp_path), 'runs/promoted')
+  config = load_config_file(str(tmp_path / 'stem1_mbconv0_head1.py'))
+  default = load_config_file(base)
+  assert (config.optimizer, config.learning_rate) == ('nesterov', 0.1)
+  for key in ('lr_schedule', 'warmup_epochs', 'warmup_fraction', 'ema_decay', 'weight_decay', 'batch_size'):
+    assert config[key] == default[key], key
+  assert "The optimization schedule (warm-up, decay, EMA) is default.py's" in (
+      ' '.join((tmp_path / 'stem1_mbconv0_head1.py').read_text().split()))
+
+
+def test_promote_writes_nothing_below_the_quality_floor_and_says_why(sgd_study, tmp_path):
+  with pytest.raises(ValueError) as error:
+    sweep_promote.promote(sgd_study, 3, PROMOTE_BASE, str(tmp_path / 'out'), 'runs', chance_margin=0.65)
+  message = str(error.value)
+  assert message.startswith('Nothing promoted: no combination reaches the quality floor.')
+  assert 'trial 0): eval_accuracy 0.7000 is below the quality floor 0.7500 (chance 1/10 + margin 0.65' in message
+  assert not os.path.exists(tmp_path / 'out')
 
 
 # ----------------------------------------------------------------------------------------------------------

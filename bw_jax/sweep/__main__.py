@@ -2,7 +2,7 @@
 
   run      --config=configs/sweeps/X.py --dir=DIR [--storage=URL] [--n-trials=N]
   report   --dir=DIR [--storage=URL] [--out=DIR/report]
-  promote  --dir=DIR [--storage=URL] --top-k=K --base=configs/imagenet.py --out=OUT
+  promote  --dir=DIR [--storage=URL] --top-k=K --base=configs/imagenet.py --out=OUT [--chance-margin=M]
 
 A sweep file (`configs/sweeps/*.py`; its keys in `bw_jax/sweep/space.py`) holds every trial's training
 config, the per-trial budget, the search space and the objective. `run` may be started any number of times,
@@ -64,6 +64,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   promote_parser.add_argument('--base', required=True, help='Config the winners start from (configs/imagenet.py).')
   promote_parser.add_argument('--out', required=True, help='Directory for the written configs.')
   promote_parser.add_argument('--workdir-root', default='runs/imagenet', help='Where their commands train.')
+  promote_parser.add_argument('--chance-margin', type=float,
+                              help='Promote only trials whose eval accuracy is at least 1/classes + this '
+                                   '(default: DEFAULT_CHANCE_MARGIN of bw_jax/sweep/promote.py).')
   return parser.parse_args(argv)
 
 
@@ -81,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> None:
       print(f'Report of {len(study.trials)} trials in {out}: results.csv, summary.md, '
             f'{", ".join(report.PLOTS)}')
     else:
-      for line in promote.promote(study, args.top_k, args.base, args.out, args.workdir_root):
+      for line in promote.promote(study, args.top_k, args.base, args.out, args.workdir_root, args.chance_margin):
         print(line)
   except (ValueError, FileNotFoundError) as e:  # Bad input or missing data: one message, no traceback.
     raise SystemExit(f'error: {e}') from None
