@@ -138,6 +138,28 @@ def test_run_refuses_a_warmup_longer_than_the_trial_before_creating_anything(tmp
   assert not os.path.exists(tmp_path / 'sweep')
 
 
+def test_command_line_overrides_are_typed_as_their_keys():
+  from bw_jax.config_files import apply_overrides
+  sweep = load_config_file(SMOKE_SWEEP)
+  apply_overrides(sweep, ['train.dataset.data_dir=/data/x', 'train.learning_rate=0.3', 'train.batch_size=32',
+                          'train.dataset.augment.flip=false', 'train.model.num_classes=7', 'n_trials=3',
+                          "stratify=('model.stem_type',)"])
+  assert sweep.train.dataset.data_dir == '/data/x' and sweep.train.learning_rate == 0.3
+  assert sweep.train.batch_size == 32 and sweep.train.dataset.augment.flip is False
+  assert sweep.train.model.num_classes == 7 and sweep.n_trials == 3 and sweep.stratify == ('model.stem_type',)
+  with pytest.raises(ValueError, match=r"--config.train.batch_size=big: 'big' is not a valid int for "
+                                       r"'train.batch_size'"):
+    apply_overrides(sweep, ['train.batch_size=big'])
+
+
+def test_run_with_a_misspelt_override_fails_with_one_line(tmp_path):
+  with pytest.raises(SystemExit, match=r"^error: --config.train.dataset.data_dri=/x: unknown sweep config key "
+                                       r"'train.dataset.data_dri' \(did you mean 'train.dataset.data_dir'\?\).$"):
+    sweep_cli.main(['run', f'--config={SMOKE_SWEEP}', f'--dir={tmp_path / "sweep"}',
+                    '--config.train.dataset.data_dri=/x'])
+  assert not os.path.exists(tmp_path / 'sweep')
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Budget slots and sampling
 

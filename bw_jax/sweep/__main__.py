@@ -1,6 +1,6 @@
 """`python -m bw_jax.sweep run | report | promote`: hyper-parameter random search with Optuna.
 
-  run      --config=configs/sweeps/X.py --dir=DIR [--storage=URL] [--n-trials=N]
+  run      --config=configs/sweeps/X.py --dir=DIR [--storage=URL] [--n-trials=N] [--config.KEY=VALUE ...]
   report   --dir=DIR [--storage=URL] [--out=DIR/report]
   promote  --dir=DIR [--storage=URL] --top-k=K --base=configs/imagenet.py --out=OUT [--chance-margin=M]
 
@@ -8,6 +8,8 @@ A sweep file (`configs/sweeps/*.py`; its keys in `bw_jax/sweep/space.py`) holds 
 config, the per-trial budget, the search space and the objective. `run` may be started any number of times,
 on any number of machines, against one storage (`DIR/study.db` by default; a PostgreSQL URL for many
 machines): each process pulls trials until `n_trials` budget slots have finished, over all processes.
+`--config.KEY=VALUE` sets a key of the sweep file, typed as the key (`--config.train.dataset.data_dir=/data`,
+which may differ between workers; other overrides must be the same on every worker).
 """
 
 import argparse
@@ -17,7 +19,7 @@ from typing import Sequence
 
 import optuna
 
-from bw_jax.config_files import load_config_file
+from bw_jax.config_files import apply_overrides, load_config_file
 from bw_jax.sweep.space import check_sweep_config, check_trial_schedules
 from bw_jax.sweep.study import default_storage, load_study, open_study
 from bw_jax.sweep.worker import Worker
@@ -25,6 +27,7 @@ from bw_jax.sweep.worker import Worker
 
 def run(args: argparse.Namespace) -> None:
   sweep = load_config_file(args.config)
+  apply_overrides(sweep, args.overrides, 'sweep config')
   if args.n_trials is not None:
     sweep.n_trials = args.n_trials
   space = check_sweep_config(sweep)  # Before anything is created: a bad file leaves no trace.
@@ -67,7 +70,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   promote_parser.add_argument('--chance-margin', type=float,
                               help='Promote only trials whose eval accuracy is at least 1/classes + this '
                                    '(default: DEFAULT_CHANCE_MARGIN of bw_jax/sweep/promote.py).')
-  return parser.parse_args(argv)
+  args, extra = parser.parse_known_args(argv)
+  # `run --config.KEY=VALUE …` overrides keys of the sweep file, e.g. --config.train.dataset.data_dir=/data.
+  args.overrides = [a[len('--config.'):] for a in extra if a.startswith('--config.') and args.command == 'run']
+  if len(args.overrides) != len(extra):
+    parser.error(f"unrecognized arguments: {' '.join(extra)} (only run takes --config.KEY=VALUE overrides)")
+  return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:
