@@ -51,8 +51,10 @@ def main(argv):
     # jax 0.10.2's CPU client with asynchronous dispatch hung for good in block_until_ready during long runs
     # here (BENCHMARKS.md); synchronous dispatch costs nothing visible at these step times.
     jax.config.update('jax_cpu_enable_async_dispatch', False)
-  os.makedirs(FLAGS.workdir, exist_ok=True)
-  summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)  # Creates the workdir once the data is found.
+  except FileNotFoundError as e:  # Missing data: the message says how to get it, and nothing was created.
+    raise SystemExit(f'error: {e}') from None
   if jax.process_index() == 0:
     if summary.get('preempted'):
       print(f"Stopped by SIGTERM at step {summary['step']}; rerun the same command to resume.")

@@ -272,6 +272,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     last_checkpoint = int(state.step)
 
   preemption = PreemptionNotice(checkpoints.manager, start_step)  # Before compiling the steps.
+  if jax.process_index() == 0 and start_step < num_train_steps:
+    print(f'Compiling the train step, then step {start_step + 1} (minutes for a large model on a CPU) …',
+          flush=True)
   try:
     for step in range(start_step + 1, num_train_steps + 1):
       state, metrics = train_fn(state, shard_batch(next(train_batches), data_sharding))
@@ -279,6 +282,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if steady_start is None:  # Compile and the first step are not steady state.
         jax.block_until_ready(state)
         steady_start = time.perf_counter()
+        if jax.process_index() == 0:
+          print(progress.first_step_done(step), flush=True)
       else:
         steady_steps += 1
       if step % config.log_every_steps == 0 or step == num_train_steps:

@@ -148,20 +148,31 @@ def bw_health(batch_stats: Any) -> dict[str, float]:
 
 
 class Progress:
-  """The console line: step, epoch, loss, accuracy, lr, images/s and ETA; images/s over the last window."""
+  """The console line: step, epoch, loss, accuracy, lr, images/s and ETA; images/s over the last window, the
+  first step (compiling included) left out: call `first_step_done` once it has finished."""
 
   def __init__(self, num_train_steps: int, steps_per_epoch: int, batch_size: int, start_step: int):
     self.num_train_steps, self.steps_per_epoch, self.batch_size = num_train_steps, steps_per_epoch, batch_size
     self.last_step, self.last_time = start_step, time.perf_counter()
+    self.rate: float | None = None
+
+  def first_step_done(self, step: int) -> str:
+    """Starts the images/s window after the first step; returns the line that says how long it took."""
+    now = time.perf_counter()
+    seconds, self.last_step, self.last_time = now - self.last_time, step, now
+    return f'first step done in {format_seconds(seconds)} (compiling included); images/s count from here'
 
   def line(self, step: int, metrics: dict[str, float]) -> str:
     now = time.perf_counter()
-    rate = (step - self.last_step) * self.batch_size / max(now - self.last_time, 1e-9)
+    if step > self.last_step:  # Else only the first step ran since: keep the last rate (None: unknown yet).
+      self.rate = (step - self.last_step) * self.batch_size / max(now - self.last_time, 1e-9)
     self.last_step, self.last_time = step, now
-    eta = (self.num_train_steps - step) * self.batch_size / max(rate, 1e-9)
+    speed = (f'{self.rate:.0f} images/s  ETA '
+             f'{format_seconds((self.num_train_steps - step) * self.batch_size / max(self.rate, 1e-9))}'
+             if self.rate is not None else 'images/s after the next steps')
     return (f'step {step}/{self.num_train_steps}  epoch {step / self.steps_per_epoch:.2f}  '
             f"loss {metrics['loss']:.4f}  accuracy {metrics['accuracy']:.4f}  "
-            f"lr {metrics['learning_rate']:.4g}  {rate:.0f} images/s  ETA {format_seconds(eta)}")
+            f"lr {metrics['learning_rate']:.4g}  {speed}")
 
 
 def hyperparameters(config: ml_collections.ConfigDict) -> dict[str, bool | int | float | str]:

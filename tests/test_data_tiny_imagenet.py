@@ -222,3 +222,12 @@ def test_a_head_that_does_not_match_the_data_fails_before_training(prepared, tmp
                                        r'3 classes; set it to 3 or leave it None'):
     train.train_and_evaluate(cfg, str(workdir))
   assert not workdir.exists()
+
+
+def test_preparer_prints_the_data_dir_that_configs_take(prepared, capsys):
+  builder, _, config = prepared
+  tiny_imagenet.main(['--manual_dir', config.manual_dir, '--data_dir', config.data_dir])  # Already prepared.
+  out = capsys.readouterr().out
+  assert f'--config.dataset.data_dir={config.data_dir} (bw_jax.main)' in out
+  assert f'--config.train.dataset.data_dir={config.data_dir} (bw_jax.sweep run)' in out
+  assert builder.data_dir != config.data_dir and builder.data_dir not in out  # Not TFDS's versioned folder.

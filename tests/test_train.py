@@ -202,3 +202,18 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     train.train_and_evaluate(config, str(tmp_path))
   assert os.listdir(os.path.join(tmp_path, 'checkpoints')) == ['3']
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(restore(str(tmp_path), 3)['params']))
+
+
+def test_missing_imagenet_fails_before_the_model_and_leaves_no_workdir(tmp_path, monkeypatch):
+  from configs import imagenet
+
+  def no_model(*args, **kwargs):
+    raise AssertionError('the model was built before the data was found')
+
+  monkeypatch.setattr(train, 'create_model', no_model)
+  config = imagenet.get_config()
+  config.dataset.data_dir = str(tmp_path / 'tfds')
+  config.batch_size = 8  # Any size this machine's devices divide.
+  with pytest.raises(FileNotFoundError, match='ILSVRC2012_img_train.tar'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()

@@ -105,6 +105,18 @@ def test_schedule_problems_name_a_warmup_or_decay_that_cannot_complete():
   assert schedule_problems(config, 1800, 20) == []  # Every 18 steps: one decay.
 
 
+def test_images_per_second_leave_out_the_first_step_and_its_compile(monkeypatch):
+  from bw_jax import train_utils
+  clock = iter([100.0, 160.0, 162.0, 163.0])  # Start; step 1 done (60 s of compile); step 11; step 21.
+  monkeypatch.setattr(train_utils.time, 'perf_counter', lambda: next(clock))
+  progress = train_utils.Progress(num_train_steps=31, steps_per_epoch=10, batch_size=8, start_step=0)
+  assert progress.first_step_done(1) == ('first step done in 0:01:00 (compiling included); images/s count '
+                                         'from here')
+  metrics = {'loss': 1.0, 'accuracy': 0.5, 'learning_rate': 0.1}
+  assert progress.line(11, metrics).endswith('  40 images/s  ETA 0:00:04')  # 10 steps of 8 in 2 s; 20 to go.
+  assert progress.line(21, metrics).endswith('  80 images/s  ETA 0:00:01')
+
+
 def _params_and_grads(seed):
   rng = np.random.default_rng(seed)
   params = {'conv': {'kernel': rng.normal(size=(3, 3, 2, 4)), 'bias': rng.normal(size=(4,))},

@@ -220,7 +220,9 @@ def main(argv: list[str] | None = None) -> None:
     count = builder.info.splits[split].num_examples
     note = '' if count == expected else f'  (WARNING: the official release has {expected:,})'
     print(f'{split}: {count:,} examples{note}')
-  print(f'Ready in {builder.data_dir}')
+  # builder.data_dir is TFDS's versioned folder inside; configs take the data_dir above it.
+  print(f'Ready. Train on it with --config.dataset.data_dir={builder.data_dir_root} (bw_jax.main) or '
+        f'--config.train.dataset.data_dir={builder.data_dir_root} (bw_jax.sweep run).')
 
 
 if __name__ == '__main__':
