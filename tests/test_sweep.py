@@ -518,7 +518,14 @@ def test_report_of_the_sweep(sqlite_sweep):
 
 def test_promote_from_the_sweep(sqlite_sweep, tmp_path):
   directory, study, _ = sqlite_sweep
-  sweep_cli.main(['promote', f'--dir={directory}', '--top-k=3', f'--base={PROMOTE_BASE}', f'--out={tmp_path}'])
+  # 4 steps of training leave every trial at chance: below the default quality floor, nothing is promoted …
+  with pytest.raises(SystemExit, match=r'Nothing promoted: no combination reaches the quality floor.\n  Not '
+                                       r'promoted: stem 1 / MBConv 0 / head 1 \(trial \d+\): eval_accuracy'):
+    sweep_cli.main(['promote', f'--dir={directory}', '--top-k=3', f'--base={PROMOTE_BASE}', f'--out={tmp_path}'])
+  assert not glob.glob(str(tmp_path / '*'))
+  # … unless the floor is lowered below chance.
+  sweep_cli.main(['promote', f'--dir={directory}', '--top-k=3', f'--base={PROMOTE_BASE}', f'--out={tmp_path}',
+                  '--chance-margin=-0.1'])
   written = glob.glob(str(tmp_path / 'stem*.py'))
   assert [os.path.basename(p) for p in written] == ['stem1_mbconv0_head1.py']  # The one combination.
   config = load_config_file(written[0])

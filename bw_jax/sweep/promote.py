@@ -34,8 +34,8 @@ from bw_jax import config_schema
 from bw_jax.config_files import load_config_file
 from bw_jax.config_validation import validate_config
 from bw_jax.data import default_dataset_config
-from bw_jax.sweep.report import (block_label, block_type_table, budget_text, objective_of, results_table,
-                                 space_keys, study_num_classes)
+from bw_jax.sweep.report import (block_label, block_type_table, budget_text, is_flagged, objective_of,
+                                 results_table, space_keys, study_num_classes)
 from bw_jax.sweep.space import BLOCK_KEYS, config_value, flatten_space, with_values
 
 OPTIMIZER_FAMILIES = {'sgd': 'SGD', 'nesterov': 'SGD', 'rmsprop_tf': 'RMSProp', 'adamw': 'Adam'}
@@ -245,7 +245,7 @@ def promote(study: optuna.Study, top_k: int, base: str, out: str, workdir_root: 
     lines.append(f"{len(commands)}. {path}: trial {trial.number}, {objective} {trial.value:.4f} "
                  f"({trials_of_combination(int(row['count']))} with {block_label(row)})")
     lines += [f'   Warning: {w}' for w in warnings]
-  flagged = int((results['flags'].fillna('') != '').sum())
+  flagged = int(is_flagged(results).sum())
   notes = skipped + ([f'{flagged} trials flagged as broken were left out (see the report).'] if flagged else [])
   if not commands:
     raise ValueError('Nothing promoted: no combination reaches the quality floor.\n  ' + '\n  '.join(notes))

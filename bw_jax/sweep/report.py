@@ -71,6 +71,11 @@ def trial_flags(eval_loss: float | None, bw_fallbacks: int | None, num_classes: 
   return '; '.join(flags)
 
 
+def is_flagged(results: pd.DataFrame) -> pd.Series:
+  """True for the rows of `results_table` flagged as broken (`flags` is '' or missing otherwise)."""
+  return results['flags'].map(lambda flags: isinstance(flags, str) and flags != '').astype(bool)
+
+
 def results_table(study: optuna.Study) -> pd.DataFrame:
   """One row per trial that trained (or waits to), in number order; columns as the module docstring says."""
   keys, rows = space_keys(study), []
@@ -91,7 +96,7 @@ def results_table(study: optuna.Study) -> pd.DataFrame:
 
 def ranked(results: pd.DataFrame, objective: str, maximize: bool) -> pd.DataFrame:
   """COMPLETE trials that are not flagged as broken, best first; ties in trial-number order."""
-  done = results[(results.state == 'COMPLETE') & (results['flags'].fillna('') == '')]
+  done = results[(results.state == 'COMPLETE') & ~is_flagged(results)]
   return done.sort_values([objective, 'number'], ascending=[not maximize, True], kind='stable')
 
 
@@ -218,7 +223,7 @@ def summary_markdown(study: optuna.Study, results: pd.DataFrame, blocks: pd.Data
   record = study.user_attrs['sweep']
   counts = results.state.value_counts().to_dict()
   diverged = int((results.outcome == 'diverged').sum())
-  flagged = results[results['flags'].fillna('') != '']
+  flagged = results[is_flagged(results)]
   seconds = results.seconds.dropna()
   best = ranked(results, objective, maximize).head(top)
   keys = [k for k in space_keys(study) if k in results.columns]
