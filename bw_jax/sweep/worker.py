@@ -114,7 +114,8 @@ class Worker:
     if summary.get('preempted'):
       trial.set_user_attr('outcome', 'preempted')
       raise Preempted(f"SIGTERM at step {summary['step']}")
-    for key in ('eval_accuracy', 'eval_loss', 'step', 'train_images_per_sec', 'bw_fallbacks', 'num_classes'):
+    for key in ('eval_accuracy', 'eval_loss', 'step', 'train_images_per_sec', 'bw_fallbacks', 'num_classes',
+                'train_examples'):  # The data's size and classes: the report's flags, promote's schedule.
       trial.set_user_attr(key, summary[key])
     return summary[self.sweep.objective]
 
