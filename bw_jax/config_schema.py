@@ -51,7 +51,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.momentum = 0.9  # Momentum of sgd / nesterov / rmsprop_tf; adamw's b1.
   config.learning_rate = 0.1  # Per 256 images: the peak rate is learning_rate · batch_size / 256.
   config.lr_schedule = 'cosine'  # 'cosine' (to 0 at the last step) or 'exponential' (staircase).
-  config.warmup_epochs = 1.0  # Linear warm-up from 0 to the peak rate.
+  config.warmup_epochs = 1.0  # Linear warm-up from 0 to the peak rate, in epochs of the split read …
+  # … or, when set, as this fraction of the run's steps: a schedule relative to the run that happens (a sweep
+  # trial of 10 epochs warms up for the same share as the full run of 30). Overrides warmup_epochs.
+  config.warmup_fraction = FieldReference(None, field_type=float)
   config.decay_rate = 0.97  # 'exponential': multiply the rate by this …
   config.decay_epochs = 2.4  # … every this many epochs after warm-up.
   config.weight_decay = 5e-5  # On conv / dense kernels only (not normalisation parameters nor biases).

@@ -100,6 +100,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check_range('learning_rate', config.learning_rate, 0.0, float('inf'), low_open=True, high_open=True)
   _check_range('momentum', config.momentum, 0.0, 1.0, high_open=True)
   _check_range('warmup_epochs', config.warmup_epochs, 0.0, float('inf'))
+  if config.warmup_fraction is not None:
+    _check_range('warmup_fraction', config.warmup_fraction, 0.0, 1.0, high_open=True)
   _check_range('decay_rate', config.decay_rate, 0.0, 1.0, low_open=True)
   _check_range('decay_epochs', config.decay_epochs, 0.0, float('inf'), low_open=True)
   _check_range('weight_decay', config.weight_decay, 0.0, float('inf'))

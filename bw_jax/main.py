@@ -91,9 +91,8 @@ def main(argv):
   initialize_args = distributed_initialize_args(FLAGS.distributed, os.environ)
   if initialize_args is not None:
     jax.distributed.initialize(**initialize_args)
-  os.makedirs(FLAGS.workdir, exist_ok=True)
   try:
-    summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)  # Creates the workdir once the data is found.
   except BAD_INPUT as e:
     exit_with_error(e, sys.argv)
   except KeyboardInterrupt:  # A second Ctrl-C (the first one saves and stops).

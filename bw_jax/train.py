@@ -28,7 +28,8 @@ from bw_jax.config_validation import validate_config, with_global_batch_size
 from bw_jax.data.on_device import normalise_images, prefetch_to_device, shard_batch
 from bw_jax.train_utils import (Progress, TrainState, bw_health, bw_health_report, bw_totals,
                                 create_learning_rate_fn, create_metric_writer, create_model, create_optimizer,
-                                cross_entropy, hyperparameters, memory_report, train_batch_spec, update_ema)
+                                cross_entropy, hyperparameters, memory_report, model_num_classes,
+                                schedule_problems, train_batch_spec, update_ema)
 
 
 def train_step(state: TrainState, batch: dict, *, model: Any, learning_rate_fn: Any, num_classes: int,
@@ -172,10 +173,15 @@ def all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
-def training_length(config: ml_collections.ConfigDict) -> tuple[int, int]:
-  """(steps per epoch, total steps): `num_train_steps` when > 0, else `num_epochs` of the train split."""
-  info = data.dataset_module(config.dataset.name).INFO
-  steps_per_epoch = info.num_examples[config.dataset.train_split.split('[')[0]] // config.batch_size
+def training_length(config: ml_collections.ConfigDict, num_examples: int | None = None) -> tuple[int, int]:
+  """(steps per epoch, total steps): `num_train_steps` when > 0, else `num_epochs` of the train split, whose
+  length is `num_examples` (default: counted in the data that will be read, `data.split_size`)."""
+  if num_examples is None:
+    num_examples = data.split_size(config.dataset, config.dataset.train_split)
+  steps_per_epoch = num_examples // config.batch_size
+  if steps_per_epoch < 1:
+    raise ValueError(f'config.batch_size={config.batch_size} is larger than the {num_examples} examples of '
+                     f'{config.dataset.name} split {config.dataset.train_split!r}; use at most {num_examples}.')
   if config.num_train_steps > 0:
     return steps_per_epoch, config.num_train_steps
   return steps_per_epoch, int(round(config.num_epochs * steps_per_epoch))
@@ -193,15 +199,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   start_time = time.perf_counter()
   config = with_global_batch_size(config)
   validate_config(config)
-  info = data.dataset_module(config.dataset.name).INFO
-  steps_per_epoch, num_train_steps = training_length(config)
+  # The data that will be read, counted before anything is built: missing data fails here, leaving no workdir.
+  num_examples = data.split_size(config.dataset, config.dataset.train_split)
+  num_classes = model_num_classes(config, data.class_count(config.dataset))
+  steps_per_epoch, num_train_steps = training_length(config, num_examples)
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
+  if jax.process_index() == 0:
+    print(f'{config.dataset.name} split {config.dataset.train_split!r}: {num_examples} examples, '
+          f'{num_classes} classes; {steps_per_epoch} steps of {config.batch_size} per epoch, '
+          f'{num_train_steps} steps ({num_train_steps / steps_per_epoch:.3g} epochs)', flush=True)
+    for problem in schedule_problems(config, steps_per_epoch, num_train_steps):
+      print(f'Warning: {problem}', flush=True)
+  os.makedirs(workdir, exist_ok=True)
 
   mesh = Mesh(jax.devices(), ('data',))
   replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-  model = create_model(config, info.num_classes)
-  num_classes = config.model.num_classes or info.num_classes
+  model = create_model(config, num_classes)
   learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch, num_train_steps)
+  info = data.dataset_module(config.dataset.name).INFO
   normalise = functools.partial(normalise_images, mean=info.mean, std=info.std)  # On the device.
   # Before compiling anything: creating the manager is the hosts' first collective (Orbax syncs them), and
   # gloo (CPU) gives up on a host that joins its first collective over 30 s late, as one compiling longer can.
@@ -254,6 +269,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     last_checkpoint = int(state.step)
 
   preemption = PreemptionNotice(checkpoints.manager, start_step)  # Before compiling the steps.
+  if jax.process_index() == 0 and start_step < num_train_steps:
+    print(f'Compiling the train step, then step {start_step + 1} (minutes for a large model on a CPU) …',
+          flush=True)
   try:
     for step in range(start_step + 1, num_train_steps + 1):
       state, metrics = train_fn(state, next(train_batches))
@@ -261,6 +279,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if steady_start is None:  # Compile and the first step are not steady state.
         jax.block_until_ready(state)
         steady_start = time.perf_counter()
+        if jax.process_index() == 0:
+          print(progress.first_step_done(step), flush=True)
       else:
         steady_steps += 1
       if step % config.log_every_steps == 0 or step == num_train_steps:
@@ -317,6 +337,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       'wall_seconds': time.perf_counter() - start_time,
       'bw_max_cov_condition': bw_totals(health)[1],
       'bw_fallbacks': bw_totals(health)[0],
+      'num_classes': num_classes, 'train_examples': num_examples,
       'config': config.to_dict(),
   }
   if jax.process_index() == 0:

@@ -36,25 +36,65 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> Efficie
   return EfficientNet(**fields, dtype=dtype)
 
 
+def model_num_classes(config: ml_collections.ConfigDict, dataset_classes: int) -> int:
+  """The head's class count: the prepared dataset's `dataset_classes`, which `config.model.num_classes` must
+  equal when set (a 200-way head on 10 classes would train, silently, towards the wrong chance level)."""
+  wanted = config.model.num_classes
+  if wanted is not None and wanted != dataset_classes:
+    raise ValueError(f'config.model.num_classes={wanted}, but the prepared {config.dataset.name} data has '
+                     f'{dataset_classes} classes; set it to {dataset_classes} or leave it None (the data\'s).')
+  return dataset_classes
+
+
 def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
   """`learning_rate` is per 256 images: linear scaling to the global batch."""
   return config.learning_rate * config.batch_size / 256
+
+
+def warmup_steps(config: ml_collections.ConfigDict, steps_per_epoch: int, num_train_steps: int) -> int:
+  """Steps of linear warm-up: `warmup_fraction` of the run when set, else `warmup_epochs` of real epochs."""
+  if config.warmup_fraction is not None:
+    return int(round(config.warmup_fraction * num_train_steps))
+  return int(round(config.warmup_epochs * steps_per_epoch))
+
+
+def decay_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """'exponential': steps between two multiplications by `decay_rate`."""
+  return max(1, int(round(config.decay_epochs * steps_per_epoch)))
 
 
 def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int,
                             num_train_steps: int) -> optax.Schedule:
   """Linear warm-up to the peak, then cosine to 0 at `num_train_steps` or TF's staircase exponential."""
   peak = peak_learning_rate(config)
-  warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
+  warmup = warmup_steps(config, steps_per_epoch, num_train_steps)
   if config.lr_schedule == 'cosine':
-    decay = optax.cosine_decay_schedule(peak, max(1, num_train_steps - warmup_steps))
+    decay = optax.cosine_decay_schedule(peak, max(1, num_train_steps - warmup))
   else:
-    decay = optax.exponential_decay(peak, max(1, int(round(config.decay_epochs * steps_per_epoch))),
-                                    config.decay_rate, staircase=True)
-  if warmup_steps == 0:
+    decay = optax.exponential_decay(peak, decay_steps(config, steps_per_epoch), config.decay_rate,
+                                    staircase=True)
+  if warmup == 0:
     return decay
-  warmup = optax.linear_schedule(0.0, peak, warmup_steps)
-  return optax.join_schedules([warmup, decay], [warmup_steps])
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def schedule_problems(config: ml_collections.ConfigDict, steps_per_epoch: int, num_train_steps: int
+                      ) -> list[str]:
+  """Why the learning-rate schedule cannot run its course within `num_train_steps` (empty when it can): a
+  warm-up that never reaches the peak, or a staircase decay that never takes a step."""
+  problems = []
+  warmup = warmup_steps(config, steps_per_epoch, num_train_steps)
+  length = f'{num_train_steps} steps ({steps_per_epoch} per epoch)'
+  if warmup >= num_train_steps:
+    given = (f'warmup_fraction={config.warmup_fraction}' if config.warmup_fraction is not None
+             else f'warmup_epochs={config.warmup_epochs}')
+    problems.append(f'the warm-up ({given}: {warmup} steps) does not finish within the {length}, so the '
+                    'rate never reaches its peak; set warmup_fraction (e.g. 0.05) or fewer warmup_epochs.')
+  elif config.lr_schedule == 'exponential' and num_train_steps - warmup < decay_steps(config, steps_per_epoch):
+    problems.append(f"the 'exponential' schedule decays every {decay_steps(config, steps_per_epoch)} steps "
+                    f'(decay_epochs={config.decay_epochs}), but only {num_train_steps - warmup} of the {length} '
+                    "follow the warm-up: it never decays; lower decay_epochs or use lr_schedule='cosine'.")
+  return problems
 
 
 def decay_mask(params: Any) -> Any:
@@ -139,20 +179,31 @@ def bw_health_report(health: dict[str, float], previous_fallbacks: int, max_fall
 
 
 class Progress:
-  """The console line: step, epoch, loss, accuracy, lr, images/s and ETA; images/s over the last window."""
+  """The console line: step, epoch, loss, accuracy, lr, images/s and ETA; images/s over the last window, the
+  first step (compiling included) left out: call `first_step_done` once it has finished."""
 
   def __init__(self, num_train_steps: int, steps_per_epoch: int, batch_size: int, start_step: int):
     self.num_train_steps, self.steps_per_epoch, self.batch_size = num_train_steps, steps_per_epoch, batch_size
     self.last_step, self.last_time = start_step, time.perf_counter()
+    self.rate: float | None = None
+
+  def first_step_done(self, step: int) -> str:
+    """Starts the images/s window after the first step; returns the line that says how long it took."""
+    now = time.perf_counter()
+    seconds, self.last_step, self.last_time = now - self.last_time, step, now
+    return f'first step done in {format_seconds(seconds)} (compiling included); images/s count from here'
 
   def line(self, step: int, metrics: dict[str, float]) -> str:
     now = time.perf_counter()
-    rate = (step - self.last_step) * self.batch_size / max(now - self.last_time, 1e-9)
+    if step > self.last_step:  # Else only the first step ran since: keep the last rate (None: unknown yet).
+      self.rate = (step - self.last_step) * self.batch_size / max(now - self.last_time, 1e-9)
     self.last_step, self.last_time = step, now
-    eta = (self.num_train_steps - step) * self.batch_size / max(rate, 1e-9)
+    speed = (f'{self.rate:.0f} images/s  ETA '
+             f'{format_seconds((self.num_train_steps - step) * self.batch_size / max(self.rate, 1e-9))}'
+             if self.rate is not None else 'images/s after the next steps')
     return (f'step {step}/{self.num_train_steps}  epoch {step / self.steps_per_epoch:.2f}  '
             f"loss {metrics['loss']:.4f}  accuracy {metrics['accuracy']:.4f}  "
-            f"lr {metrics['learning_rate']:.4g}  {rate:.0f} images/s  ETA {format_seconds(eta)}")
+            f"lr {metrics['learning_rate']:.4g}  {speed}")
 
 
 def hyperparameters(config: ml_collections.ConfigDict) -> dict[str, bool | int | float | str]:

@@ -199,3 +199,15 @@ def test_damaged_files_are_named_with_the_problem(tmp_path, damage, problem):
   with pytest.raises(fashion_mnist.DataError) as error:
     fashion_mnist.load_arrays('test', config(data_dir=str(tmp_path)))
   assert path in str(error.value) and problem in str(error.value)
+
+
+def test_split_size_is_the_length_of_the_label_files():
+  require_real_data()
+  for split in ('train', 'test'):
+    assert data.split_size(config(), split) == len(read_labels(split)) == fashion_mnist.INFO.num_examples[split]
+  assert data.class_count(config()) == len(np.unique(read_labels('train'))) == 10
+
+
+def read_labels(split):
+  """The labels of `split` parsed here from the raw bytes: 8 header bytes, then one uint8 per example."""
+  return np.frombuffer(raw_bytes(fashion_mnist.FILES[split][1])[8:], np.uint8)

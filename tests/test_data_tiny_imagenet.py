@@ -150,3 +150,84 @@ def test_missing_download_says_where_to_get_it(tmp_path):
   config = types.SimpleNamespace(data_dir=str(tmp_path / 'tfds'), manual_dir=str(tmp_path), image_size=64)
   with pytest.raises(FileNotFoundError, match='cs231n.stanford.edu/tiny-imagenet-200.zip'):
     tiny_imagenet.load('train', config)
+
+
+def training_config(prepared_config, **values):
+  """A training config of the real schema reading the fake download, with `values` set."""
+  from bw_jax import config_schema
+  config = config_schema.get_config()
+  config.dataset = tiny_imagenet_dataset_config(prepared_config.data_dir)
+  for key, value in values.items():
+    config[key] = value
+  return config
+
+
+def tiny_imagenet_dataset_config(data_dir):
+  from bw_jax.data import default_dataset_config
+  dataset = default_dataset_config('tiny_imagenet')
+  dataset.data_dir = data_dir
+  return dataset
+
+
+@pytest.mark.parametrize('split', ['train', 'train[:50%]', 'validation', 'eval[:2]', 'train[3:]'])
+def test_split_size_counts_the_examples_actually_read(prepared, split):
+  from bw_jax import data
+  _, _, config = prepared
+  dataset = tiny_imagenet_dataset_config(config.data_dir)
+  read = len(list(tiny_imagenet.load(split, dataset).as_numpy_iterator()))  # The reference: count by reading.
+  assert data.split_size(dataset, split) == read
+  assert read < tiny_imagenet.NUM_EXAMPLES['train']  # Not the published size of the full release.
+
+
+def test_training_length_uses_the_split_actually_read(prepared):
+  from bw_jax import train
+  _, _, config = prepared
+  # 'train[:50%]' of 12 images is 6: 3 steps of 2 per epoch, 2.5 epochs -> 7.5 -> 8 steps.
+  cfg = training_config(config, batch_size=2, num_epochs=2.5)
+  cfg.dataset.train_split = 'train[:50%]'
+  assert train.training_length(cfg) == (3, 8)
+  cfg.num_train_steps = 5
+  assert train.training_length(cfg) == (3, 5)
+  cfg.batch_size = 8
+  with pytest.raises(ValueError, match=r"batch_size=8 is larger than the 6 examples of tiny_imagenet split "
+                                       r"'train\[:50%\]'; use at most 6"):
+    train.training_length(cfg)
+
+
+def test_unknown_split_names_the_splits(prepared):
+  from bw_jax import data
+  _, _, config = prepared
+  with pytest.raises(ValueError, match=r"tiny_imagenet has no split 'trian'.*\['train', 'validation'\]"):
+    data.split_size(tiny_imagenet_dataset_config(config.data_dir), 'trian')
+
+
+def test_class_count_comes_from_the_prepared_metadata(prepared):
+  from bw_jax import data
+  from bw_jax.train_utils import model_num_classes
+  _, _, config = prepared
+  cfg = training_config(config)
+  assert data.class_count(cfg.dataset) == len(WNIDS) != tiny_imagenet.NUM_CLASSES
+  assert model_num_classes(cfg, len(WNIDS)) == len(WNIDS)
+  cfg.model.num_classes = len(WNIDS)
+  assert model_num_classes(cfg, len(WNIDS)) == len(WNIDS)
+
+
+def test_a_head_that_does_not_match_the_data_fails_before_training(prepared, tmp_path):
+  from bw_jax import train
+  _, _, config = prepared
+  cfg = training_config(config, batch_size=2, num_train_steps=1)  # Today's code trains it, and quickly.
+  cfg.model.num_classes = 200
+  workdir = tmp_path / 'run'
+  with pytest.raises(ValueError, match=r'config.model.num_classes=200, but the prepared tiny_imagenet data has '
+                                       r'3 classes; set it to 3 or leave it None'):
+    train.train_and_evaluate(cfg, str(workdir))
+  assert not workdir.exists()
+
+
+def test_preparer_prints_the_data_dir_that_configs_take(prepared, capsys):
+  builder, _, config = prepared
+  tiny_imagenet.main(['--manual_dir', config.manual_dir, '--data_dir', config.data_dir])  # Already prepared.
+  out = capsys.readouterr().out
+  assert f'--config.dataset.data_dir={config.data_dir} (bw_jax.main)' in out
+  assert f'--config.train.dataset.data_dir={config.data_dir} (bw_jax.sweep run)' in out
+  assert builder.data_dir != config.data_dir and builder.data_dir not in out  # Not TFDS's versioned folder.

@@ -105,6 +105,60 @@ def test_values_and_specs_are_checked_against_what_the_code_allows():
   assert "search_space.optimizer = 'sgd'" not in message
 
 
+@pytest.mark.parametrize('name, num_examples', [('fashion_mnist', 60_000), ('tiny_imagenet', 100_000),
+                                                ('smoke', 60_000)])
+def test_sweep_files_schedules_complete_within_a_trial(name, num_examples):
+  config = load_config_file(os.path.join(REPO, 'configs', 'sweeps', f'{name}.py'))
+  assert sweep_space.schedule_errors(config, sweep_space.check_sweep_config(config), num_examples) == []
+  # Even on a tenth of the data (an epoch 10× shorter) for the relative tiny_imagenet schedule.
+  if name == 'tiny_imagenet':
+    assert sweep_space.schedule_errors(config, sweep_space.check_sweep_config(config), num_examples // 10) == []
+
+
+def test_searched_schedule_values_are_checked_one_by_one():
+  config = smoke_sweep_with(warmup_epochs=('float', 0.0, 0.0001), decay_epochs=('float', 0.001, 1.0))
+  space = sweep_space.check_sweep_config(config)
+  errors = sweep_space.schedule_errors(config, space, 60_000)  # 3750 steps of 16 per epoch, 4-step trials.
+  assert len(errors) == 1 and errors[0].startswith("search_space.decay_epochs = 1.0: the 'exponential' schedule "
+                                                   'decays every 3750 steps')
+  config.search_space.warmup_epochs = ('float', 0.0, 0.01)  # 38 steps: longer than the trial.
+  errors = sweep_space.schedule_errors(config, sweep_space.check_sweep_config(config), 60_000)
+  assert errors[1].startswith('search_space.warmup_epochs = 0.01: the warm-up (warmup_epochs=0.01: 38 steps) '
+                              'does not finish within the 4 steps') and len(errors) == 2
+
+
+def test_run_refuses_a_warmup_longer_than_the_trial_before_creating_anything(tmp_path):
+  path = tmp_path / 'sweep_long_warmup.py'
+  path.write_text('from configs.sweeps import smoke as sweep_smoke\n\n\ndef get_config():\n'
+                  '  config = sweep_smoke.get_config()\n  config.train.warmup_epochs = 1.0\n  return config\n')
+  with pytest.raises(SystemExit, match=r'cannot complete within a trial:\n  train \(with trial_budget\): the '
+                                       r'warm-up \(warmup_epochs=1.0: 3750 steps\) does not finish within the 4'):
+    sweep_cli.main(['run', f'--config={path}', f'--dir={tmp_path / "sweep"}'])
+  assert not os.path.exists(tmp_path / 'sweep')
+
+
+def test_command_line_overrides_are_typed_as_their_keys():
+  from bw_jax.config_files import apply_overrides
+  sweep = load_config_file(SMOKE_SWEEP)
+  apply_overrides(sweep, ['train.dataset.data_dir=/data/x', 'train.learning_rate=0.3', 'train.batch_size=32',
+                          'train.dataset.augment.flip=false', 'train.model.num_classes=7', 'n_trials=3',
+                          "stratify=('model.stem_type',)"])
+  assert sweep.train.dataset.data_dir == '/data/x' and sweep.train.learning_rate == 0.3
+  assert sweep.train.batch_size == 32 and sweep.train.dataset.augment.flip is False
+  assert sweep.train.model.num_classes == 7 and sweep.n_trials == 3 and sweep.stratify == ('model.stem_type',)
+  with pytest.raises(ValueError, match=r"--config.train.batch_size=big: 'big' is not a valid int for "
+                                       r"'train.batch_size'"):
+    apply_overrides(sweep, ['train.batch_size=big'])
+
+
+def test_run_with_a_misspelt_override_fails_with_one_line(tmp_path):
+  with pytest.raises(SystemExit, match=r"^error: --config.train.dataset.data_dri=/x: unknown sweep config key "
+                                       r"'train.dataset.data_dri' \(did you mean 'train.dataset.data_dir'\?\).$"):
+    sweep_cli.main(['run', f'--config={SMOKE_SWEEP}', f'--dir={tmp_path / "sweep"}',
+                    '--config.train.dataset.data_dri=/x'])
+  assert not os.path.exists(tmp_path / 'sweep')
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Budget slots and sampling
 
@@ -259,13 +313,126 @@ def test_promote_writes_configs_that_main_accepts(synthetic_study, tmp_path):
     assert config.dataset.to_dict() == base.dataset.to_dict()  # Data keys stay the base's.
     assert config.batch_size == base.batch_size and config.num_epochs == base.num_epochs
     assert config.batch_size_per_device == base.batch_size_per_device == 128
-    lr = trial.params['learning_rate']  # The docstring states the peak rate per device count.
-    assert f'{lr * 128 / 256:.4g} × the device count at 128 images per device' in ' '.join(
-        open(path).read().split())
-    assert f'python -m bw_jax.main --config={path} --workdir=runs/promoted/{name}' in lines
-    assert lines[rank].startswith(f'{rank + 1}. {path}: trial {trial.number}')
+    assert f'{sys.executable} -m bw_jax.main --config={path} --workdir=runs/promoted/{name}' in lines
+    assert [line for line in lines if line[0].isdigit()][rank].startswith(f'{rank + 1}. {path}: trial {trial.number}')
   commands = (tmp_path / 'commands.sh').read_text()
-  assert commands.count('python -m bw_jax.main') == 2
+  assert commands.count(f'{sys.executable} -m bw_jax.main') == 2  # The interpreter that ran promote.
+
+
+def study_of(sweep, trials):
+  """An in-memory study of `sweep` holding COMPLETE `trials`: (params, eval_accuracy, user_attrs) each."""
+  space = sweep_space.check_sweep_config(sweep)
+  distributions = {k: (CategoricalDistribution(list(s[1])) if s[0] == 'categorical'
+                       else FloatDistribution(s[1], s[2], log=s[0] == 'log_float')) for k, s in space.items()}
+  study = optuna.create_study(direction='maximize')
+  study.set_user_attr('sweep', sweep_study.experiment_record(sweep))
+  for params, accuracy, attrs in trials:
+    study.add_trial(optuna.trial.create_trial(
+        state=TrialState.COMPLETE, value=accuracy, params=params, distributions=distributions,
+        user_attrs={'eval_accuracy': accuracy, 'seconds': 5.0, 'model.mbconv_type': 0, 'model.head_type': 1,
+                    'num_classes': 10, **attrs}))
+  return study
+
+
+@pytest.fixture(scope='module')
+def broken_study():
+  """Five trials on 10 classes (chance loss ln 10 = 2.30, absurd above 23.03): 1, 2 and 3 are broken."""
+  sweep = load_config_file(SMOKE_SWEEP)
+  sweep.search_space = ml_collections.ConfigDict({'model': {'stem_type': ('categorical', (1, 2))},
+                                                  'learning_rate': ('log_float', 0.01, 1.0)})
+  return study_of(sweep, [
+      ({'model.stem_type': 1, 'learning_rate': 0.1}, 0.6, {'eval_loss': 1.2, 'bw_fallbacks': 0}),
+      ({'model.stem_type': 1, 'learning_rate': 0.9}, 0.9, {'eval_loss': 1.1e7, 'bw_fallbacks': 0}),
+      ({'model.stem_type': 2, 'learning_rate': 0.5}, 0.8, {'eval_loss': float('nan'), 'bw_fallbacks': 0}),
+      ({'model.stem_type': 2, 'learning_rate': 0.3}, 0.85, {'eval_loss': 0.9, 'bw_fallbacks': 3}),
+      ({'model.stem_type': 2, 'learning_rate': 0.2}, 0.5, {'eval_loss': 23.0, 'bw_fallbacks': 0})])
+
+
+def test_broken_trials_are_flagged_shown_and_left_out_of_the_rankings(broken_study, tmp_path):
+  sweep_report.write_report(broken_study, str(tmp_path))
+  csv = pd.read_csv(tmp_path / 'results.csv')
+  assert list(csv['flags'].fillna('')) == ['', 'eval loss 1.1e+07 > 10·ln(10)', 'eval loss nan', 'BW fell back 3 times', '']
+  assert list(csv.bw_fallbacks) == [0, 0, 0, 3, 0] and csv.eval_loss[1] == 1.1e7
+  blocks = pd.read_csv(tmp_path / 'block_types.csv')
+  assert list(blocks.best_trial) == [0, 4] and list(blocks['count']) == [1, 1]  # Only the healthy trials.
+  summary = (tmp_path / 'summary.md').read_text()
+  assert '5 trials: 5 complete; 3 flagged as broken.' in summary
+  best_rows = summary.split('## Best trials')[1].split('\n\n')[1].splitlines()
+  assert best_rows[0].startswith('| number | eval_accuracy | eval_loss | bw_fallbacks |')
+  assert [row.split(' | ')[0] for row in best_rows[2:]] == ['| 0', '| 4']
+  flagged = summary.split('## Flagged trials')[1].split('\n\n')[1].splitlines()[2:]
+  assert [row.split(' | ')[0] for row in flagged] == ['| 1', '| 2', '| 3']
+  assert flagged[0].endswith('| 1.1e+07 | 0 | eval loss 1.1e+07 > 10·ln(10) |')
+
+
+@pytest.fixture(scope='module')
+def sgd_study():
+  """An SGD sweep (cosine, 8 of 40 steps of warm-up, 3750 steps per epoch) on 10 classes: trial 0 and 1 are
+  the best of their combinations, 2 is broken, 3 is below the quality floor (0.12 < 1/10 + 0.05)."""
+  sweep = load_config_file(SMOKE_SWEEP)
+  sweep.train.lr_schedule, sweep.train.warmup_epochs, sweep.trial_budget.num_train_steps = 'cosine', 0.002, 40
+  sweep.search_space = ml_collections.ConfigDict({
+      'model': {'stem_type': ('categorical', (1, 2))}, 'learning_rate': ('log_float', 0.01, 1.0),
+      'optimizer': ('categorical', ('nesterov', 'sgd'))})
+  healthy = {'eval_loss': 1.0, 'bw_fallbacks': 0, 'train_examples': 60_000}
+  return study_of(sweep, [
+      ({'model.stem_type': 1, 'learning_rate': 0.1, 'optimizer': 'nesterov'}, 0.7, healthy),
+      ({'model.stem_type': 2, 'learning_rate': 0.9, 'optimizer': 'sgd'}, 0.5, healthy),
+      ({'model.stem_type': 1, 'learning_rate': 0.2, 'optimizer': 'sgd'}, 0.95, {**healthy, 'eval_loss': 1e7}),
+      ({'model.stem_type': 2, 'learning_rate': 0.3, 'optimizer': 'sgd'}, 0.12, {**healthy, 'model.mbconv_type': 3})])
+
+
+def test_promote_into_another_optimizer_family_carries_the_trials_schedule_shape(sgd_study, tmp_path):
+  base = os.path.join(REPO, 'configs', 'imagenet.py')  # RMSProp, staircase decay, 5 warm-up epochs, EMA.
+  lines = sweep_promote.promote(sgd_study, 3, base, str(tmp_path), 'runs/promoted')
+  assert sorted(os.listdir(tmp_path)) == ['commands.sh', 'stem1_mbconv0_head1.py', 'stem2_mbconv0_head1.py']
+  assert ('Not promoted: stem 2 / MBConv 3 / head 1 (trial 3): eval_accuracy 0.1200 is below the quality floor '
+          '0.1500 (chance 1/10 + margin 0.05; --chance-margin sets it).') in lines
+  assert '1 trials flagged as broken were left out (see the report).' in lines
+  assert lines[0].startswith(f'1. {tmp_path}/stem1_mbconv0_head1.py: trial 0, eval_accuracy 0.7000')
+  config = load_config_file(str(tmp_path / 'stem1_mbconv0_head1.py'))
+  validate_config(config)
+  smoke_train = load_config_file(SMOKE_SWEEP).train
+  # The trial's recipe: its optimizer and rate, the sweep's schedule shape, momentum, weight decay and EMA.
+  assert (config.optimizer, config.learning_rate, config.lr_schedule) == ('nesterov', 0.1, 'cosine')
+  assert config.warmup_fraction == pytest.approx(8 / 40)  # round(0.002 · 3750) = 8 of the trial's 40 steps.
+  assert config.decay_epochs == pytest.approx(4 / 40 * 350)  # round(0.001 · 3750) = 4 of 40 steps, of 350 epochs.
+  assert (config.ema_decay, config.momentum, config.weight_decay) == (
+      smoke_train.ema_decay, smoke_train.momentum, smoke_train.weight_decay)
+  # The base's: the data and everything about the target run.
+  imagenet = load_config_file(base)
+  assert config.dataset.to_dict() == imagenet.dataset.to_dict()
+  for key in ('batch_size', 'num_epochs', 'half_precision', 'keep_checkpoints', 'label_smoothing'):
+    assert config[key] == imagenet[key], key
+  text = (tmp_path / 'stem1_mbconv0_head1.py').read_text()
+  assert "The optimization recipe is the trial's" in text and "imagenet.py's schedule was tuned for" in text
+  assert "peak 0.00625 at the trial's batch 16, 0.8 at batch_size 2048." in ' '.join(text.split())
+  assert text.count('Warning:') == 1 and "Warning: linear scaling stretches the trial's batch 16 to 2048 (128×" in text
+  # Trial 1: 0.9 per 256 images is a peak of 7.2 at batch 2048.
+  warning = 'Warning: the peak learning rate 7.2 at batch 2048 is above the known-good ~2 for SGD'
+  assert warning in ' '.join((tmp_path / 'stem2_mbconv0_head1.py').read_text().split())
+  assert any(line.strip().startswith(warning) for line in lines)
+
+
+def test_promote_into_the_same_optimizer_family_keeps_the_base_schedule(sgd_study, tmp_path):
+  base = os.path.join(REPO, 'configs', 'default.py')  # Nesterov: the SGD family.
+  sweep_promote.promote(sgd_study, 1, base, str(tmp_path), 'runs/promoted')
+  config = load_config_file(str(tmp_path / 'stem1_mbconv0_head1.py'))
+  default = load_config_file(base)
+  assert (config.optimizer, config.learning_rate) == ('nesterov', 0.1)
+  for key in ('lr_schedule', 'warmup_epochs', 'warmup_fraction', 'ema_decay', 'weight_decay', 'batch_size'):
+    assert config[key] == default[key], key
+  assert "The optimization schedule (warm-up, decay, EMA) is default.py's" in (
+      ' '.join((tmp_path / 'stem1_mbconv0_head1.py').read_text().split()))
+
+
+def test_promote_writes_nothing_below_the_quality_floor_and_says_why(sgd_study, tmp_path):
+  with pytest.raises(ValueError) as error:
+    sweep_promote.promote(sgd_study, 3, PROMOTE_BASE, str(tmp_path / 'out'), 'runs', chance_margin=0.65)
+  message = str(error.value)
+  assert message.startswith('Nothing promoted: no combination reaches the quality floor.')
+  assert 'trial 0): eval_accuracy 0.7000 is below the quality floor 0.7500 (chance 1/10 + margin 0.65' in message
+  assert not os.path.exists(tmp_path / 'out')
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -358,7 +525,14 @@ def test_report_of_the_sweep(sqlite_sweep):
 @pytest.mark.slow  # Worker processes train smoke trials.
 def test_promote_from_the_sweep(sqlite_sweep, tmp_path):
   directory, study, _ = sqlite_sweep
-  sweep_cli.main(['promote', f'--dir={directory}', '--top-k=3', f'--base={PROMOTE_BASE}', f'--out={tmp_path}'])
+  # 4 steps of training leave every trial at chance: below the default quality floor, nothing is promoted …
+  with pytest.raises(SystemExit, match=r'Nothing promoted: no combination reaches the quality floor.\n  Not '
+                                       r'promoted: stem 1 / MBConv 0 / head 1 \(trial \d+\): eval_accuracy'):
+    sweep_cli.main(['promote', f'--dir={directory}', '--top-k=3', f'--base={PROMOTE_BASE}', f'--out={tmp_path}'])
+  assert not glob.glob(str(tmp_path / '*'))
+  # … unless the floor is lowered below chance.
+  sweep_cli.main(['promote', f'--dir={directory}', '--top-k=3', f'--base={PROMOTE_BASE}', f'--out={tmp_path}',
+                  '--chance-margin=-0.1'])
   written = glob.glob(str(tmp_path / 'stem*.py'))
   assert [os.path.basename(p) for p in written] == ['stem1_mbconv0_head1.py']  # The one combination.
   config = load_config_file(written[0])

@@ -229,3 +229,19 @@ def test_batch_size_not_divisible_by_the_devices_names_its_key(monkeypatch, batc
   config.batch_size = batch_size
   with pytest.raises(ValueError, match=rf'^config.{key}={value} does not divide evenly over 3 devices'):
     validate_config(config)
+
+
+def test_missing_imagenet_fails_before_the_model_and_leaves_no_workdir(tmp_path, monkeypatch):
+  from configs import imagenet
+
+  def no_model(*args, **kwargs):
+    raise AssertionError('the model was built before the data was found')
+
+  monkeypatch.setattr(train, 'create_model', no_model)
+  config = imagenet.get_config()
+  config.dataset.data_dir = str(tmp_path / 'tfds')
+  config.batch_size_per_device = None
+  config.batch_size = 8  # Any size this machine's devices divide.
+  with pytest.raises(FileNotFoundError, match='ILSVRC2012_img_train.tar'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()

@@ -16,7 +16,7 @@ from ml_collections import config_flags
 from bw_jax import train, train_utils
 from bw_jax.config_validation import validate_config, with_global_batch_size
 from bw_jax.train_utils import (TrainState, bw_health, create_learning_rate_fn, create_model, create_optimizer,
-                                memory_report, peak_learning_rate, train_batch_spec)
+                                memory_report, peak_learning_rate, schedule_problems, train_batch_spec)
 from configs import imagenet, smoke, tiny_imagenet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,6 +109,48 @@ def test_cosine_schedule_with_warmup_matches_its_formula():
     expected = (peak * step / warmup if step < warmup
                 else peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup))))
     assert schedule(step) == pytest.approx(expected, abs=1e-7), step
+
+
+def test_warmup_fraction_is_a_share_of_the_run_whatever_the_epoch_length():
+  config = smoke.get_config()
+  config.lr_schedule, config.learning_rate, config.batch_size = 'cosine', 0.4, 128
+  config.warmup_epochs, config.warmup_fraction = 3.0, 0.25  # The fraction wins: 10 of 40 steps.
+  peak, warmup, total = 0.2, 10, 40
+  for steps_per_epoch in (7, 3125):
+    schedule = create_learning_rate_fn(config, steps_per_epoch, total)
+    for step in range(total + 1):
+      expected = (peak * step / warmup if step < warmup
+                  else peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup))))
+      assert schedule(step) == pytest.approx(expected, abs=1e-7), (steps_per_epoch, step)
+
+
+def test_schedule_problems_name_a_warmup_or_decay_that_cannot_complete():
+  config = smoke.get_config()
+  config.lr_schedule, config.warmup_epochs = 'cosine', 2.0
+  # Issue #17: 2 warm-up epochs of 3125 steps (100,000 images at batch 32) in a 20-step trial.
+  [problem] = schedule_problems(config, 3125, 20)
+  assert problem.startswith('the warm-up (warmup_epochs=2.0: 6250 steps) does not finish within the 20 steps '
+                            '(3125 per epoch)')
+  assert schedule_problems(config, 9, 20) == []  # 18 steps of warm-up, then 2 of cosine.
+  assert schedule_problems(config, 10, 20) != []  # 20 steps of warm-up: the peak is never reached.
+  config.warmup_fraction = 0.1
+  assert schedule_problems(config, 3125, 20) == []
+  config.lr_schedule, config.decay_epochs = 'exponential', 0.01  # Every 31 steps; 18 follow the warm-up.
+  [problem] = schedule_problems(config, 3125, 20)
+  assert "decays every 31 steps (decay_epochs=0.01), but only 18 of the 20 steps" in problem
+  assert schedule_problems(config, 1800, 20) == []  # Every 18 steps: one decay.
+
+
+def test_images_per_second_leave_out_the_first_step_and_its_compile(monkeypatch):
+  from bw_jax import train_utils
+  clock = iter([100.0, 160.0, 162.0, 163.0])  # Start; step 1 done (60 s of compile); step 11; step 21.
+  monkeypatch.setattr(train_utils.time, 'perf_counter', lambda: next(clock))
+  progress = train_utils.Progress(num_train_steps=31, steps_per_epoch=10, batch_size=8, start_step=0)
+  assert progress.first_step_done(1) == ('first step done in 0:01:00 (compiling included); images/s count '
+                                         'from here')
+  metrics = {'loss': 1.0, 'accuracy': 0.5, 'learning_rate': 0.1}
+  assert progress.line(11, metrics).endswith('  40 images/s  ETA 0:00:04')  # 10 steps of 8 in 2 s; 20 to go.
+  assert progress.line(21, metrics).endswith('  80 images/s  ETA 0:00:01')
 
 
 def _params_and_grads(seed):

@@ -19,6 +19,9 @@ A dataset module `bw_jax.data.<module>` provides:
   INFO: pipeline.DatasetInfo                               (required)
   load(split, dataset_config) -> tf.data.Dataset            (required) raw {'image': uint8 (H, W, C),
                                                             'label': int}, the whole split, fixed order.
+  count_examples(split, dataset_config) -> int              (required) examples of `split` as the data
+                                                            really holds them (slices, partial data).
+  count_classes(dataset_config) -> int                      (required) from the data's own metadata.
   default_augment: dict(random_crop=, crop_padding=, flip=) (optional; else DEFAULT_AUGMENT)
   default_image_size: int                                   (optional; else INFO.image_shape[0])
   default_shuffle_buffer: int                               (optional; else DEFAULT_SHUFFLE_BUFFER)
@@ -62,6 +65,17 @@ def default_dataset_config(name: str = 'fashion_mnist') -> ml_collections.Config
   config.shuffle_buffer = getattr(module, 'default_shuffle_buffer', DEFAULT_SHUFFLE_BUFFER)
   config.augment = ml_collections.ConfigDict(dict(getattr(module, 'default_augment', DEFAULT_AUGMENT)))
   return config
+
+
+def split_size(dataset_config: Any, split: str) -> int:
+  """Examples in `split` of the data that will be read: TFDS slices ('train[:10%]') and a smaller prepared
+  dataset count as what they hold. Missing data raises (with instructions) before anything is compiled."""
+  return dataset_module(dataset_config.name).count_examples(split, dataset_config)
+
+
+def class_count(dataset_config: Any) -> int:
+  """The class count of the prepared dataset's metadata (TFDS's `label` ClassLabel), not a published one."""
+  return dataset_module(dataset_config.name).count_classes(dataset_config)
 
 
 def create_split(dataset_config: Any, split: str, global_batch_size: int, *, train: bool,

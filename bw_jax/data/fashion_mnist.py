@@ -133,19 +133,40 @@ def _search_dirs(dataset_config: Any) -> list[str]:
   return [data_dir] if data_dir else list(SYSTEM_DIRS)
 
 
-def load_arrays(split: str, dataset_config: Any) -> Optional[tuple[np.ndarray, np.ndarray]]:
-  """(images uint8 (N, 28, 28, 1), labels uint8 (N,)) from `data_dir` when set (DataNotFoundError if the
-  files are not there), else from the first system folder with the files, else None."""
+def split_files(split: str, dataset_config: Any) -> Optional[tuple[str, str]]:
+  """(images path, labels path) of `split`: in `data_dir` when set (DataNotFoundError if the files are not
+  there), else in the first system folder with the files, else None."""
   if split not in FILES:
     raise ValueError(f'Fashion-MNIST has splits {sorted(FILES)}, not {split!r}.')
   data_dir = getattr(dataset_config, 'data_dir', None)
   files = required_files(data_dir) if data_dir else next(filter(None, map(find_files, SYSTEM_DIRS)), None)
-  if files is None:
+  return None if files is None else files[split]
+
+
+def load_arrays(split: str, dataset_config: Any) -> Optional[tuple[np.ndarray, np.ndarray]]:
+  """(images uint8 (N, 28, 28, 1), labels uint8 (N,)) of `split_files`, checked; None without files."""
+  paths = split_files(split, dataset_config)
+  if paths is None:
     return None
-  images_path, labels_path = files[split]
+  images_path, labels_path = paths
   images, labels = read_idx(images_path), read_idx(labels_path)
   check_arrays(split, images_path, images, labels_path, labels)
   return images[..., None], labels
+
+
+def count_examples(split: str, dataset_config: Any) -> int:
+  """Examples in `split`: the length of its label array (only the small labels file is read), or TFDS's
+  split info on the TFDS path."""
+  paths = split_files(split, dataset_config)
+  if paths is not None:
+    return len(read_idx(paths[1]))
+  return int(_load_tfds(split, dataset_config).cardinality())
+
+
+def count_classes(dataset_config: Any) -> int:
+  """10: the IDX files carry no class metadata, and the dataset defines ten classes."""
+  del dataset_config
+  return INFO.num_classes
 
 
 def _load_tfds(split: str, dataset_config: Any) -> tf.data.Dataset:

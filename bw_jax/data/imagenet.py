@@ -22,7 +22,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from bw_jax.data.pipeline import DatasetInfo
-from bw_jax.data.tfds_utils import canonical_split, default_manual_dir, image_and_label
+from bw_jax.data.tfds_utils import (canonical_split, default_manual_dir, image_and_label, label_classes,
+                                   split_examples)
 
 NUM_CLASSES = 1000
 # Originals vary in size; this is the usual training resolution, and train_preprocess / eval_preprocess
@@ -55,14 +56,28 @@ def load(split: str, dataset_config: Any) -> tf.data.Dataset:
   """{'image': the encoded JPEG (tf.string), 'label': int64} examples of `split` ('train' or 'validation',
   alias 'test'/'eval'/'val'; TFDS slices work). Prepares the dataset on the first run when the manual
   download is in place; raises FileNotFoundError with instructions when it is not."""
+  return image_and_label(_builder(dataset_config).as_dataset(split=canonical_split(split),
+                                                            decoders={'image': tfds.decode.SkipDecoding()}))
+
+
+def _builder(dataset_config: Any) -> tfds.core.DatasetBuilder:
+  """The prepared `imagenet2012` builder (preparing it when the manual download is in place)."""
   builder = tfds.builder('imagenet2012', data_dir=dataset_config.data_dir)
   if not builder.is_prepared():
     manual_dir = default_manual_dir(builder)
     if not all(os.path.isfile(os.path.join(manual_dir, name)) for name in MANUAL_FILES):
       raise FileNotFoundError(manual_download_instructions(manual_dir))
     builder.download_and_prepare()
-  return image_and_label(builder.as_dataset(split=canonical_split(split),
-                                            decoders={'image': tfds.decode.SkipDecoding()}))
+  return builder
+
+
+def count_examples(split: str, dataset_config: Any) -> int:
+  """Examples in `split` of the prepared dataset (slices work); FileNotFoundError when it is missing."""
+  return split_examples(_builder(dataset_config), split)
+
+
+def count_classes(dataset_config: Any) -> int:
+  return label_classes(_builder(dataset_config))
 
 
 def _resize(image: tf.Tensor, height: int | tf.Tensor, width: int | tf.Tensor) -> tf.Tensor:

@@ -25,3 +25,19 @@ def image_and_label(dataset: tf.data.Dataset) -> tf.data.Dataset:
   """Keeps only the {'image', 'label'} features of each example."""
   return dataset.map(lambda example: {'image': example['image'], 'label': example['label']},
                      num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def split_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
+  """Examples in `split` of a prepared dataset, TFDS slices included ('train[:10%]', 'validation[10:20]'):
+  TFDS's split info counts them from the files' shard lengths, without reading any example."""
+  name = canonical_split(split)
+  try:
+    return int(builder.info.splits[name].num_examples)
+  except (KeyError, ValueError, AssertionError) as e:  # TFDS raises all three for unknown or bad slices.
+    raise ValueError(f'{builder.name} has no split {split!r} ({e}); its splits are '
+                     f'{sorted(builder.info.splits)}, optionally sliced as in \'train[:10%]\'.') from None
+
+
+def label_classes(builder: tfds.core.DatasetBuilder) -> int:
+  """The class count of a prepared dataset's `label` feature (a ClassLabel, as written when it was built)."""
+  return int(builder.info.features['label'].num_classes)

@@ -21,7 +21,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from bw_jax.data.pipeline import DatasetInfo
-from bw_jax.data.tfds_utils import canonical_split, default_manual_dir, image_and_label
+from bw_jax.data.tfds_utils import (canonical_split, default_manual_dir, image_and_label, label_classes,
+                                   split_examples)
 
 NUM_CLASSES = 200
 IMAGE_SHAPE = (64, 64, 3)
@@ -183,8 +184,21 @@ def prepare(manual_dir: str | None = None, data_dir: str | None = None) -> TinyI
 def load(split: str, dataset_config: Any) -> tf.data.Dataset:
   """{'image': uint8 (64, 64, 3), 'label': int64} examples of `split` ('train' or 'validation', alias
   'test'/'eval'/'val'; TFDS slices such as 'train[:10%]' work), preparing the dataset on first use."""
-  builder = prepare(getattr(dataset_config, 'manual_dir', None), dataset_config.data_dir)
-  return image_and_label(builder.as_dataset(split=canonical_split(split)))
+  return image_and_label(_builder(dataset_config).as_dataset(split=canonical_split(split)))
+
+
+def _builder(dataset_config: Any) -> TinyImagenet:
+  return prepare(getattr(dataset_config, 'manual_dir', None), dataset_config.data_dir)
+
+
+def count_examples(split: str, dataset_config: Any) -> int:
+  """Examples in `split` as prepared (a fake or partial download counts what it holds; slices work)."""
+  return split_examples(_builder(dataset_config), split)
+
+
+def count_classes(dataset_config: Any) -> int:
+  """Classes of the prepared dataset: the wnids of its `wnids.txt` (200 in the official release)."""
+  return label_classes(_builder(dataset_config))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -206,7 +220,9 @@ def main(argv: list[str] | None = None) -> None:
     count = builder.info.splits[split].num_examples
     note = '' if count == expected else f'  (WARNING: the official release has {expected:,})'
     print(f'{split}: {count:,} examples{note}')
-  print(f'Ready in {builder.data_dir}')
+  # builder.data_dir is TFDS's versioned folder inside; configs take the data_dir above it.
+  print(f'Ready. Train on it with --config.dataset.data_dir={builder.data_dir_root} (bw_jax.main) or '
+        f'--config.train.dataset.data_dir={builder.data_dir_root} (bw_jax.sweep run).')
 
 
 if __name__ == '__main__':

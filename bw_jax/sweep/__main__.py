@@ -1,8 +1,8 @@
 """`python -m bw_jax.sweep run | report | promote | compare`: random search and multi-seed comparisons.
 
-  run      --config=configs/sweeps/X.py --dir=DIR [--storage=URL] [--n-trials=N]
+  run      --config=configs/sweeps/X.py --dir=DIR [--storage=URL] [--n-trials=N] [--config.KEY=VALUE ...]
   report   --dir=DIR [--storage=URL] [--out=DIR/report]
-  promote  --dir=DIR [--storage=URL] --top-k=K --base=configs/imagenet.py --out=OUT
+  promote  --dir=DIR [--storage=URL] --top-k=K --base=configs/imagenet.py --out=OUT [--chance-margin=M]
   compare run     --config=configs/sweeps/compare_X.py --dir=DIR [--storage=URL]
   compare report  --dir=DIR [--storage=URL] [--out=DIR/report] [--target-accuracy=A]
 
@@ -10,6 +10,8 @@ A sweep file (`configs/sweeps/*.py`; its keys in `bw_jax/sweep/space.py`) holds 
 config, the per-trial budget, the search space and the objective. `run` may be started any number of times,
 on any number of machines, against one storage (`DIR/study.db` by default; a PostgreSQL URL for many
 machines): each process pulls trials until `n_trials` budget slots have finished, over all processes.
+`--config.KEY=VALUE` sets a key of the sweep file, typed as the key (`--config.train.dataset.data_dir=/data`,
+which may differ between workers; other overrides must be the same on every worker).
 
 A compare file (`configs/sweeps/compare_*.py`; its keys in `bw_jax/sweep/compare.py`) names arms (a label
 and training-config overrides) and seeds; `compare run` trains every (arm, seed) once with the same workers,
@@ -31,11 +33,11 @@ except ImportError as error:  # An install without the extra: say what to instal
                    f'({error}).') from None
 
 from bw_jax.cli_errors import exit_with_error
-from bw_jax.config_files import load_config_file
+from bw_jax.config_files import apply_overrides, load_config_file
 from bw_jax.runtime import configure_cpu_dispatch
 from bw_jax.sweep.compare import (RunSampler, check_compare_config, join_compare_record, machine_record,
                                   sweep_config)
-from bw_jax.sweep.space import check_sweep_config
+from bw_jax.sweep.space import check_sweep_config, check_trial_schedules
 from bw_jax.sweep.study import default_storage, load_study, open_study
 from bw_jax.sweep.worker import Worker
 
@@ -51,9 +53,11 @@ def start_worker_process(directory: str) -> None:
 def run(args: argparse.Namespace) -> None:
   configure_cpu_dispatch()  # Before the checks below create the devices.
   sweep = load_config_file(args.config)
+  apply_overrides(sweep, args.overrides, 'sweep config')
   if args.n_trials is not None:
     sweep.n_trials = args.n_trials
   space = check_sweep_config(sweep)  # Before anything is created: a bad file leaves no trace.
+  check_trial_schedules(sweep, space)  # Counts the data: missing data also fails here.
   start_worker_process(args.dir)
   storage = args.storage or default_storage(args.dir)
   study = open_study(sweep, space, storage)
@@ -115,7 +119,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   compare_report.add_argument('--out', help='Report directory (default: DIR/report).')
   compare_report.add_argument('--target-accuracy', type=float,
                               help="Eval accuracy whose steps to reach are counted (default: the file's).")
-  return parser.parse_args(argv)
+  promote_parser.add_argument('--chance-margin', type=float,
+                              help='Promote only trials whose eval accuracy is at least 1/classes + this '
+                                   '(default: DEFAULT_CHANCE_MARGIN of bw_jax/sweep/promote.py).')
+  args, extra = parser.parse_known_args(argv)
+  # `run --config.KEY=VALUE …` overrides keys of the sweep file, e.g. --config.train.dataset.data_dir=/data.
+  args.overrides = [a[len('--config.'):] for a in extra if a.startswith('--config.') and args.command == 'run']
+  if len(args.overrides) != len(extra):
+    parser.error(f"unrecognized arguments: {' '.join(extra)} (only run takes --config.KEY=VALUE overrides)")
+  return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -142,9 +154,9 @@ def main(argv: Sequence[str] | None = None) -> None:
       print(f'Report of {len(study.trials)} trials in {out}: results.csv, summary.md, '
             f'{", ".join(report.PLOTS)}')
     else:
-      for line in promote.promote(study, args.top_k, args.base, args.out, args.workdir_root):
+      for line in promote.promote(study, args.top_k, args.base, args.out, args.workdir_root, args.chance_margin):
         print(line)
-  except ValueError as e:  # Bad input: one line, exit status 2 (bw_jax/cli_errors.py).
+  except (ValueError, FileNotFoundError) as e:  # Bad input or missing data: one line, exit status 2.
     exit_with_error(e, argv)
 
 

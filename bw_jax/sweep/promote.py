@@ -1,17 +1,52 @@
-"""`promote`: one ready-to-run config per winning block-type combination of a sweep, and commands.sh."""
+"""`promote`: one ready-to-run config per winning block-type combination of a sweep, and commands.sh.
+
+What a promoted config is (each file's docstring says it again, with its values):
+  - The base recipe (`--base`, e.g. configs/imagenet.py) gives everything that belongs to the target run: the
+    data, the model's size and stem stride, the batch size, the run's length, precision, eval and checkpoint
+    periods.
+  - The trial gives its searched values (every `search_space` key except `dataset.*`, which belong to the
+    sweep's data; never the trial budget) and its three block types.
+  - The optimization recipe (RECIPE_KEYS: optimizer, momentum, learning rate, weight decay, schedule shape,
+    EMA) is the base's when the trial's optimizer is of the base's family (OPTIMIZER_FAMILIES): the base's
+    schedule was tuned for that family. Otherwise it is the trial's, its warm-up carried as the same share of
+    the run (`warmup_fraction`): an SGD learning rate never runs under RMSProp's schedule and EMA.
+  - `learning_rate` is per 256 images either way: the peak scales linearly with the batch
+    (learning_rate · batch_size / 256), and the docstring gives it at the trial's batch and the target's.
+Only the best trial that the report does not flag as broken is promoted per combination, and only when its
+eval accuracy reaches the quality floor 1/num_classes + margin (`--chance-margin`); combinations below it
+are listed with the reason, and nothing below it is ever written. A peak rate above KNOWN_GOOD_PEAK_LR for
+its family, linear scaling stretched over more than MAX_BATCH_RATIO, or a large-batch SGD run warming up for
+under an epoch is a warning, printed and written into the file.
+
+A written file is self-contained (bw_jax's config schema plus the values above): it loads from any directory
+and does not change when the base file changes later.
+"""
 
 import os
+import sys
 import textwrap
 from typing import Any
 
+import ml_collections
 import optuna
 
-from bw_jax.config_files import config_root, load_config_file
+from bw_jax import config_schema
+from bw_jax.config_files import load_config_file
 from bw_jax.config_validation import validate_config
-from bw_jax.sweep.report import (block_label, block_type_table, budget_text, objective_of, results_table,
-                                 space_keys)
-from bw_jax.sweep.space import BLOCK_KEYS, with_values
+from bw_jax.data import default_dataset_config
+from bw_jax.sweep.report import (block_label, block_type_table, budget_text, is_flagged, objective_of,
+                                 results_table, space_keys, study_num_classes)
+from bw_jax.sweep.space import BLOCK_KEYS, config_value, flatten_space, with_values
 
+OPTIMIZER_FAMILIES = {'sgd': 'SGD', 'nesterov': 'SGD', 'rmsprop_tf': 'RMSProp', 'adamw': 'Adam'}
+RECIPE_KEYS = ('optimizer', 'momentum', 'learning_rate', 'weight_decay', 'lr_schedule', 'warmup_fraction',
+               'decay_rate', 'decay_epochs', 'ema_decay')
+# Peak rates (at the run's batch) beyond which training commonly diverges or degrades: large-batch SGD on
+# ImageNet trains at up to ~2 with a warm-up (Goyal et al. 2017: 0.1 per 256 images); EfficientNet's RMSProp at
+# 0.128–0.256 (batch 2048–4096); AdamW rarely above 1e-2.
+KNOWN_GOOD_PEAK_LR = {'SGD': 2.0, 'RMSProp': 0.5, 'Adam': 1e-2}
+MAX_BATCH_RATIO = 64  # Linear scaling over a larger factor is an extrapolation.
+DEFAULT_CHANCE_MARGIN = 0.05
 
 
 def carried_values(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
@@ -21,81 +56,200 @@ def carried_values(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict
           if not k.startswith('dataset.')}
 
 
-def base_import(base: str) -> tuple[str, str]:
-  """(import line, expression) that give the base config inside a promoted file: `from configs import X`
-  for a file of this repository's configs/ (run from the repository root, as bw_jax.main is), else a load
-  by absolute path."""
-  path = os.path.abspath(base)
-  if config_root(path) is not None and os.path.basename(os.path.dirname(path)) == 'configs':
-    module = os.path.splitext(os.path.basename(path))[0]
-    return f'from configs import {module}', f'{module}.get_config()'
-  return 'from bw_jax.config_files import load_config_file', f'load_config_file({path!r})'
+def trial_training_config(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> ml_collections.ConfigDict:
+  """The training config the trial ran: the sweep's `train`, its budget, then its values."""
+  record = study.user_attrs['sweep']
+  values = {k: trial.params.get(k, trial.user_attrs.get(k)) for k in space_keys(study)}
+  # On the schema, so that keys added since the study was written have their defaults.
+  train = config_schema.get_config()
+  train.dataset = default_dataset_config(record['train']['dataset']['name'])
+  return with_values(train, {**flatten_space(record['train']), **record['trial_budget'], **values})
+
+
+def trial_schedule_shape(trial: optuna.trial.FrozenTrial, config: ml_collections.ConfigDict
+                         ) -> tuple[float, float]:
+  """(warm-up steps, staircase decay period) as fractions of the trial's steps, from the epoch length the
+  trial read."""
+  from bw_jax.data import dataset_module
+  from bw_jax.train import training_length
+  from bw_jax.train_utils import decay_steps, warmup_steps
+  examples = trial.user_attrs.get('train_examples') or dataset_module(config.dataset.name).INFO.num_examples[
+      config.dataset.train_split.split('[')[0]]  # Studies written before workers recorded the count.
+  steps_per_epoch, total = training_length(config, examples)
+  return warmup_steps(config, steps_per_epoch, total) / total, decay_steps(config, steps_per_epoch) / total
+
+
+def promoted_config(study: optuna.Study, trial: optuna.trial.FrozenTrial, base: ml_collections.ConfigDict
+                    ) -> tuple[ml_collections.ConfigDict, dict[str, Any], dict[str, Any]]:
+  """(the promoted config, the trial's carried values, the trial's recipe values: empty when the base's
+  optimizer family is the trial's)."""
+  trial_config = trial_training_config(study, trial)
+  carried = carried_values(study, trial)
+  recipe = {}
+  if OPTIMIZER_FAMILIES[trial_config.optimizer] != OPTIMIZER_FAMILIES[base.optimizer]:
+    recipe = {k: config_value(trial_config, k) for k in RECIPE_KEYS if k not in carried}
+    # The schedule's shape: warm-up and decay period as the same shares of the run as in the trial.
+    warmup, decay = trial_schedule_shape(trial, trial_config)
+    recipe['warmup_fraction'] = warmup
+    if base.num_train_steps == -1:
+      recipe['decay_epochs'] = decay * base.num_epochs
+  return with_values(base, {**recipe, **carried}), carried, recipe
+
+
+def promotion_warnings(config: ml_collections.ConfigDict, trial_batch: int) -> list[str]:
+  """What in a promoted config lies outside the known-good ranges of this module's docstring."""
+  warnings = []
+  family = OPTIMIZER_FAMILIES[config.optimizer]
+  peak = config.learning_rate * config.batch_size / 256
+  if peak > KNOWN_GOOD_PEAK_LR[family]:
+    warnings.append(f'the peak learning rate {peak:.3g} at batch {config.batch_size} is above the known-good '
+                    f'~{KNOWN_GOOD_PEAK_LR[family]:g} for {family}; lower learning_rate (now '
+                    f'{config.learning_rate:.4g} per 256 images) or batch_size.')
+  if config.batch_size > MAX_BATCH_RATIO * trial_batch:
+    warnings.append(f'linear scaling stretches the trial\'s batch {trial_batch} to {config.batch_size} '
+                    f'({config.batch_size / trial_batch:.0f}×, beyond {MAX_BATCH_RATIO}×): an extrapolation.')
+  if family == 'SGD' and config.batch_size >= 1024 and config.num_train_steps == -1:
+    epochs = (config.warmup_fraction * config.num_epochs if config.warmup_fraction is not None
+              else config.warmup_epochs)
+    if epochs < 1:
+      warnings.append(f'large-batch SGD (batch {config.batch_size}) warms up for {epochs:.2g} epochs; a few '
+                      'epochs are usual (Goyal et al. 2017).')
+  return warnings
+
+
+def assignment_lines(values: dict[str, Any]) -> list[str]:
+  return [f'  config.{key} = {value!r}' for key, value in values.items()]
+
+
+def base_lines(config: ml_collections.ConfigDict, skip: set[str]) -> list[str]:
+  """Lines that rebuild `config` from the schema, leaving out the keys in `skip`: its dataset, then every
+  other key whose value differs from the schema's default."""
+  default = flatten_space(config_schema.get_config())
+  dataset_default = flatten_space(default_dataset_config(config.dataset.name))
+  lines = [f'  config.dataset = default_dataset_config({config.dataset.name!r})']
+  values = {f'dataset.{k}': v for k, v in flatten_space(config.dataset).items() if v != dataset_default[k]}
+  values.update({k: v for k, v in flatten_space(config).items()
+                 if not k.startswith('dataset.') and v != default.get(k)})
+  return lines + assignment_lines({k: v for k, v in values.items() if k not in skip})
+
+
+def quality_floor(num_classes: int, margin: float) -> float:
+  """The accuracy a promoted trial must reach: chance (1 / num_classes) plus `margin`."""
+  return 1.0 / num_classes + margin
+
+
+def below_floor(study: optuna.Study, trial: optuna.trial.FrozenTrial, margin: float) -> str | None:
+  """Why the trial is below the quality floor, or None when it is not."""
+  num_classes = study_num_classes(study, trial)
+  floor = quality_floor(num_classes, margin)
+  accuracy = trial.user_attrs.get('eval_accuracy')
+  if accuracy is not None and accuracy >= floor:
+    return None
+  return (f'eval_accuracy {accuracy:.4f} is below the quality floor {floor:.4f} (chance 1/{num_classes} + '
+          f'margin {margin:g}; --chance-margin sets it)')
+
+
+def docstring_paragraphs(study: optuna.Study, trial: optuna.trial.FrozenTrial, base_path: str,
+                         base_optimizer: str, config: ml_collections.ConfigDict, recipe: dict[str, Any],
+                         count: int, rank: int, warnings: list[str]) -> list[str]:
+  """The promoted file's docstring after its first line: result, where each value comes from, warnings."""
+  objective, _ = objective_of(study)
+  record = study.user_attrs['sweep']
+  trial_batch, trial_optimizer = record['train']['batch_size'], trial_training_config(study, trial).optimizer
+  base_name = os.path.basename(base_path)
+  paragraphs = [
+      f'{objective} {trial.value:.4f} after {budget_text(record)} (chance {1 / study_num_classes(study, trial):.4f})'
+      f'; {trials_of_combination(count)} of this block-type combination (rank {rank}).',
+      f'From the base recipe {base_name}: the data, the model size, batch size, length, precision and periods.'
+      ' From the trial: its searched values and block types (not dataset.*, which were the sweep\'s data).']
+  if recipe:
+    paragraphs.append(
+        f"The optimization recipe is the trial's ({', '.join(recipe)}): it trained with {trial_optimizer!r} "
+        f"({OPTIMIZER_FAMILIES[trial_optimizer]} family), and {base_name}'s schedule was tuned for "
+        f'{base_optimizer!r} ({OPTIMIZER_FAMILIES[base_optimizer]} family). The schedule keeps the trial\'s shape:'
+        f" warm-up and decay period are the same shares of the run (warmup_fraction {recipe['warmup_fraction']:.4g}).")
+  else:
+    paragraphs.append(f"The optimization schedule (warm-up, decay, EMA) is {base_name}'s: the trial's optimizer "
+                      f'{trial_optimizer!r} is of its family ({OPTIMIZER_FAMILIES[trial_optimizer]}).')
+  paragraphs.append(
+      f'learning_rate {config.learning_rate:.4g} is per 256 images: peak {config.learning_rate * trial_batch / 256:.4g} '
+      f"at the trial's batch {trial_batch}, {config.learning_rate * config.batch_size / 256:.4g} at batch_size "
+      f'{config.batch_size}.')
+  paragraphs += [f'Warning: {w}' for w in warnings]
+  return paragraphs
 
 
 def trials_of_combination(count: int) -> str:
   return 'the only complete trial' if count == 1 else f'the best of {count} complete trials'
 
 
-def promoted_source(study: optuna.Study, trial: optuna.trial.FrozenTrial, base: str, rank: int, count: int,
-                    command: str) -> str:
-  """The Python text of one promoted config."""
-  objective, _ = objective_of(study)
-  record, base_config = study.user_attrs['sweep'], load_config_file(base)
-  values = carried_values(study, trial)
-  blocks = ', '.join(f'{k.split(".")[1]} {values[k]}' for k in BLOCK_KEYS)
-  import_line, expression = base_import(base)
-  trial_batch, batch = record['train']['batch_size'], base_config.batch_size
-  per_device = base_config.get('batch_size_per_device')
-  paragraphs = [
-      f'{objective} {trial.value:.4f} after {budget_text(record)}; {trials_of_combination(count)} of this '
-      f'block-type combination (rank {rank}). The searched values are carried over; everything else (data, '
-      f"epochs, schedule, batch size) is {os.path.basename(base)}'s."]
-  if 'learning_rate' in values:
-    lr = values['learning_rate']
-    paragraphs.append(
-        f"learning_rate is per 256 images (bw_jax/config_schema.py), so the trial's value carries over as is and the peak "
-        f"rate scales with the batch: {lr * trial_batch / 256:.4g} at the trial's batch {trial_batch}, "
-        + (f'{lr * per_device / 256:.4g} × the device count at {per_device} images per device.' if per_device
-           else f'{lr * batch / 256:.4g} at batch_size {batch}.'))
-    optimizer = record['train']['optimizer']
-    if 'optimizer' not in values and optimizer != base_config.optimizer:
-      paragraphs.append(f'Caution: the trial trained with optimizer {optimizer!r}, this config uses '
-                        f'{base_config.optimizer!r}; its learning rate may not transfer.')
+def promoted_source(study: optuna.Study, trial: optuna.trial.FrozenTrial, base_path: str, rank: int, count: int,
+                    command: str) -> tuple[str, list[str]]:
+  """(the Python text of one promoted config, its warnings)."""
+  base = load_config_file(base_path)
+  config, carried, recipe = promoted_config(study, trial, base)
+  validate_config(config)  # Fails here, not at launch.
+  warnings = promotion_warnings(config, study.user_attrs['sweep']['train']['batch_size'])
+  blocks = ', '.join(f'{k.split(".")[1]} {carried[k]}' for k in BLOCK_KEYS)
   lines = [f'"""Promoted from sweep `{study.study_name}`, trial {trial.number}: {blocks}.']
-  for paragraph in paragraphs:
+  for paragraph in docstring_paragraphs(study, trial, base_path, base.optimizer, config, recipe, count, rank,
+                                        warnings):
     lines += ['', *textwrap.wrap(paragraph, 110)]
-  lines += ['', 'Written by `python -m bw_jax.sweep promote`. Run from the repository root:', f'  {command}',
-            '"""', '', 'import ml_collections', '', import_line, '', '',
-            'def get_config() -> ml_collections.ConfigDict:', f'  config = {expression}']
-  lines += [f'  config.{key} = {value!r}' for key, value in values.items()]
+  lines += ['', 'Written by `python -m bw_jax.sweep promote` (bw_jax/sweep/promote.py defines what it carries).',
+            'Run it from any directory:', f'  {command}', '"""', '', 'import ml_collections', '',
+            'from bw_jax import config_schema', 'from bw_jax.data import default_dataset_config', '', '',
+            'def get_config() -> ml_collections.ConfigDict:', '  config = config_schema.get_config()',
+            f'  # From the base recipe {os.path.abspath(base_path)}.']
+  lines += base_lines(config, set(carried) | set(recipe))
+  lines += [f'  # From trial {trial.number}: its searched values and block types.', *assignment_lines(carried)]
+  if recipe:
+    lines += ["  # The trial's optimization recipe (its optimizer family is not the base's).",
+              *assignment_lines(recipe)]
   lines += ['  return config', '']
-  return '\n'.join(lines)
+  return '\n'.join(lines), warnings
 
 
-def promote(study: optuna.Study, top_k: int, base: str, out: str, workdir_root: str) -> list[str]:
-  """Writes OUT/stem{s}_mbconv{m}_head{h}.py for the best trial of each of the `top_k` best block-type
-  combinations, and OUT/commands.sh; returns the lines to print."""
+def promote(study: optuna.Study, top_k: int, base: str, out: str, workdir_root: str,
+            chance_margin: float | None = None) -> list[str]:
+  """Writes OUT/stem{s}_mbconv{m}_head{h}.py for the best unflagged trial of each of the `top_k` best block-type
+  combinations that reach the quality floor (`chance_margin` None: DEFAULT_CHANCE_MARGIN), and OUT/commands.sh;
+  returns the lines to print."""
+  chance_margin = DEFAULT_CHANCE_MARGIN if chance_margin is None else chance_margin
   if top_k < 1:
     raise ValueError(f'--top-k must be at least 1, got {top_k}.')
   objective, maximize = objective_of(study)
-  blocks = block_type_table(results_table(study), objective, maximize).head(top_k)
+  results = results_table(study)
+  blocks = block_type_table(results, objective, maximize)
   if blocks.empty:
-    raise ValueError(f"Study '{study.study_name}' has no complete trial to promote yet.")
-  base_config = load_config_file(base)
-  os.makedirs(out, exist_ok=True)
-  commands, lines = [], []
-  for rank, row in enumerate(blocks.to_dict('records'), 1):
-    trial = study.get_trials(deepcopy=False)[int(row['best_trial'])]
+    raise ValueError(f"Study '{study.study_name}' has no complete, unflagged trial to promote yet.")
+  load_config_file(base)  # A bad base fails before anything is written.
+  trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+  commands, lines, skipped = [], [], []
+  for row in blocks.to_dict('records'):
+    if len(commands) == top_k:
+      break
+    trial = trials[int(row['best_trial'])]
+    reason = below_floor(study, trial, chance_margin)
+    if reason:
+      skipped.append(f'Not promoted: {block_label(row)} (trial {trial.number}): {reason}.')
+      continue
+    os.makedirs(out, exist_ok=True)
     name = 'stem{}_mbconv{}_head{}'.format(*(row[k] for k in BLOCK_KEYS))
-    validate_config(with_values(base_config, carried_values(study, trial)))  # Fails here, not at launch.
-    path = os.path.join(out, f'{name}.py')
-    command = f'python -m bw_jax.main --config={path} --workdir={os.path.join(workdir_root, name)}'
+    path = os.path.abspath(os.path.join(out, f'{name}.py'))
+    command = (f'{sys.executable} -m bw_jax.main --config={path} '
+               f'--workdir={os.path.join(workdir_root, name)}')
+    source, warnings = promoted_source(study, trial, base, len(commands) + 1, int(row['count']), command)
     with open(path, 'w') as f:
-      f.write(promoted_source(study, trial, base, rank, int(row['count']), command))
+      f.write(source)
     commands.append(command)
-    lines.append(f"{rank}. {path}: trial {trial.number}, {objective} {trial.value:.4f} "
+    lines.append(f"{len(commands)}. {path}: trial {trial.number}, {objective} {trial.value:.4f} "
                  f"({trials_of_combination(int(row['count']))} with {block_label(row)})")
+    lines += [f'   Warning: {w}' for w in warnings]
+  flagged = int(is_flagged(results).sum())
+  notes = skipped + ([f'{flagged} trials flagged as broken were left out (see the report).'] if flagged else [])
+  if not commands:
+    raise ValueError('Nothing promoted: no combination reaches the quality floor.\n  ' + '\n  '.join(notes))
   with open(os.path.join(out, 'commands.sh'), 'w') as f:
-    f.write('#!/bin/sh\n# Written by `python -m bw_jax.sweep promote`; run from the repository root.\nset -e\n' +
+    f.write('#!/bin/sh\n# Written by `python -m bw_jax.sweep promote`; the interpreter that ran it.\nset -e\n' +
             '\n'.join(commands) + '\n')
-  return lines + ['Launch them from the repository root:', *commands]
+  return lines + notes + ['Launch them (from any directory):', *commands]

@@ -2,10 +2,15 @@
 `python -m bw_jax.sweep run` wrote (`promote.py` turns the winners into configs).
 
 results.csv has one row per trial (surplus trials, which never trained, are left out) and the columns
-`number`, `state`, `eval_accuracy`, `eval_loss`, `seconds`, `step`, one per search-space key named by its
-full config key (`model.stem_type`, `model.bw.method`, `learning_rate`, …; the three block types always),
-then `retried_from`, `resumed_from_step`, `worker`, `outcome` (of a failed trial: diverged, crashed,
-preempted), `error`, `workdir`.
+`number`, `state`, `eval_accuracy`, `eval_loss`, `seconds`, `step`, `bw_fallbacks` (whitening fallbacks
+counted by the trial's BW layers), `flags` (why a trial counts as broken, below), one per search-space key
+named by its full config key (`model.stem_type`, `model.bw.method`, `learning_rate`, …; the three block types
+always), then `retried_from`, `resumed_from_step`, `worker`, `outcome` (of a failed trial: diverged, crashed,
+preempted), `error`, `workdir`, `num_classes`.
+
+A trial is flagged as broken, and left out of the rankings, the block-type table and `promote`, when its
+eval loss is not finite or above ABSURD_LOSS_FACTOR · ln(num_classes) (a model far worse than guessing), or
+when a BW layer fell back from whitening: its accuracy says nothing about its values.
 """
 
 import os
@@ -26,8 +31,10 @@ from bw_jax.sweep.study import is_retry, is_surplus, original_number  # noqa: E4
 
 PLOTS = ('accuracy_by_block_type.png', 'param_importances.png', 'optimization_history.png')
 BLOCK_NAMES = {'model.stem_type': 'stem', 'model.mbconv_type': 'MBConv', 'model.head_type': 'head'}
-TRIAL_COLUMNS = ('number', 'state', 'eval_accuracy', 'eval_loss', 'seconds', 'step')
-ATTR_COLUMNS = ('resumed_from_step', 'worker', 'outcome', 'error', 'workdir')
+TRIAL_COLUMNS = ('number', 'state', 'eval_accuracy', 'eval_loss', 'seconds', 'step', 'bw_fallbacks')
+ATTR_COLUMNS = ('resumed_from_step', 'worker', 'outcome', 'error', 'workdir', 'num_classes')
+# Chance-level cross-entropy is ln(num_classes); ten times that is a model that is confidently wrong.
+ABSURD_LOSS_FACTOR = 10.0
 
 
 def space_keys(study: optuna.Study) -> list[str]:
@@ -40,6 +47,35 @@ def objective_of(study: optuna.Study) -> tuple[str, bool]:
   return study.user_attrs['sweep']['objective'], study.direction == optuna.study.StudyDirection.MAXIMIZE
 
 
+def study_num_classes(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> int:
+  """The class count the trial trained on: recorded by its worker, else the sweep's model.num_classes, else
+  the dataset's published count (studies written before workers recorded it)."""
+  if trial.user_attrs.get('num_classes'):
+    return int(trial.user_attrs['num_classes'])
+  train = study.user_attrs['sweep']['train']
+  if train['model'].get('num_classes'):
+    return int(train['model']['num_classes'])
+  from bw_jax.data import dataset_module
+  return dataset_module(train['dataset']['name']).INFO.num_classes
+
+
+def trial_flags(eval_loss: float | None, bw_fallbacks: int | None, num_classes: int) -> str:
+  """Why a trial's result cannot be trusted ('' when nothing is wrong), e.g. 'eval loss 1.1e+07 > 10·ln(10)'."""
+  flags = []
+  if eval_loss is not None and not np.isfinite(eval_loss):
+    flags.append(f'eval loss {eval_loss}')
+  elif eval_loss is not None and eval_loss > ABSURD_LOSS_FACTOR * np.log(num_classes):
+    flags.append(f'eval loss {eval_loss:.3g} > {ABSURD_LOSS_FACTOR:g}·ln({num_classes})')
+  if bw_fallbacks:
+    flags.append(f'BW fell back {int(bw_fallbacks)} times')
+  return '; '.join(flags)
+
+
+def is_flagged(results: pd.DataFrame) -> pd.Series:
+  """True for the rows of `results_table` flagged as broken (`flags` is '' or missing otherwise)."""
+  return results['flags'].map(lambda flags: isinstance(flags, str) and flags != '').astype(bool)
+
+
 def results_table(study: optuna.Study) -> pd.DataFrame:
   """One row per trial that trained (or waits to), in number order; columns as the module docstring says."""
   keys, rows = space_keys(study), []
@@ -49,23 +85,24 @@ def results_table(study: optuna.Study) -> pd.DataFrame:
     attrs = trial.user_attrs
     row = {'number': trial.number, 'state': trial.state.name}
     row.update({k: attrs.get(k) for k in TRIAL_COLUMNS[2:]})
+    row['flags'] = trial_flags(attrs.get('eval_loss'), attrs.get('bw_fallbacks'), study_num_classes(study, trial))
     row.update({k: trial.params.get(k, attrs.get(k)) for k in keys})
     row['retried_from'] = original_number(trial) if is_retry(trial) else None
     row.update({k: attrs.get(k) for k in ATTR_COLUMNS})
     rows.append(row)
-  columns = [*TRIAL_COLUMNS, *keys, 'retried_from', *ATTR_COLUMNS]
+  columns = [*TRIAL_COLUMNS, 'flags', *keys, 'retried_from', *ATTR_COLUMNS]
   return pd.DataFrame(rows, columns=columns)
 
 
 def ranked(results: pd.DataFrame, objective: str, maximize: bool) -> pd.DataFrame:
-  """COMPLETE trials, best first; ties in trial-number order."""
-  done = results[results.state == 'COMPLETE']
+  """COMPLETE trials that are not flagged as broken, best first; ties in trial-number order."""
+  done = results[(results.state == 'COMPLETE') & ~is_flagged(results)]
   return done.sort_values([objective, 'number'], ascending=[not maximize, True], kind='stable')
 
 
 def block_type_table(results: pd.DataFrame, objective: str, maximize: bool) -> pd.DataFrame:
-  """Per stem × MBConv × head combination of COMPLETE trials: count, mean, best and the best trial's number;
-  best combination first."""
+  """Per stem × MBConv × head combination of the `ranked` trials (COMPLETE, not flagged): count, mean, best and
+  the best trial's number; best combination first."""
   best = ranked(results, objective, maximize)
   if best.empty:
     return pd.DataFrame(columns=[*BLOCK_KEYS, 'count', 'mean', 'best', 'best_trial'])
@@ -186,17 +223,20 @@ def summary_markdown(study: optuna.Study, results: pd.DataFrame, blocks: pd.Data
   record = study.user_attrs['sweep']
   counts = results.state.value_counts().to_dict()
   diverged = int((results.outcome == 'diverged').sum())
+  flagged = results[is_flagged(results)]
   seconds = results.seconds.dropna()
   best = ranked(results, objective, maximize).head(top)
   keys = [k for k in space_keys(study) if k in results.columns]
   lines = [f"# Sweep `{study.study_name}`", '',
            f"{len(results)} trials: " + ', '.join(f'{n} {s.lower()}' for s, n in sorted(counts.items())) +
            (f' ({diverged} diverged)' if diverged else '') +
+           (f'; {len(flagged)} flagged as broken' if len(flagged) else '') +
            f". Each trial: {budget_text(record)}. Objective: `{objective}`, "
            f"{'maximised' if maximize else 'minimised'}; sampler `{record['sampler']}`, seed {record['seed']}. "
            f'Training time {format_seconds(seconds.sum())} in all, {format_seconds(seconds.median())} per '
            f'trial (median); {format_seconds(wall_seconds(study))} from the first start to the last finish.', '',
-           '## Best trials', '', markdown_table(best[['number', objective, 'seconds', *keys]]), '',
+           '## Best trials', '', markdown_table(best[['number', objective, 'eval_loss', 'bw_fallbacks', 'seconds',
+                                                       *keys]]), '',
            '## Result by block type (stem × MBConv × head)', '',
            markdown_table(blocks.rename(columns={**BLOCK_NAMES, 'count': 'trials'})), '',
            f'![{objective} by block type](accuracy_by_block_type.png)', '',
@@ -207,6 +247,12 @@ def summary_markdown(study: optuna.Study, results: pd.DataFrame, blocks: pd.Data
     lines.append(f'Parameter importances {importances}.')
   lines += ['', '![parameter importances](param_importances.png)', '', '## Optimisation history', '',
             '![optimisation history](optimization_history.png)', '']
+  if not flagged.empty:
+    lines += ['## Flagged trials', '', markdown_table(flagged[['number', 'state', objective, 'eval_loss',
+                                                               'bw_fallbacks', 'flags']]), '',
+              f'Left out of the rankings, the block-type table and `promote`: an eval loss that is not finite or '
+              f'above {ABSURD_LOSS_FACTOR:g}·ln(classes), or a BW layer that fell back from whitening, makes the '
+              'accuracy meaningless.', '']
   failed = results[results.state == 'FAIL']
   if not failed.empty:
     lines += ['## Failed trials', '', markdown_table(failed[['number', 'retried_from', 'error']].rename(

@@ -26,6 +26,8 @@ SAMPLERS = ('random', 'qmc')
 PRUNERS = ('none', 'median')
 BLOCK_KEYS = ('model.stem_type', 'model.mbconv_type', 'model.head_type')
 BUDGET_KEYS = ('num_epochs', 'num_train_steps')
+# Training keys that change how many steps the warm-up and decay take.
+SCHEDULE_KEYS = ('batch_size', 'lr_schedule', 'warmup_epochs', 'warmup_fraction', 'decay_epochs')
 
 
 def base_sweep_config() -> ml_collections.ConfigDict:
@@ -194,6 +196,32 @@ def check_sweep_config(sweep: ml_collections.ConfigDict) -> dict[str, tuple]:
   if errors:
     raise ValueError('Invalid sweep config:\n  ' + '\n  '.join(errors))
   return flat
+
+
+def schedule_errors(sweep: ml_collections.ConfigDict, flat: dict[str, tuple], num_examples: int) -> list[str]:
+  """Where a trial's warm-up or decay cannot complete within the trial budget, the train split having
+  `num_examples` examples: the trial config as is, and each value of a searched SCHEDULE_KEYS key on it."""
+  from bw_jax.train import training_length  # JAX: only `run` calls this.
+  from bw_jax.train_utils import schedule_problems
+  train = trial_config(sweep, {})
+  cases = [('train (with trial_budget)', {})]
+  cases += [(f'search_space.{key} = {value!r}', {key: value})
+            for key, spec in flat.items() if key in SCHEDULE_KEYS for value in candidate_values(spec)]
+  errors = []
+  for label, values in cases:
+    config = with_values(train, values)
+    errors += [f'{label}: {problem}' for problem in schedule_problems(config, *training_length(config, num_examples))]
+  return errors
+
+
+def check_trial_schedules(sweep: ml_collections.ConfigDict, flat: dict[str, tuple]) -> None:
+  """Raises a ValueError, before any trial trains, when a trial's learning-rate schedule cannot run its course
+  (`schedule_errors`); counts the train split that the trials will read (the data must be there)."""
+  from bw_jax import data
+  train = trial_config(sweep, {})
+  errors = schedule_errors(sweep, flat, data.split_size(train.dataset, train.dataset.train_split))
+  if errors:
+    raise ValueError('The learning-rate schedule cannot complete within a trial:\n  ' + '\n  '.join(errors))
 
 
 def trial_config(sweep: ml_collections.ConfigDict, params: dict[str, Any]) -> ml_collections.ConfigDict:

@@ -158,7 +158,8 @@ class Worker:
       stopped = f"{summary['signal']} at step {summary['step']}"
       trial.set_user_attr('error', stopped)
       raise Preempted(stopped)
-    for key in ('eval_accuracy', 'eval_loss', 'step', 'train_images_per_sec', 'bw_fallbacks'):
+    for key in ('eval_accuracy', 'eval_loss', 'step', 'train_images_per_sec', 'bw_fallbacks', 'num_classes',
+                'train_examples'):  # The data's size and classes: the report's flags, promote's schedule.
       trial.set_user_attr(key, summary[key])
     return summary[self.sweep.objective]
 
