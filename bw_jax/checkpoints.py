@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 # evaluates and saves; where the data lives. `config.resume_allow_changes` names more, on purpose.
 SAFE_TO_CHANGE = ('num_train_steps', 'num_epochs', 'log_every_steps', 'eval_every_steps',
                   'checkpoint_every_steps', 'keep_checkpoints', 'eval_batch_size', 'dataset.data_dir',
-                  'bw_max_fallbacks', 'resume_allow_changes')
+                  'bw_max_fallbacks', 'resume_allow_changes', 'print_memory')
 CONFIG_FILE = 'config.json'
 
 

@@ -250,7 +250,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   last_checkpoint = checkpoints.manager.latest_step()
   steady_start, steady_steps, excluded = None, 0, 0.0
   eval_metrics: dict[str, float] = {}
-  fallbacks_seen = bw_totals(bw_health(state.batch_stats))[0]  # The eval lines warn when they grow.
+  # The eval lines warn when the fallbacks grow.
+  fallbacks_seen = bw_totals(bw_health(state.batch_stats, state.bw_health))[0]
 
   def flush_window() -> dict[str, float]:
     fetched = [(s, jax.device_get(m)) for s, m in window]

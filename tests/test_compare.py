@@ -104,13 +104,14 @@ def test_bad_compare_files_are_refused_with_every_reason():
   assert 'arms is empty' in check_errors(arms=())
 
 
-def test_run_compare_with_a_bad_file_fails_before_anything_is_created(tmp_path):
+def test_run_compare_with_a_bad_file_fails_before_anything_is_created(tmp_path, capsys):
   path = tmp_path / 'configs' / 'bad.py'
   path.parent.mkdir()
   path.write_text('from bw_jax.sweep.compare import base_compare_config\n'
                   'def get_config():\n  c = base_compare_config()\n  c.arms = ("a: seed=1",)\n  return c\n')
-  with pytest.raises(SystemExit, match="arm 'a' sets 'seed'"):
+  with pytest.raises(SystemExit) as exit_:
     sweep_cli.main(['compare', 'run', f'--config={path}', f'--dir={tmp_path / "out"}'])
+  assert exit_.value.code == 2 and "arm 'a' sets 'seed'" in capsys.readouterr().err
   assert not (tmp_path / 'out').exists()
 
 

@@ -27,7 +27,7 @@ CORE = [Requirement(r) for r in PROJECT['dependencies']]
 EXTRAS = {extra: [Requirement(r) for r in requirements]
           for extra, requirements in PROJECT['optional-dependencies'].items()}
 # requirements.txt pins these for reproducible installs although bw_jax does not need them itself.
-PINNED_ONLY = {'scipy'}  # jax's dependency
+PINNED_ONLY = set()
 
 
 def requirements_txt_pins() -> dict[str, str]:

@@ -45,6 +45,8 @@ RECIPE_KEYS = ('optimizer', 'momentum', 'learning_rate', 'weight_decay', 'lr_sch
 # ImageNet trains at up to ~2 with a warm-up (Goyal et al. 2017: 0.1 per 256 images); EfficientNet's RMSProp at
 # 0.128–0.256 (batch 2048–4096); AdamW rarely above 1e-2.
 KNOWN_GOOD_PEAK_LR = {'SGD': 2.0, 'RMSProp': 0.5, 'Adam': 1e-2}
+# A per-device recipe (configs/imagenet.py) is judged at the scale it is published for: 16 × 128 = 2048.
+REFERENCE_DEVICES = 16
 MAX_BATCH_RATIO = 64  # Linear scaling over a larger factor is an extrapolation.
 DEFAULT_CHANCE_MARGIN = 0.05
 
@@ -96,23 +98,33 @@ def promoted_config(study: optuna.Study, trial: optuna.trial.FrozenTrial, base: 
   return with_values(base, {**recipe, **carried}), carried, recipe
 
 
+def target_batch(config: ml_collections.ConfigDict) -> tuple[int, str]:
+  """(the global batch the promoted run trains with, how it is counted): `batch_size`, or for a per-device
+  recipe its batch on REFERENCE_DEVICES accelerators (the scale these recipes are published at)."""
+  if config.get('batch_size_per_device'):
+    batch = config.batch_size_per_device * REFERENCE_DEVICES
+    return batch, f'{batch} ({REFERENCE_DEVICES} devices × batch_size_per_device {config.batch_size_per_device})'
+  return config.batch_size, f'{config.batch_size}'
+
+
 def promotion_warnings(config: ml_collections.ConfigDict, trial_batch: int) -> list[str]:
   """What in a promoted config lies outside the known-good ranges of this module's docstring."""
   warnings = []
   family = OPTIMIZER_FAMILIES[config.optimizer]
-  peak = config.learning_rate * config.batch_size / 256
+  batch, _ = target_batch(config)
+  peak = config.learning_rate * batch / 256
   if peak > KNOWN_GOOD_PEAK_LR[family]:
-    warnings.append(f'the peak learning rate {peak:.3g} at batch {config.batch_size} is above the known-good '
+    warnings.append(f'the peak learning rate {peak:.3g} at batch {batch} is above the known-good '
                     f'~{KNOWN_GOOD_PEAK_LR[family]:g} for {family}; lower learning_rate (now '
                     f'{config.learning_rate:.4g} per 256 images) or batch_size.')
-  if config.batch_size > MAX_BATCH_RATIO * trial_batch:
-    warnings.append(f'linear scaling stretches the trial\'s batch {trial_batch} to {config.batch_size} '
-                    f'({config.batch_size / trial_batch:.0f}×, beyond {MAX_BATCH_RATIO}×): an extrapolation.')
-  if family == 'SGD' and config.batch_size >= 1024 and config.num_train_steps == -1:
+  if batch > MAX_BATCH_RATIO * trial_batch:
+    warnings.append(f'linear scaling stretches the trial\'s batch {trial_batch} to {batch} '
+                    f'({batch / trial_batch:.0f}×, beyond {MAX_BATCH_RATIO}×): an extrapolation.')
+  if family == 'SGD' and batch >= 1024 and config.num_train_steps == -1:
     epochs = (config.warmup_fraction * config.num_epochs if config.warmup_fraction is not None
               else config.warmup_epochs)
     if epochs < 1:
-      warnings.append(f'large-batch SGD (batch {config.batch_size}) warms up for {epochs:.2g} epochs; a few '
+      warnings.append(f'large-batch SGD (batch {batch}) warms up for {epochs:.2g} epochs; a few '
                       'epochs are usual (Goyal et al. 2017).')
   return warnings
 
@@ -171,10 +183,10 @@ def docstring_paragraphs(study: optuna.Study, trial: optuna.trial.FrozenTrial, b
   else:
     paragraphs.append(f"The optimization schedule (warm-up, decay, EMA) is {base_name}'s: the trial's optimizer "
                       f'{trial_optimizer!r} is of its family ({OPTIMIZER_FAMILIES[trial_optimizer]}).')
+  batch, batch_text = target_batch(config)
   paragraphs.append(
       f'learning_rate {config.learning_rate:.4g} is per 256 images: peak {config.learning_rate * trial_batch / 256:.4g} '
-      f"at the trial's batch {trial_batch}, {config.learning_rate * config.batch_size / 256:.4g} at batch_size "
-      f'{config.batch_size}.')
+      f"at the trial's batch {trial_batch}, {config.learning_rate * batch / 256:.4g} at batch_size {batch_text}.")
   paragraphs += [f'Warning: {w}' for w in warnings]
   return paragraphs
 
