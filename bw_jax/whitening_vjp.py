@@ -13,6 +13,10 @@ is whatever `statistics` differentiates to, e.g. the Cholesky rule of `whitening
 Every product reads the same shifted samples d = x − K (K the first sample, a constant) that the one-pass
 moments read, and the centrings are folded into the products: y = S d − S(μ_c − K), dS = dyᵀd − (Σ dy)(μ_c − K)ᵀ,
 so x − μ is never materialised, and with |μ − K| ~ σ the folding loses no digits even for a large mean.
+The samples d are brought into the product layout once, with a column of ones (`group_products.to_layout`),
+and kept as the residual: [d, 1]ᵀ[d, 1] gives Σd with dᵀd, dyᵀ[d, 1] gives Σdy with dS, and the offsets
+(−S(μ_c − K), the dx offset) ride in the transforms' GEMMs, so no elementwise pass sits between a GEMM and
+the single transpose back out of the batched layout.
 
 Twice differentiable in reverse mode (grad of grad, `jax.hessian` = jacfwd of jacrev): the backward pass is
 ordinary JAX code. Forward mode of the layer itself (`jax.jvp`, `jax.jacfwd` of the output) is not defined
