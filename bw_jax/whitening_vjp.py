@@ -13,6 +13,10 @@ is whatever `statistics` differentiates to, e.g. the Cholesky rule of `whitening
 Every product reads the same shifted samples d = x − K (K the first sample, a constant) that the one-pass
 moments read, and the centrings are folded into the products: y = S d − S(μ_c − K), dS = dyᵀd − (Σ dy)(μ_c − K)ᵀ,
 so x − μ is never materialised, and with |μ − K| ~ σ the folding loses no digits even for a large mean.
+The samples d are brought into the product layout once, with a column of ones (`group_products.to_layout`),
+and kept as the residual: [d, 1]ᵀ[d, 1] gives Σd with dᵀd, dyᵀ[d, 1] gives Σdy with dS, and the offsets
+(−S(μ_c − K), the dx offset) ride in the transforms' GEMMs, so no elementwise pass sits between a GEMM and
+the single transpose back out of the batched layout.
 
 Twice differentiable in reverse mode (grad of grad, `jax.hessian` = jacfwd of jacrev): the backward pass is
 ordinary JAX code. Forward mode of the layer itself (`jax.jvp`, `jax.jacfwd` of the output) is not defined
@@ -28,7 +32,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bw_jax.group_products import group_cross, group_sums, group_transform, shift_samples, shifted_moments
+from bw_jax.group_products import (cross_in_layout, from_layout, moments_in_layout, per_platform, shift_samples,
+                                   to_layout, transform_in_layout)
 
 # (batch mean (C,), batch cov (G, g, g), state) -> ((centring mean (C,), S (G, g, g)), aux). `aux` carries
 # no gradient (the running statistics the layer stores under stop_gradient).
@@ -54,57 +59,71 @@ def _group_product(matrices: jax.Array, vector: jax.Array) -> jax.Array:
   return jnp.einsum('gij,gj->gi', matrices, vector.reshape(matrices.shape[0], -1)).reshape(-1)
 
 
+def _with_offset(matrices: jax.Array, offset: jax.Array) -> jax.Array:
+  """[M_g, b_g] per group, for samples carrying ones: (G, g, g), (C,) -> (G, g, g + 1)."""
+  return jnp.concatenate([matrices, offset.reshape(matrices.shape[0], -1, 1).astype(matrices.dtype)], axis=2)
+
+
+def _whiten_in_layout(ones: jax.Array, centre: jax.Array, whitening: jax.Array, layout: str) -> jax.Array:
+  """y = S d − S μ per group for shifted samples d in `layout` carrying ones, with μ shifted like d:
+  the centring is the GEMM's offset column, so the result leaves the layout in one transpose."""
+  return from_layout(transform_in_layout(ones, _with_offset(whitening, -_group_product(whitening, centre)),
+                                         layout), layout)
+
+
 def apply_whitening_folded(shifted: jax.Array, centre: jax.Array, whitening: jax.Array,
                            layout: str | None = None) -> jax.Array:
   """y = S d − S μ per group, for samples d shifted by the constant that `centre` is shifted by:
   (m, C), (C,), (G, g, g) -> (m, C) in S's dtype."""
-  return group_transform([(shifted, whitening)], layout=layout) - _group_product(whitening, centre)
+  groups = whitening.shape[0]
+  return per_platform(shifted.shape[1], layout, lambda lay, d, c, s: _whiten_in_layout(
+      to_layout(d, groups, lay, ones=True), c, s, lay), shifted, centre, whitening)
 
 
-def _forward(statistics: StatisticsFn, groups: int, layout: str | None, x: jax.Array, state: Any,
-             keep_pullback: bool = True) -> tuple[tuple[jax.Array, Any], tuple[jax.Array, ...]]:
-  samples, shift = _samples_and_shift(x)
-  mean, cov = shifted_moments(samples, groups, shift, layout=layout)
+def _forward(statistics: StatisticsFn, groups: int, layout: str, x: jax.Array, state: Any,
+             keep_pullback: bool = True) -> tuple[tuple[jax.Array, Any], tuple[Any, ...]]:
+  samples = x.reshape(-1, x.shape[-1])
+  g = samples.shape[1] // groups
+  # The shift K: the first sample, in the statistics dtype, a constant (see shifted_moments).
+  shift = jax.lax.stop_gradient(samples[0]).astype(jnp.promote_types(x.dtype, jnp.float32))
+  ones = to_layout(shift_samples(samples, shift), groups, layout, ones=True)  # [x − K, 1], read by every product
+  offset, cov = moments_in_layout(ones, g, layout, shift.dtype)
+  mean = shift + offset
   if keep_pullback:
     (centre, whitening), pullback, aux = jax.vjp(statistics, mean, cov, state, has_aux=True)
   else:  # differentiated by autodiff as a whole: linearising `statistics` here would be wasted work
     (centre, whitening), aux = statistics(mean, cov, state)
     pullback = None
-  shifted = shift_samples(samples, shift)
-  y = apply_whitening_folded(shifted, centre - shift, whitening, layout).reshape(x.shape)
-  return (y, aux), (x, mean, centre, whitening, pullback)
-
-
-def _samples_and_shift(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(m, C) samples and the shift K (the first sample, in the statistics dtype, no gradient)."""
-  samples = x.reshape(-1, x.shape[-1])
-  return samples, jax.lax.stop_gradient(samples[0]).astype(jnp.promote_types(x.dtype, jnp.float32))
+  y = _whiten_in_layout(ones, centre - shift, whitening, layout).reshape(x.shape)
+  dtype_token = jnp.zeros((0,), x.dtype)  # dx leaves in x's dtype
+  return (y, aux), (ones, offset, centre - shift, whitening, pullback, dtype_token)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _closed_form(statistics: StatisticsFn, groups: int, layout: str | None, x: jax.Array, state: Any):
+def _closed_form(statistics: StatisticsFn, groups: int, layout: str, x: jax.Array, state: Any):
   return _forward(statistics, groups, layout, x, state, keep_pullback=False)[0]
 
 
 def _closed_form_backward(statistics, groups, layout, residuals, cotangents):
   del statistics  # its derivative comes in as `pullback`
-  x, mean, centre, whitening, pullback = residuals
+  ones, offset, centre, whitening, pullback, dtype_token = residuals
   dy, _ = cotangents  # aux: no gradient
-  samples, shift = _samples_and_shift(x)
-  shifted = shift_samples(samples, shift)
-  m = samples.shape[0]
-  dy = dy.reshape(samples.shape).astype(whitening.dtype)
-  dy_sum = group_sums(dy, groups, accumulate=whitening.dtype, layout=layout)
-  d_whitening = (group_cross(dy, shifted, groups, accumulate=whitening.dtype, layout=layout)
-                 - dy_sum[:, :, None] * (centre - shift).reshape(groups, 1, -1))
+  g = whitening.shape[-1]
+  dy = dy.reshape(-1, groups * g).astype(whitening.dtype)
+  m = dy.shape[0]
+  dy_in_layout = to_layout(dy, groups, layout)
+  cross = cross_in_layout(dy_in_layout, ones, g, layout, whitening.dtype)  # [dyᵀ(x − K), Σ dy]
+  dy_sum = cross[:, :, g]
+  d_whitening = cross[:, :, :g] - dy_sum[:, :, None] * centre.reshape(groups, 1, g)
   d_centre = -jnp.einsum('gi,gij->gj', dy_sum, whitening).reshape(-1)
   d_mean, d_cov, d_state = pullback((d_centre, d_whitening))
   # Σ_b = (1/(m−1)) Σ_i (x_i − μ_b)(x_i − μ_b)ᵀ: its derivative along x_i is 2/(m−1)·sym(dΣ)(x_i − μ_b);
   # the part through μ_b vanishes because the centred samples sum to zero.
   cov_weight = (d_cov + jnp.swapaxes(d_cov, -1, -2)) / (m - 1)
-  offset = d_mean / m - _group_product(cov_weight, mean - shift)
-  dx = group_transform([(dy, jnp.swapaxes(whitening, -1, -2)), (shifted, cov_weight)], layout=layout) + offset
-  return dx.reshape(x.shape).astype(x.dtype), d_state
+  dx_offset = d_mean / m - _group_product(cov_weight, offset)
+  dx = (transform_in_layout(dy_in_layout, jnp.swapaxes(whitening, -1, -2), layout)
+        + transform_in_layout(ones, _with_offset(cov_weight, dx_offset), layout))
+  return from_layout(dx, layout).reshape(cotangents[0].shape).astype(dtype_token.dtype), d_state
 
 
 _closed_form.defvjp(lambda *args: _forward(*args), _closed_form_backward)
@@ -125,6 +144,9 @@ def whiten_training(x: jax.Array, groups: int, statistics: StatisticsFn, state: 
   Returns:
     y (N, ..., C) in the statistics dtype (float32, or float64 for float64 input) and `aux`.
   """
-  if _AUTODIFF.get():
-    return _forward(statistics, groups, layout, x, state, keep_pullback=False)[0]
-  return _closed_form(statistics, groups, layout, x, state)
+  def whiten_in(layout: str, x: jax.Array, state: Any) -> tuple[jax.Array, Any]:
+    if _AUTODIFF.get():
+      return _forward(statistics, groups, layout, x, state, keep_pullback=False)[0]
+    return _closed_form(statistics, groups, layout, x, state)
+  # The layout is chosen for the whole layer (forward and backward share their operands in it).
+  return per_platform(x.shape[-1], layout, whiten_in, x, state)
