@@ -115,10 +115,12 @@ class Worker:
     trial.set_user_attr('worker', self.name)
     trial.set_user_attr('workdir', workdir)
     with workdir_lock(workdir, self.name, lambda line: print(line, flush=True)):
-      return self.train(trial, config, workdir)
+      return self.train(trial, config, workdir, frozen.user_attrs.get('eval_history'))
 
-  def train(self, trial: optuna.Trial, config: ml_collections.ConfigDict, workdir: str) -> float:
-    """Trains the trial's `config` in `workdir`, which this process holds (`workdir_lock`)."""
+  def train(self, trial: optuna.Trial, config: ml_collections.ConfigDict, workdir: str,
+            eval_history: list | None) -> float:
+    """Trains the trial's `config` in `workdir`, which this process holds (`workdir_lock`); `eval_history` is
+    the attempt's recorded evals (a retry's are its original's)."""
     from bw_jax import train  # Imported here: `report` and `promote` need no JAX.
     from bw_jax.checkpoints import latest_checkpoint_step
     trial.set_user_attr('resumed_from_step', latest_checkpoint_step(workdir))
@@ -126,7 +128,7 @@ class Worker:
 
     # [[step, accuracy, loss], …] of every periodic eval (the compare report's learning curves); a retry
     # starts with its original's list, and evals it repeats after resuming replace the earlier ones.
-    history = [list(h) for h in frozen.user_attrs.get('eval_history') or []]
+    history = [list(h) for h in eval_history or []]
 
     def on_eval(step: int, metrics: dict[str, float]) -> None:
       history[:] = [h for h in history if h[0] < step] + [[step, metrics['accuracy'], metrics['loss']]]
