@@ -16,9 +16,10 @@ An operand is brought into its layout once (`to_layout`: (m, C) -> dense (m, C),
 (m, G, g)) and every product reads it there; `from_layout` brings a transform's result back. Samples can
 carry a column of ones (`ones=True`: dense (m, C + 1), batched/fused k = g + 1 per group), which puts sums
 into the cross products (aᵀ[d, 1] = [aᵀd, Σa]) and offsets into the transforms ([d, 1][M, b]ᵀ = d Mᵀ + b)
-for 1/g more arithmetic: no separate reduction, and no elementwise pass between a GEMM in the batched
-layout and the single transpose back (XLA otherwise fuses that transpose into every consumer of the
-result, a strided read each, 2× the whole layer at C = 672).
+for 1/g more arithmetic: no separate reduction (which XLA fed from a second x − K pass), and no
+elementwise step between a GEMM in the batched layout and the transpose back (with one, XLA fused
+transpose + step into every consumer of the result, 2× the whole layer at C = 672; the bare transpose is
+still fused into the consumers, as in the autodiff layer: BENCHMARKS.md).
 
 `cpu_layout`/`accelerator_layout` pick a layout from the measurements of BENCHMARKS.md ("Group product
 layouts"); `per_platform` applies the CPU choice on a CPU and the accelerator choice elsewhere.
@@ -141,7 +142,8 @@ def group_cross(a: jax.Array, b: jax.Array, groups: int, *, accumulate=jnp.float
 
 
 def group_sums(a: jax.Array, groups: int, *, accumulate=jnp.float32, layout: str | None = None) -> jax.Array:
-  """Σ_i a_i per group: (m, C) -> (G, g), summed in `accumulate`."""
+  """Σ_i a_i per group: (m, C) -> (G, g), summed in `accumulate`. One reduction whatever the layout (the
+  argument is accepted for symmetry; the layer takes its sums from the cross products instead)."""
   return jnp.sum(a, axis=0, dtype=accumulate).reshape(groups, -1)
 
 
