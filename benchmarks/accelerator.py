@@ -126,7 +126,7 @@ def train_step_row(types: tuple, method: str, depthwise: str, sizes: dict) -> di
 
 def layer_rows(sizes: dict) -> list[dict]:
   args = argparse.Namespace(batch=sizes['layer_batch'], methods=['cholesky', 'zca', 'newton'],
-                            group_sizes=[GROUP_SIZE], repeats=sizes['layer_repeats'])
+                            group_sizes=[GROUP_SIZE], repeats=sizes['layer_repeats'], before=None)
   rows = []
   for channels in sizes['layer_shapes']:
     shape_rows, _ = bw_layer.benchmark_shape(channels, args)

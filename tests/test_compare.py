@@ -22,6 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # The configs/ folder is imported as `configs`, as by `python -m bw_jax.main`.
 
 from bw_jax import data, train  # noqa: E402
+from bw_jax.checkpoints import latest_checkpoint_step  # noqa: E402
 from bw_jax.config_files import load_config_file  # noqa: E402
 from bw_jax.sweep import __main__ as sweep_cli  # noqa: E402
 from bw_jax.sweep import compare, compare_report  # noqa: E402
@@ -308,7 +309,7 @@ def test_a_killed_worker_loses_nothing(tmp_path, workers):
     for t in trials:
       if (t.state == TrialState.RUNNING and t.user_attrs.get('worker', '').endswith(f':{victim.pid}')
           and t.user_attrs.get('eval_history')
-          and (sweep_worker.latest_checkpoint_step(t.user_attrs['workdir']) or 0) >= 2):
+          and (latest_checkpoint_step(t.user_attrs['workdir']) or 0) >= 2):
         os.killpg(victim.pid, signal.SIGKILL)
         killed = t
         break

@@ -42,6 +42,7 @@ def get_config():
   train.dataset.image_size, train.dataset.shuffle_buffer = 32, 64
   train.dataset.augment.random_crop, train.dataset.augment.flip = False, False
   train.batch_size, train.eval_batch_size, train.half_precision = 8, 12, False
+  train.batch_size_per_device = None  # The global batch of 8 above, not configs/tiny_imagenet.py's 256 per device.
   train.label_smoothing, train.log_every_steps, train.eval_every_steps = 0.0, 100, 1000
   train.checkpoint_every_steps = 1000
   config.trial_budget.num_train_steps = 300
