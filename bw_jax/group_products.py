@@ -91,7 +91,8 @@ def _block_diagonal(matrices: jax.Array) -> jax.Array:
   return jnp.einsum('gij,gh->gihj', matrices, jnp.eye(groups, dtype=matrices.dtype)).reshape(groups * g, -1)
 
 
-def cross_in_layout(a: jax.Array, b: jax.Array, g: int, layout: str, accumulate=jnp.float32) -> jax.Array:
+def cross_in_layout(a: jax.Array, b: jax.Array, g: int, layout: str, accumulate=jnp.float32,
+                    channels: int | None = None) -> jax.Array:
   """Per-group [a_g, 1]ᵀ[b_g, 1] of operands in `layout`: (G, ka, kb) in `accumulate`, k = g, or g + 1 for an
   operand carrying ones (then the last row holds Σ b_g, the last column Σ a_g, the corner m)."""
   if layout == 'batched':
@@ -99,7 +100,8 @@ def cross_in_layout(a: jax.Array, b: jax.Array, g: int, layout: str, accumulate=
   if layout == 'fused':
     return jnp.sum(a.astype(accumulate)[..., :, None] * b.astype(accumulate)[..., None, :], axis=0)
   full = jnp.matmul(a.T, b, preferred_element_type=accumulate)
-  channels = full.shape[0] - full.shape[0] % g
+  if channels is None:  # Ambiguous for g = 1 with a ones column (C + 1 is a multiple of 1): callers pass C.
+    channels = full.shape[0] - full.shape[0] % g
   groups = channels // g
   diagonal = jnp.arange(groups)
   blocks = full[:channels, :channels].reshape(groups, g, groups, g)[diagonal, :, diagonal, :]
@@ -191,7 +193,7 @@ def moments_in_layout(ones: jax.Array, g: int, layout: str, accumulate=jnp.float
   only the digits of |d̄|/σ, not those of |μ|/σ as the naive xᵀx − m x̄x̄ᵀ does: as accurate as two passes
   whenever K lies within a few standard deviations of μ.
   """
-  cross = cross_in_layout(ones, ones, g, layout, accumulate)
+  cross = cross_in_layout(ones, ones, g, layout, accumulate, channels=ones.shape[-1] - 1)
   m = ones.shape[1] if layout == 'batched' else ones.shape[0]
   offset = cross[:, :g, g] / m
   cov = (cross[:, :g, :g] - m * offset[:, :, None] * offset[:, None, :]) / (m - 1)

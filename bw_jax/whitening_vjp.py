@@ -112,7 +112,7 @@ def _closed_form_backward(statistics, groups, layout, residuals, cotangents):
   dy = dy.reshape(-1, groups * g).astype(whitening.dtype)
   m = dy.shape[0]
   dy_in_layout = to_layout(dy, groups, layout)
-  cross = cross_in_layout(dy_in_layout, ones, g, layout, whitening.dtype)  # [dyᵀ(x − K), Σ dy]
+  cross = cross_in_layout(dy_in_layout, ones, g, layout, whitening.dtype, channels=ones.shape[-1] - 1)  # [dyᵀ(x − K), Σ dy]
   dy_sum = cross[:, :, g]
   d_whitening = cross[:, :, :g] - dy_sum[:, :, None] * centre.reshape(groups, 1, g)
   d_centre = -jnp.einsum('gi,gij->gj', dy_sum, whitening).reshape(-1)
