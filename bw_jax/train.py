@@ -269,6 +269,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     checkpoints.save(state)
     last_checkpoint = int(state.step)
 
+  def evaluate_and_report(step: int) -> dict[str, float]:
+    """Evaluates `state`; writes eval/* and bw_health/*, prints the eval line, calls `on_eval`."""
+    nonlocal fallbacks_seen
+    eval_metrics = evaluate(eval_fn, state, config, data_sharding)
+    health = bw_health(state.batch_stats, state.bw_health)
+    writer.write_scalars(step, {**{f'eval/{k}': v for k, v in eval_metrics.items()},
+                                **{f'bw_health/{k}': v for k, v in health.items()}})
+    health_text, health_warning = bw_health_report(health, fallbacks_seen, config.bw_max_fallbacks)
+    fallbacks_seen = bw_totals(health)[0]
+    if jax.process_index() == 0:
+      print(f"eval step {step}: loss {eval_metrics['loss']:.4f}  accuracy "
+            f"{eval_metrics['accuracy']:.4f} on {eval_metrics['count']} examples  {health_text}".rstrip(),
+            flush=True)
+    if health_warning:
+      say(health_warning)
+    if on_eval is not None:
+      on_eval(step, eval_metrics)
+    return eval_metrics
+
   preemption = PreemptionNotice(checkpoints.manager, start_step)  # Before compiling the steps.
   if jax.process_index() == 0 and start_step < num_train_steps:
     print(f'Compiling the train step, then step {start_step + 1} (minutes for a large model on a CPU) …',
@@ -304,23 +323,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         logging.warning('%s: saved the checkpoint of step %d; exiting.', preemption.signal_name, step)
         return {'preempted': True, 'step': step, 'signal': preemption.signal_name}
       if eval_now:
-        eval_metrics = evaluate(eval_fn, state, config, data_sharding)
-        health = bw_health(state.batch_stats, state.bw_health)
-        writer.write_scalars(step, {**{f'eval/{k}': v for k, v in eval_metrics.items()},
-                                    **{f'bw_health/{k}': v for k, v in health.items()}})
-        health_text, health_warning = bw_health_report(health, fallbacks_seen, config.bw_max_fallbacks)
-        fallbacks_seen = bw_totals(health)[0]
-        if jax.process_index() == 0:
-          print(f"eval step {step}: loss {eval_metrics['loss']:.4f}  accuracy "
-                f"{eval_metrics['accuracy']:.4f} on {eval_metrics['count']} examples  {health_text}".rstrip(),
-                flush=True)
-        if health_warning:
-          say(health_warning)
-        if on_eval is not None:
-          on_eval(step, eval_metrics)
+        eval_metrics = evaluate_and_report(step)
       excluded += time.perf_counter() - paused
-    if not eval_metrics:  # Resumed at the last step: nothing trained, still report the eval.
-      eval_metrics = evaluate(eval_fn, state, config, data_sharding)
+    if not eval_metrics:  # Resumed at the last step (killed before its eval): nothing trains, still evaluate.
+      eval_metrics = evaluate_and_report(int(state.step))
   finally:
     preemption.close()  # First: a failing close below must not leave this run's handler installed.
     try:

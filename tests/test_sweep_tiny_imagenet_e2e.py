@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
+from bw_jax.cli_errors import EXIT_USAGE
 from bw_jax.config_files import load_config_file
 from bw_jax.config_validation import validate_config
 from bw_jax.data import tiny_imagenet
@@ -156,5 +157,6 @@ def test_prepare_sweep_report_promote_on_a_generated_tiny_imagenet(tmp_path, cap
   # error before anything is built, with no workdir left behind.
   no_imagenet = f'--config.dataset.data_dir={tmp_path / "no_imagenet"}'
   [(code, output)] = run_all([[*shlex.split(commands[0]), no_imagenet]], str(elsewhere))
-  assert code == 1 and 'error: ImageNet 2012 is not prepared' in output and 'Traceback' not in output, output
+  assert code == EXIT_USAGE, output
+  assert 'error: ImageNet 2012 is not prepared' in output and 'Traceback' not in output, output
   assert not (tmp_path / 'runs').exists()

@@ -118,6 +118,12 @@ def test_resumed_run_ends_with_the_same_state(smoke_run, tmp_path):
   for path, value in flat_straight:
     np.testing.assert_array_equal(value, flat_resumed[path], err_msg=jax.tree_util.keystr(path))
   assert straight['step'] == resumed['step'] == 6
+  # Killed between the last checkpoint and the last eval: the rerun trains nothing and still reports that
+  # eval to on_eval (a sweep trial's learning curve ends with it).
+  evals = []
+  again = train.train_and_evaluate(config, str(tmp_path), on_eval=lambda step, m: evals.append((step, m)))
+  assert again['step'] == 6 and [step for step, _ in evals] == [6]
+  assert evals[0][1]['accuracy'] == again['eval_accuracy'] and evals[0][1]['loss'] == again['eval_loss']
 
 
 @pytest.mark.slow  # Trains the smoke config.

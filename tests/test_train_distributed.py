@@ -37,6 +37,7 @@ import pytest
 from bw_jax import data, train
 from bw_jax.checkpoints import saved_steps
 from bw_jax.data import fashion_mnist, pipeline
+from bw_jax.data.on_device import normalise_images
 from bw_jax.train_utils import create_learning_rate_fn, create_model, create_optimizer
 from configs import smoke
 from subprocess_runs import (REPO, TIMEOUT, MainRun, configure_jax, free_port, progress_steps, start_test_process,
@@ -74,9 +75,16 @@ def smoke_config():
   return config
 
 
+def normalise(info):
+  """train_and_evaluate's on-device normalisation: the batches are uint8 and the step normalises them, so that
+  the reference steps compile to the program of `bw_jax.main` (normalising on the host instead rounds
+  differently: ~7e-6 after 8 steps, measured)."""
+  return functools.partial(normalise_images, mean=info.mean, std=info.std)
+
+
 def training(config, devices) -> tuple[train.TrainState, Any]:
   """`train_and_evaluate`'s initial state and train step on a mesh of `devices`: step(state, batch) -> state,
-  with batch the global NumPy batch."""
+  with batch the global NumPy batch of uint8 images."""
   info = fashion_mnist.INFO
   mesh = Mesh(devices, ('data',))
   replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
@@ -87,7 +95,8 @@ def training(config, devices) -> tuple[train.TrainState, Any]:
   step = jax.jit(
       functools.partial(train.train_step, model=model, learning_rate_fn=learning_rate_fn,
                         num_classes=info.num_classes, label_smoothing=config.label_smoothing,
-                        ema_decay=config.ema_decay, dropout_key=jax.random.fold_in(jax.random.key(config.seed), 1)),
+                        ema_decay=config.ema_decay, dropout_key=jax.random.fold_in(jax.random.key(config.seed), 1),
+                        normalise=normalise(info)),
       in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated), donate_argnums=0)
   return state, lambda state, batch: step(state, train.shard_batch(batch, batch_sharding))[0]
 
@@ -144,7 +153,7 @@ def sharded_steps(batches_path: str, out_path: str) -> None:
 
 def train_batches(config) -> Any:
   return data.create_split(config.dataset, config.dataset.train_split, config.batch_size, train=True,
-                           seed=config.seed)[0]
+                           seed=config.seed, normalise=False)[0]
 
 
 def host_batches(config, host: int, hosts: int) -> Any:
@@ -153,7 +162,8 @@ def host_batches(config, host: int, hosts: int) -> Any:
   return pipeline.batched_dataset(
       module.load(config.dataset.train_split, config.dataset), module.INFO, config.dataset.train_split,
       config.dataset, config.batch_size, train=True, seed=config.seed, process_index=host, process_count=hosts,
-      device_count=hosts, train_preprocess=getattr(module, 'train_preprocess', None)).as_numpy_iterator()
+      device_count=hosts, train_preprocess=getattr(module, 'train_preprocess', None),
+      normalise=False).as_numpy_iterator()
 
 
 def per_device_statistics(config, variables: dict, batch: dict, devices: int) -> dict[str, np.ndarray]:
@@ -165,7 +175,7 @@ def per_device_statistics(config, variables: dict, batch: dict, devices: int) ->
   def statistics(images):
     _, updates = model.apply(variables, images, train=True, mutable=['batch_stats'], rngs={'dropout': key})
     return updates['batch_stats']
-  images = batch['image'].reshape(devices, -1, *batch['image'].shape[1:])
+  images = normalise(fashion_mnist.INFO)(batch['image']).reshape(devices, -1, *batch['image'].shape[1:])
   stats = jax.device_get(jax.jit(jax.vmap(statistics))(images))
   flat = flax.traverse_util.flatten_dict({'batch_stats': stats}, sep='/')
   return {k: np.mean(v, axis=0) for k, v in flat.items()}
