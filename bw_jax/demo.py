@@ -1,4 +1,4 @@
-"""A one-minute tour of Batch Whitening: `python -m bw_jax.demo` (what `make train` runs for now).
+"""A one-minute tour of Batch Whitening: `python -m bw_jax.demo` (the layer alone; `make train` trains the model).
 
 1. Whitens correlated activations with each method and prints how far the output covariance is from I.
 2. Runs training steps of the `BatchWhitening` module and shows the eval-mode output (running statistics)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from bw_jax.checks import check_choice
+from bw_jax.dtypes import accumulation_dtype
 
 IMPLEMENTATIONS = ('auto', 'xla', 'shift')
 
@@ -74,7 +75,7 @@ def shift_sum(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array:
 
 
 def _sum_of_taps(x_pad: jax.Array, kernel: jax.Array, strides: int, dtype: Any) -> jax.Array:
-  acc = _accumulation_dtype(dtype)
+  acc = accumulation_dtype(dtype)
   taps = _taps(x_pad, kernel.shape[0], strides)
   return sum(tap.astype(acc) * kernel[i, j, 0].astype(acc) for (i, j), tap in taps).astype(dtype)
 
@@ -105,7 +106,7 @@ def _input_grad(g: jax.Array, kernel: jax.Array, x_shape: tuple[int, ...], strid
   (_, h, w, _), k, s = x_shape, kernel.shape[0], strides
   (out_h, pad_h), (out_w, pad_w) = same_padding(h, k, s), same_padding(w, k, s)
   phase_h, phase_w = -(-(h + sum(pad_h)) // s), -(-(w + sum(pad_w)) // s)
-  acc = _accumulation_dtype(g.dtype)
+  acc = accumulation_dtype(g.dtype)
   zero, g = jnp.zeros((), acc), g.astype(acc)
   shifted = lambda a, d_h, d_w: jax.lax.pad(a, zero, ((0, 0, 0), (d_h, phase_h - out_h - d_h, 0),
                                                        (d_w, phase_w - out_w - d_w, 0), (0, 0, 0)))
@@ -125,7 +126,7 @@ def _kernel_grad(g: jax.Array, x_pad: jax.Array, kernel_size: int, strides: int)
   that the k² reductions re-read a chunk from cache instead of the whole batch from memory.
   """
   k, (n, *_, channels) = kernel_size, x_pad.shape
-  acc = _accumulation_dtype(x_pad.dtype)
+  acc = accumulation_dtype(x_pad.dtype)
 
   def tap_sums(x_chunk: jax.Array, g_chunk: jax.Array) -> jax.Array:  # (k², C)
     return jnp.stack([jnp.sum(tap.astype(acc) * g_chunk.astype(acc), axis=(0, 1, 2))
@@ -141,10 +142,6 @@ def _kernel_grad(g: jax.Array, x_pad: jax.Array, kernel_size: int, strides: int)
     add_chunk = lambda i, total: total + tap_sums(chunk_of(x_pad, i), chunk_of(g, i))
     total = jax.lax.fori_loop(0, whole // chunk, add_chunk, tail)
   return total.reshape(k, k, 1, channels).astype(x_pad.dtype)
-
-
-def _accumulation_dtype(dtype: Any) -> Any:
-  return jnp.promote_types(dtype, jnp.float32)
 
 
 def _pad(x: jax.Array, kernel_size: int, strides: int) -> jax.Array:

@@ -25,10 +25,11 @@ import jax
 import jax.numpy as jnp
 
 from bw_jax.checks import check_choice, is_positive_int
+from bw_jax.dtypes import accumulation_dtype
 from bw_jax.group_products import DENSE_MAX_CHANNELS, group_cross, group_matmul, shifted_moments
 from bw_jax.whitening_matrices import (  # the public names of the factorisations, re-exported
     FALLBACK_RIDGE, METHODS, align_row_signs, cholesky_whitening, newton_whitening, pca_whitening,
-    stat_dtype, whitening_matrix, whitening_matrix_with_fallbacks, zca_whitening)
+    whitening_matrix, whitening_matrix_with_fallbacks, zca_whitening)
 from bw_jax.whitening_vjp import apply_whitening_folded, autodiff_backward, whiten_training
 
 STAT_SOURCES = ('batch', 'running')
@@ -95,7 +96,7 @@ def batch_moments(
   if axis_name is None and mask is None:  # one pass, shifted by a sample; XLA inserts any collectives.
     samples = x.reshape(-1, channels)
     return shifted_moments(samples, groups, samples[0])
-  samples = x.reshape(-1, channels).astype(stat_dtype(x.dtype))
+  samples = x.reshape(-1, channels).astype(accumulation_dtype(x.dtype))
   if mask is None:
     weights = jnp.ones(samples.shape[:1], samples.dtype)
   else:
@@ -119,7 +120,7 @@ def batch_moments(
 def apply_whitening(x: jax.Array, mean: jax.Array, whitening: jax.Array) -> jax.Array:
   """y = S (x − μ) per group: x (..., C), mean (C,), whitening (G, g, g) -> (..., C) in float32 or wider."""
   samples = x.reshape(-1, x.shape[-1])
-  return apply_whitening_folded(samples, mean, whitening.astype(stat_dtype(x.dtype))).reshape(x.shape)
+  return apply_whitening_folded(samples, mean, whitening.astype(accumulation_dtype(x.dtype))).reshape(x.shape)
 
 
 def _batch_statistics(mean: jax.Array, cov: jax.Array, state: Any, **settings: Any):

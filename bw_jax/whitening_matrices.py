@@ -13,17 +13,13 @@ import jax.numpy as jnp
 
 from bw_jax import spectral
 from bw_jax.checks import check_choice
+from bw_jax.dtypes import accumulation_dtype
 
 METHODS = ('cholesky', 'zca', 'pca', 'newton')
 
 # Fallback ridge, relative to the mean eigenvalue tr(Σ)/g: large enough to dominate float32 round-off in
 # Σ (~g·1e-7 relative), small enough to leave a well-conditioned group almost untouched.
 FALLBACK_RIDGE = 1e-3
-
-
-def stat_dtype(dtype: Any) -> Any:
-  """float32 for 16/32-bit activations (statistics never in bf16); float64 stays float64."""
-  return jnp.promote_types(dtype, jnp.float32)
 
 
 def _eye_like(cov: jax.Array) -> jax.Array:
@@ -133,7 +129,7 @@ def whitening_matrix_with_fallbacks(
     S (G, g, g) in the statistics dtype and fell_back (G,) bool.
   """
   factorise = _whitening_fn(method, newton_iterations, accelerator_form)
-  cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2)).astype(stat_dtype(cov.dtype))
+  cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2)).astype(accumulation_dtype(cov.dtype))
   g = cov.shape[-1]
   variances = jnp.maximum(jnp.diagonal(cov, axis1=-2, axis2=-1), 0.0)
   exact = jnp.full(cov.shape[:1], epsilon, cov.dtype)

@@ -225,7 +225,9 @@ def bn_smoke_step():
   rng = np.random.default_rng(0)
   images = rng.normal(size=(3, 16, 28, 28, 1)).astype(np.float32)
   labels = rng.integers(0, 10, size=(3, 16))
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)
+  # Jitted: eager, each of the init's ops compiles on its own (~a minute on 2 cores).
+  variables = jax.jit(model.init, static_argnames='train')(jax.random.key(0), jnp.zeros((1, 28, 28, 1)),
+                                                          train=False)
   learning_rate_fn = create_learning_rate_fn(config, 100, 3)
   state = TrainState.create(apply_fn=model.apply, params=variables['params'],
                             tx=create_optimizer(config, learning_rate_fn),
@@ -250,9 +252,10 @@ def test_weight_ema_is_the_hand_computed_average(bn_smoke_step):
   assert not np.allclose(jax.tree.leaves(state.ema_params)[0], jax.tree.leaves(state.params)[0])
   # Eval with EMA uses the EMA weights: the summed loss equals the one of a model holding them.
   batch = {'image': images[0], 'label': labels[0], 'mask': np.ones(16, np.float32)}
-  with_ema = train.eval_step(state, batch, model=model, num_classes=10, use_ema=True)
-  swapped = train.eval_step(state.replace(params=state.ema_params), batch, model=model, num_classes=10,
-                            use_ema=False)
+  eval_step = jax.jit(functools.partial(train.eval_step, model=model, num_classes=10),
+                      static_argnames='use_ema')
+  with_ema = eval_step(state, batch, use_ema=True)
+  swapped = eval_step(state.replace(params=state.ema_params), batch, use_ema=False)
   np.testing.assert_allclose(with_ema['loss'], swapped['loss'], rtol=1e-6)
 
 
@@ -262,15 +265,21 @@ def test_half_precision_keeps_float32_parameters_and_statistics():
   config = smoke.get_config()
   config.model.stem_type, config.model.mbconv_type, config.model.head_type = 1, 2, 1
   x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 28, 28, 1)), jnp.float32)
+  # One set of initial variables for both models (jitted: an eager init of this model takes ~a minute); the
+  # bf16 model's own init is only traced (eval_shape) to check that it makes the same float32 variables.
+  config.half_precision = False
+  variables = jax.jit(create_model(config, 10).init, static_argnames='train')(jax.random.key(0), x[:1],
+                                                                             train=False)
   logits = {}
   for half in (False, True):
     config.half_precision = half
     model = create_model(config, 10)
-    variables = model.init(jax.random.key(0), x[:1], train=False)
+    shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x[:1])
+    assert jax.tree.structure(shapes) == jax.tree.structure(variables)
+    for leaf in jax.tree.leaves(shapes):
+      assert leaf.dtype == jnp.float32
     apply = jax.jit(functools.partial(model.apply, train=True, mutable=['batch_stats']))
     logits[half], updates = apply(variables, x, rngs={'dropout': jax.random.key(1)})
-    for leaf in jax.tree.leaves(variables['params']):
-      assert leaf.dtype == jnp.float32
     for path, leaf in jax.tree_util.tree_leaves_with_path(updates['batch_stats']):
       if jnp.issubdtype(leaf.dtype, jnp.floating):
         assert leaf.dtype == jnp.float32, jax.tree_util.keystr(path)
