@@ -18,8 +18,8 @@ bw_jax/efficientnet.py; MBConv 0 and head 1 are BatchNorm):
 Learning rate, chosen the same way for every arm (BN included): the best final eval accuracy among
 LEARNING_RATE_GRID in the pilot `compare_fashion_mnist_lr.py`, which runs every arm with every rate on one
 seed that is not one of SEEDS (so the choice does not fit the study's own noise) with this file's budget.
-LEARNING_RATES below holds the chosen rates; until the pilot has run they are all the main job's 0.2
-(tuned for `bw`; unfair to the others), so run the pilot first and copy its choice here.
+LEARNING_RATES below holds the rates the pilot chose (its report: docs/compare_fashion_mnist_lr/); rerun
+the pilot and copy its choice here whenever the model or the budget changes.
 
 Budget per run: 600 steps of 128 images (1.28 epochs; the main job trains 7), cosine schedule, an eval of the
 10,000 test images every 100 steps (the learning curves). At this length the result is about early training:
@@ -49,7 +49,9 @@ ARMS = {
               'model.bw.epsilon=0.001',
 }
 LEARNING_RATE_GRID = (0.1, 0.2, 0.4, 0.8)  # Per 256 images (peak rate × 256 / 128 here), factors of 2.
-LEARNING_RATES = {label: 0.2 for label in ARMS}  # Provisional: replace with the pilot's choice.
+# The pilot's choice (docs/compare_fashion_mnist_lr/summary.md, "Best variant per arm"; 2026-11-27).
+LEARNING_RATES = {'bn': 0.2, 'bw': 0.2, 'bw_head1': 0.4, 'bw_mbconv1': 0.2, 'bw_mbconv3': 0.1, 'bw_stem2': 0.1,
+                  'bw_g16': 0.2}
 SEEDS = (0, 1, 2, 3, 4)
 PILOT_SEED = 100
 
