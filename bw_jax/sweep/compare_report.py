@@ -225,7 +225,11 @@ def plot_curves(runs: pd.DataFrame, histories: dict, record: dict[str, Any], tar
   for ax, name in zip(axes, ('eval accuracy', 'eval loss')):
     ax.set_xlabel('training step')
     ax.set_ylabel(f'{name} (mean ± std over seeds)')
-  axes[0].legend(loc='lower right', fontsize=8)
+  # Early evals of a run that nearly diverged reach losses of 1e6 while the final ones differ in the second
+  # digit: only a log axis shows both.
+  axes[1].set_yscale('log')
+  handles, labels = axes[0].get_legend_handles_labels()  # Beside the axes: inside, it hid the curves.
+  fig.legend(handles, labels, loc='center left', bbox_to_anchor=(1.0, 0.5), fontsize=8)
   fig.suptitle('Eval curves per arm')
   _save(fig, path)
 
@@ -248,7 +252,7 @@ def plot_differences(differences: pd.DataFrame, baseline: str, path: str) -> Non
 
 def _save(fig: Any, path: str) -> None:
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=110, bbox_inches='tight')  # 'tight' keeps a legend placed beside the axes.
   plt.close(fig)
 
 
