@@ -27,8 +27,10 @@ if the curves show eval accuracy still climbing steeply at the end, the ranking 
 Cost, estimated from CPU time measured on a shared 2-core machine (2026-11-27, load ~6× the cores, so
 approximate): 0.22–0.24 CPU-seconds per step for every arm (bn 0.22, bw 0.24, bw_g16 0.23, bw_mbconv3 0.22,
 bw_stem2 0.23), 40–60 CPU-seconds of data loading and compilation and ~3.6 per eval, so ~220 CPU-seconds a
-run; 35 runs ≈ 7,600 CPU-seconds ≈ 65 minutes with two workers on a quiet 2-core machine. The pilot (28 runs)
-takes ≈ 50 minutes more.
+run; 35 runs ≈ 7,600 CPU-seconds ≈ 65 minutes with two workers on a quiet 2-core machine. Measured
+2026-11-27 on this project's 2-core VM (AMD EPYC, 24 GB), two workers, nothing else heavy running: 64 min 47 s
+wall for the 35 runs (2:06:55 of training over both workers; docs/compare_fashion_mnist/). The pilot (28
+runs) took 1 h 23 min with a test suite sharing the machine.
 """
 
 import ml_collections
