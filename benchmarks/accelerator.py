@@ -43,14 +43,15 @@ import input_pipeline  # benchmarks/input_pipeline.py
 TRAIN_ROWS = [('BN', (1, 0, 1), 'cholesky', 'xla'), ('BN, depthwise shift', (1, 0, 1), 'cholesky', 'shift')]
 TRAIN_ROWS += [(f'BW {"/".join(map(str, types))} {method}', types, method, 'xla')
                for types in ((1, 2, 1), (2, 2, 2)) for method in ('cholesky', 'zca', 'newton')]
-DEVICE = dict(train_rows=[name for name, *_ in TRAIN_ROWS], image_size=224, batches=(256, 128, 64, 32), steps=20, width=None, depth=None, layer_batch=128,
-              layer_shapes=list(bw_layer.SHAPES), layer_repeats=20, pipeline_batch=128, pipeline_batches=20,
-              budget_s=420.0)
+DEVICE = dict(train_rows=[name for name, *_ in TRAIN_ROWS], image_size=224, batches=(256, 128, 64, 32), steps=20,
+              width=None, depth=None, layer_batch=128, layer_shapes=list(bw_layer.SHAPES), layer_repeats=20,
+              layer_layouts=['dense', 'batched', 'transposed'],  # the group-product cost model on the device
+              pipeline_batch=128, pipeline_batches=20, budget_s=420.0)
 # Quick: every kind of row once (BN with 'shift', BW with 'xla'; the layer rows run the Newton loop), nothing
 # twice; 'BW 1/2/1 cholesky' is the cheapest BW row to compile (2/2/2 newton took 186 s of a 559 s run).
 QUICK = dict(train_rows=['BN, depthwise shift', 'BW 1/2/1 cholesky'], image_size=32, batches=(8,), steps=2,
-             width=0.25, depth=0.1, layer_batch=4, layer_shapes=[1152], layer_repeats=2, pipeline_batch=8,
-             pipeline_batches=2, budget_s=3600.0)  # Every row, however loaded the machine.
+             width=0.25, depth=0.1, layer_batch=4, layer_shapes=[1152], layer_repeats=2, layer_layouts=[],
+             pipeline_batch=8, pipeline_batches=2, budget_s=3600.0)  # Every row, however loaded the machine.
 GROUP_SIZE = 16
 
 
@@ -127,7 +128,8 @@ def train_step_row(types: tuple, method: str, depthwise: str, sizes: dict) -> di
 
 def layer_rows(sizes: dict) -> list[dict]:
   args = argparse.Namespace(batch=sizes['layer_batch'], methods=['cholesky', 'zca', 'newton'],
-                            group_sizes=[GROUP_SIZE], repeats=sizes['layer_repeats'], before=None)
+                            group_sizes=[GROUP_SIZE], repeats=sizes['layer_repeats'], before=None,
+                            layouts=sizes['layer_layouts'])  # rows 'METHOD [LAYOUT]': the device's cost model
   rows = []
   for channels in sizes['layer_shapes']:
     shape_rows, _ = bw_layer.benchmark_shape(channels, args)

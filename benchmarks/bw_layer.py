@@ -10,11 +10,14 @@ so that the BW/BN ratios come from the same moments of a noisy machine. Run from
   .venv/bin/python benchmarks/bw_layer.py --quick              # smoke run: batch 8, g=16, 3 repeats
   .venv/bin/python benchmarks/bw_layer.py --shapes 96 672 --methods cholesky --group-sizes 16
   .venv/bin/python benchmarks/bw_layer.py --methods cholesky --group-sizes 16 --before f1f1e1c  # before/after
+  .venv/bin/python benchmarks/bw_layer.py --methods cholesky --group-sizes 16 --layouts batched transposed
+                                         # the same layer with its group products forced into each layout
 
 Progress goes to stderr, the table to stdout.
 """
 
 import argparse
+import contextlib
 import importlib.util
 import subprocess
 import tempfile
@@ -24,7 +27,7 @@ from flax import linen as nn
 import jax
 import jax.numpy as jnp
 
-from bw_jax import whitening
+from bw_jax import group_products, whitening
 from common import environment, format_table, progress, time_round_robin  # benchmarks/common.py
 
 # (H, W, C) of EfficientNet-B0 stage outputs at 64×64 input, keyed by C (the --shapes names).
@@ -45,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--markdown', action='store_true', help='print a Markdown table.')
   parser.add_argument('--quick', action='store_true', help=f'smoke run: {QUICK}, overriding those flags.')
+  parser.add_argument('--layouts', nargs='+', choices=group_products.LAYOUTS, default=[],
+                      help='also time each BW layer with its group products forced into these layouts '
+                      '(rows "METHOD [LAYOUT]"; default rows use the per-platform choice).')
   parser.add_argument('--before', metavar='REV', help='also time bw_jax/whitening.py as of git revision REV '
                       '(rows "METHOD @REV"), round-robin in the same process.')
   args = parser.parse_args(argv)
@@ -67,10 +73,23 @@ def whitening_at(revision: str) -> Any:
   return module
 
 
+@contextlib.contextmanager
+def forced_layout(layout: str | None):
+  """Within it, layers traced take `layout` for their group products on every platform (None: as chosen)."""
+  saved = group_products.cpu_layout, group_products.accelerator_layout
+  if layout is not None:
+    group_products.cpu_layout = group_products.accelerator_layout = lambda channels: layout
+  try:
+    yield
+  finally:
+    group_products.cpu_layout, group_products.accelerator_layout = saved
+
+
 def layers_for(channels: int, methods: list[str], group_sizes: list[int], before: str | None = None,
-               ) -> tuple[list, list[str]]:
-  """[(method, g label, module)] with BatchNorm first, and notes on requested g that repeat a row."""
-  rows = [('batchnorm', '-', nn.BatchNorm(use_running_average=False, momentum=MOMENTUM, epsilon=EPSILON))]
+               layouts: list[str] = ()) -> tuple[list, list[str]]:
+  """[(method, g label, module, layout or None)] with BatchNorm first, and notes on requested g that repeat
+  a row."""
+  rows = [('batchnorm', '-', nn.BatchNorm(use_running_average=False, momentum=MOMENTUM, epsilon=EPSILON), None)]
   notes = []
   for method in methods:
     seen = set()
@@ -82,9 +101,11 @@ def layers_for(channels: int, methods: list[str], group_sizes: list[int], before
         continue
       seen.add(g)
       versions = [(method, whitening)] + ([(f'{method} @{before}', whitening_at(before))] if before else [])
-      for name, source in versions:
+      versions += [(f'{method} [{layout}]', whitening, layout) for layout in layouts]
+      for name, source, *layout in versions:
         rows.append((name, label, source.BatchWhitening(
-            use_running_average=False, momentum=MOMENTUM, epsilon=EPSILON, group_size=g, method=method)))
+            use_running_average=False, momentum=MOMENTUM, epsilon=EPSILON, group_size=g, method=method),
+            layout[0] if layout else None))
   return rows, notes
 
 
@@ -108,15 +129,16 @@ def benchmark_shape(channels: int, args: argparse.Namespace) -> tuple[list[tuple
   """Table rows (shape, method, g, ms, ratio to BN) for one activation shape, and notes."""
   shape = (args.batch, *SHAPES[channels])
   x = jax.random.normal(jax.random.key(0), shape, jnp.float32)
-  layers, notes = layers_for(channels, args.methods, args.group_sizes, args.before)
+  layers, notes = layers_for(channels, args.methods, args.group_sizes, args.before, args.layouts)
   calls = []
-  for method, g, module in layers:
+  for method, g, module, layout in layers:
     progress(f'{shape}: compiling {method} g={g}')
-    calls.append(training_step(module, x))
+    with forced_layout(layout):  # the layout is chosen when the step is traced, in its first call
+      calls.append(training_step(module, x))
   progress(f'{shape}: timing {len(calls)} layers x {args.repeats} rounds')
   medians = time_round_robin(calls, args.repeats)
   shape_label = '×'.join(map(str, shape))
-  rows = [(shape_label, method, g, ms, ms / medians[0]) for (method, g, _), ms in zip(layers, medians)]
+  rows = [(shape_label, method, g, ms, ms / medians[0]) for (method, g, *_), ms in zip(layers, medians)]
   return rows, notes
 
 

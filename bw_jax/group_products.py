@@ -7,6 +7,8 @@ product can be laid out in ways with very different speed on different shapes:
   dense    one (m, C) × (C, C) GEMM with the block-diagonal matrix: G× the arithmetic, but one large GEMM
            that needs no transpose of the activations;
   batched  G GEMMs of (m, g) × (g, g) on a (G, m, g) transposed copy of the activations;
+  transposed  the same GEMMs on a (G, g, m) copy (channels major, samples minor: the cross products
+           contract the minor axis of both operands, the transforms write (G, g, m) rows of length m);
   fused    in place on (m, G, g): broadcast multiply and reduce over the g inputs in one loop fusion.
            Fast alone, but inside the layer XLA duplicates each operand's elementwise producers into the
            (m, G, g, g) loop, 7–15× slower than `batched` for the whole layer (BENCHMARKS.md); kept for the
@@ -31,7 +33,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-LAYOUTS = ('dense', 'batched', 'fused')
+LAYOUTS = ('dense', 'batched', 'transposed', 'fused')
 
 # CPU cost model from BENCHMARKS.md ("Group product layouts"): the dense GEMM wins while its G-fold extra
 # arithmetic is small (C ≤ 64); above, the batched GEMMs do.
@@ -66,10 +68,14 @@ def per_platform(channels: int, layout: str | None, compute: Callable[..., Any],
 
 
 def to_layout(a: jax.Array, groups: int, layout: str, *, ones: bool = False) -> jax.Array:
-  """(m, C) -> dense (m, C [+1]), batched (G, m, g [+1]), fused (m, G, g [+1]); [+1]: a column of ones."""
+  """(m, C) -> dense (m, C [+1]), batched (G, m, g [+1]), transposed (G, g [+1], m), fused (m, G, g [+1]);
+  [+1]: a column (a row, transposed) of ones."""
   m = a.shape[0]
   if layout == 'dense':
     return jnp.concatenate([a, jnp.ones((m, 1), a.dtype)], axis=1) if ones else a
+  if layout == 'transposed':
+    a = a.T.reshape(groups, -1, m)
+    return jnp.concatenate([a, jnp.ones((groups, 1, m), a.dtype)], axis=1) if ones else a
   a = a.reshape(m, groups, -1)
   if layout == 'batched':  # transposed before the ones join: one loop fusion writes the copy
     a = a.transpose(1, 0, 2)
@@ -80,6 +86,8 @@ def from_layout(a: jax.Array, layout: str) -> jax.Array:
   """A transform's result back to (m, C): the inverse of `to_layout` without ones."""
   if layout == 'dense':
     return a
+  if layout == 'transposed':
+    return a.reshape(-1, a.shape[-1]).T
   if layout == 'batched':
     a = a.transpose(1, 0, 2)
   return a.reshape(a.shape[0], -1)
@@ -97,6 +105,8 @@ def cross_in_layout(a: jax.Array, b: jax.Array, g: int, layout: str, accumulate=
   operand carrying ones (then the last row holds Σ b_g, the last column Σ a_g, the corner m)."""
   if layout == 'batched':
     return jnp.einsum('gmi,gmj->gij', a, b, preferred_element_type=accumulate)
+  if layout == 'transposed':
+    return jnp.einsum('gim,gjm->gij', a, b, preferred_element_type=accumulate)
   if layout == 'fused':
     return jnp.sum(a.astype(accumulate)[..., :, None] * b.astype(accumulate)[..., None, :], axis=0)
   full = jnp.matmul(a.T, b, preferred_element_type=accumulate)
@@ -122,6 +132,8 @@ def transform_in_layout(a: jax.Array, matrices: jax.Array, layout: str) -> jax.A
   """
   if layout == 'batched':
     return jnp.einsum('gmj,gij->gmi', a.astype(matrices.dtype), matrices)
+  if layout == 'transposed':
+    return jnp.einsum('gij,gjm->gim', matrices, a.astype(matrices.dtype))
   if layout == 'fused':
     return jnp.sum(a.astype(matrices.dtype)[..., None, :] * matrices, axis=-1)
   groups, g, k = matrices.shape
@@ -194,7 +206,7 @@ def moments_in_layout(ones: jax.Array, g: int, layout: str, accumulate=jnp.float
   whenever K lies within a few standard deviations of μ.
   """
   cross = cross_in_layout(ones, ones, g, layout, accumulate, channels=ones.shape[-1] - 1)
-  m = ones.shape[1] if layout == 'batched' else ones.shape[0]
+  m = ones.shape[{'batched': 1, 'transposed': -1}.get(layout, 0)]
   offset = cross[:, :g, g] / m
   cov = (cross[:, :g, :g] - m * offset[:, :, None] * offset[:, None, :]) / (m - 1)
   return offset.reshape(-1), cov

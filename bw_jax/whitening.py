@@ -117,10 +117,13 @@ def batch_moments(
   return offset + shift, cov
 
 
-def apply_whitening(x: jax.Array, mean: jax.Array, whitening: jax.Array) -> jax.Array:
-  """y = S (x − μ) per group: x (..., C), mean (C,), whitening (G, g, g) -> (..., C) in float32 or wider."""
+def apply_whitening(x: jax.Array, mean: jax.Array, whitening: jax.Array, scale: jax.Array | None = None,
+                    bias: jax.Array | None = None) -> jax.Array:
+  """y = S (x − μ) per group, then γ ⊙ y + β if given: x (..., C), mean (C,), whitening (G, g, g), scale and
+  bias (C,) -> (..., C) in float32 or wider. One GEMM per group (the affine folded into its matrix)."""
   samples = x.reshape(-1, x.shape[-1])
-  return apply_whitening_folded(samples, mean, whitening.astype(accumulation_dtype(x.dtype))).reshape(x.shape)
+  return apply_whitening_folded(samples, mean, whitening.astype(accumulation_dtype(x.dtype)),
+                                (scale, bias)).reshape(x.shape)
 
 
 def _batch_statistics(mean: jax.Array, cov: jax.Array, state: Any, **settings: Any):
@@ -317,12 +320,14 @@ class BatchWhitening(nn.Module):
     ra_cov = self.variable('batch_stats', 'cov', stacked_eye)
     ra_whitening = self.variable('batch_stats', 'whitening', stacked_eye)
     counters = self._health_counters()
+    scale = self.param('scale', self.scale_init, (channels,), self.param_dtype) if self.use_scale else None
+    bias = self.param('bias', self.bias_init, (channels,), self.param_dtype) if self.use_bias else None
 
     if use_running_average:
-      y = apply_whitening(x_last, ra_mean.value, ra_whitening.value)
+      y = apply_whitening(x_last, ra_mean.value, ra_whitening.value, scale, bias)
     else:
       y, (new_mean, new_cov, new_whitening, fell_back, finite) = self._train(
-          x_last, groups, samples_mask, (ra_mean.value, ra_cov.value, ra_whitening.value))
+          x_last, groups, samples_mask, (ra_mean.value, ra_cov.value, ra_whitening.value), (scale, bias))
       if not self.is_initializing():
         keep_if_finite = lambda new, old: jnp.where(finite, jax.lax.stop_gradient(new), old).astype(old.dtype)
         ra_mean.value = keep_if_finite(new_mean, ra_mean.value)
@@ -331,19 +336,13 @@ class BatchWhitening(nn.Module):
         for name, events in zip(HEALTH_COUNTERS, (jnp.sum(fell_back & finite), ~finite)):
           if name in counters:
             counters[name].value += events.astype(jnp.float32)
+    dtype = canonicalize_dtype(x, *(p for p in (scale, bias) if p is not None), dtype=self.dtype)
+    return jnp.moveaxis(y, -1, axis).astype(dtype)
 
-    args = [x]
-    if self.use_scale:
-      scale = self.param('scale', self.scale_init, (channels,), self.param_dtype)
-      y, args = y * scale.astype(y.dtype), args + [scale]
-    if self.use_bias:
-      bias = self.param('bias', self.bias_init, (channels,), self.param_dtype)
-      y, args = y + bias.astype(y.dtype), args + [bias]
-    return jnp.moveaxis(y, -1, axis).astype(canonicalize_dtype(*args, dtype=self.dtype))
-
-  def _train(self, x: jax.Array, groups: int, mask: jax.Array | None, running: tuple[jax.Array, ...]
-             ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    """y and `training_statistics`' updates for channels-last x (N, ..., C) and mask (N, ...) or None."""
+  def _train(self, x: jax.Array, groups: int, mask: jax.Array | None, running: tuple[jax.Array, ...],
+             affine: tuple[jax.Array | None, jax.Array | None]) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """y (after γ and β of `affine`) and `training_statistics`' updates for channels-last x (N, ..., C) and
+    mask (N, ...) or None."""
     # As in flax's BatchNorm, `init` runs outside shard_map/pmap: the axis may not exist yet.
     axis_name = None if self.is_initializing() else self.axis_name
     if axis_name is None and mask is None and x.size // x.shape[-1] < 2:
@@ -356,12 +355,12 @@ class BatchWhitening(nn.Module):
         whiten_with=self.whiten_with,
         running_whitening=not self.is_initializing() and self.whiten_with == 'batch')
     if axis_name is None and mask is None:  # the closed-form backward pass (whitening_vjp.py)
-      return whiten_training(x, groups, statistics, running)
+      return whiten_training(x, groups, statistics, running, scale=affine[0], bias=affine[1])
     # per-device (masked) sums and one collective, differentiated by autodiff
     batch = batch_moments(x, self.group_size, axis_name=axis_name, axis_index_groups=self.axis_index_groups,
                           shift=running[0] if axis_name is not None else None, mask=mask)
     (mean, whitening), updates = statistics(*batch, running)
-    return apply_whitening(x, mean, whitening), updates
+    return apply_whitening(x, mean, whitening, *affine), updates
 
   def _health_counters(self) -> dict[str, Any]:
     """The `bw_health` counter variables, or none when the caller does not keep that collection."""

@@ -4,6 +4,8 @@ References: JAX autodiff of the same forward pass (`autodiff_backward()`), which
 against finite differences, and float64 NumPy formulas.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,8 +13,9 @@ import pytest
 
 from bw_jax import group_products as gp
 from bw_jax import whitening as bw
-from bw_jax.whitening_vjp import autodiff_backward
-from test_whitening import correlated, degenerate_batches, group_covariances, np_moments, train_apply
+from bw_jax.whitening_vjp import autodiff_backward, whiten_training
+from test_whitening import (correlated, degenerate_batches, group_covariances, np_apply, np_moments, np_whitening,
+                            train_apply)
 
 # (group_size, center_with/whiten_with) cases of the layer at C = 6.
 LAYER_CASES = [(3, 'batch'), (2, 'running')]
@@ -154,6 +157,31 @@ def test_every_layout_computes_the_numpy_products(layout, channels):
   np.testing.assert_allclose(sums, blocks(a).sum(0), rtol=1e-12, atol=1e-12)
   np.testing.assert_allclose(transform, np.einsum('mgj,gij->mgi', blocks(a) + blocks(b), mats).reshape(40, -1),
                              rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('layout', ['dense', 'batched', 'transposed'])
+def test_whitening_with_affine_equals_numpy_and_autodiff_in_every_layout_float64(layout):
+  # γ and β ride in the whitening GEMM's matrix and offset column; their gradients come from the backward
+  # pass's cross product. Reference: the float64 NumPy formula, and autodiff for the gradient.
+  rng = np.random.default_rng(6)
+  x, weights = correlated(77, (40, 24)), rng.normal(size=(40, 24))
+  scale, bias = rng.uniform(0.5, 2.0, size=24), rng.normal(size=24)
+  statistics = functools.partial(bw._batch_statistics, method='cholesky', epsilon=1e-3, newton_iterations=5)
+  with jax.enable_x64(True):
+    whiten = lambda x, scale, bias: whiten_training(x, 3, statistics, scale=scale, bias=bias, layout=layout)[0]
+    loss = lambda *args: jnp.sum(weights * whiten(*args))
+    args = tuple(map(jnp.asarray, (x, scale, bias)))
+    y = whiten(*args)
+    grads = []
+    for autodiff in (False, True):
+      with autodiff_backward(autodiff):
+        grads.append(jax.grad(loss, argnums=(0, 1, 2))(*args))
+  mean, cov = np_moments(x, 8)
+  np.testing.assert_allclose(y, scale * np_apply(x, mean, np_whitening(cov, 'cholesky', 1e-3)) + bias,
+                             rtol=1e-10, atol=1e-10)
+  for closed, auto in zip(*grads):
+    assert np.abs(np.asarray(auto)).max() > 1e-2
+    np.testing.assert_allclose(closed, auto, rtol=1e-10, atol=1e-10)
 
 
 def test_layout_cost_model_follows_the_measured_table():
