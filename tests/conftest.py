@@ -1,17 +1,9 @@
 """Test-session settings and shared fixtures."""
 
-import os
+import pytest
 
-from subprocess_runs import xla_flags
-
-# Before JAX starts its CPU backend (it reads XLA_FLAGS then); processes the tests start inherit it. Why:
-# TEST_XLA_FLAGS in tests/subprocess_runs.py. A device count or other flag given by the caller is kept.
-os.environ['XLA_FLAGS'] = xla_flags(*os.environ.get('XLA_FLAGS', '').split())
-
-import pytest  # noqa: E402
-
-from bw_jax.runtime import configure_cpu_dispatch  # noqa: E402
-from postgres_server import postgres_binaries, postgres_server  # noqa: E402
+from bw_jax.runtime import configure_cpu_dispatch
+from postgres_server import postgres_binaries, postgres_server
 
 configure_cpu_dispatch()  # Before any test creates the devices; why: bw_jax/runtime.py.
 

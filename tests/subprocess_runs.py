@@ -24,16 +24,6 @@ from bw_jax.runtime import configure_cpu_dispatch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAUSED = 'PAUSED'
 TIMEOUT = 600  # Seconds; only a hung process gets near it.
-# XLA flags of every test process (tests/conftest.py sets them for pytest's own). The suite compiles hundreds
-# of small programs and runs each a few times: with LLVM at -O0 they compile ~40% faster and the suite takes
-# ~25% less CPU time (measured: test_efficientnet + test_train_utils, 325 → 237 CPU-s). XLA's HLO passes, which
-# decide what is computed and in which order, still run; only the machine code is less optimised.
-TEST_XLA_FLAGS = ('--xla_backend_optimization_level=0',)
-
-
-def xla_flags(*flags: str) -> str:
-  """XLA_FLAGS for a test process: TEST_XLA_FLAGS and `flags`."""
-  return ' '.join([*TEST_XLA_FLAGS, *flags])
 
 
 def configure_jax(compilation_cache: bool = True) -> None:
@@ -74,15 +64,14 @@ def stop_test_process(process: subprocess.Popen) -> None:
 
 
 def subprocess_env(extra: dict | None = None) -> dict[str, str]:
-  """This environment for a child Python process, without the multi-host and device-count settings (XLA_FLAGS
-  are TEST_XLA_FLAGS unless `extra` sets them); the repository first on its PYTHONPATH, so that it imports the
-  bw_jax and `configs` this test session does."""
+  """This environment for a child Python process, without the multi-host and device-count settings; the
+  repository first on its PYTHONPATH, so that it imports the bw_jax and `configs` this test session does."""
   env = {k: v for k, v in os.environ.items()
          if k not in ('XLA_FLAGS', 'JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID',
                       'BW_JAX_TEST_NO_CACHE')}
   python_path = os.pathsep.join([REPO, *filter(None, [env.get('PYTHONPATH')])])
   return {**env, 'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '2', 'PYTHONPATH': python_path,
-          'XLA_FLAGS': xla_flags(), **(extra or {})}
+          **(extra or {})}
 
 
 class MainRun:

@@ -41,7 +41,7 @@ from bw_jax.data.on_device import normalise_images
 from bw_jax.train_utils import create_learning_rate_fn, create_model, create_optimizer
 from configs import smoke
 from subprocess_runs import (REPO, TIMEOUT, MainRun, configure_jax, free_port, progress_steps, start_test_process,
-                             stop_test_process, subprocess_env, wait_until, xla_flags)
+                             stop_test_process, subprocess_env, wait_until)
 
 configure_jax()
 pytestmark = pytest.mark.slow  # Every test here trains in several processes or on 8 devices.
@@ -235,7 +235,7 @@ def start_eight_devices(folder) -> dict[str, Any]:
   paths = {name: str(folder / name) for name in ('batches.npz', 'out.npz', 'eight_devices.log')}
   batches = train_batches(smoke_config())
   np.savez(paths['batches.npz'], **{f'{i}/{k}': v for i in (1, 2) for k, v in next(batches).items()})
-  env = subprocess_env({'XLA_FLAGS': xla_flags(f'--xla_force_host_platform_device_count={DEVICES}')})
+  env = subprocess_env({'XLA_FLAGS': f'--xla_force_host_platform_device_count={DEVICES}'})
   with open(paths['eight_devices.log'], 'w') as log:
     process = start_test_process(
         [sys.executable, os.path.abspath(__file__), paths['batches.npz'], paths['out.npz']],
@@ -247,12 +247,13 @@ def start_two_hosts(folder, name: str, pause_at: tuple[int, int] = (0, 0)) -> li
   """The smoke run of `bw_jax.main` on HOSTS processes joined by jax.distributed (gloo), started."""
   workdir, address = str(folder / 'two_hosts'), f'localhost:{free_port()}'
   # Gloo gives a host 30 s to join the first collective: both hosts compile every program (no persistent
-  # cache, whose CPU entries only process 0 writes), so that neither waits for the other's compile (LLVM at
-  # -O0 in every test process, TEST_XLA_FLAGS, halves that time).
+  # cache, whose CPU entries only process 0 writes), so that neither waits for the other's compile. LLVM at
+  # -O0 halves that time; XLA's HLO passes, which decide what is computed, still run.
   return [MainRun(str(folder / f'{name}_host{i}.log'), *SMOKE_FLAGS, f'--workdir={workdir}',
                   pause_at=pause_at[i],
                   env={'JAX_COORDINATOR_ADDRESS': address, 'JAX_NUM_PROCESSES': str(HOSTS),
-                       'JAX_PROCESS_ID': str(i), 'BW_JAX_TEST_NO_CACHE': '1'})
+                       'JAX_PROCESS_ID': str(i), 'XLA_FLAGS': '--xla_backend_optimization_level=0',
+                       'BW_JAX_TEST_NO_CACHE': '1'})
           for i in range(HOSTS)]
 
 

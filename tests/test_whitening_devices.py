@@ -20,8 +20,6 @@ from typing import Any
 
 import pytest
 
-from subprocess_runs import xla_flags
-
 pytestmark = pytest.mark.slow  # Every test here reads a subprocess that compiles on 8 devices.
 
 DEVICES = 8
@@ -156,8 +154,7 @@ def run_checks() -> dict[str, Any]:
 
 @pytest.fixture(scope='module')
 def results() -> dict[str, float]:
-  env = dict(os.environ, XLA_FLAGS=xla_flags(f'--xla_force_host_platform_device_count={DEVICES}'),
-             JAX_PLATFORMS='cpu')
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={DEVICES}', JAX_PLATFORMS='cpu')
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   done = subprocess.run([sys.executable, os.path.abspath(__file__)], cwd=root, env=env, capture_output=True,
                         text=True, timeout=300)
