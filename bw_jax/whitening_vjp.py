@@ -135,15 +135,14 @@ def _closed_form_backward(statistics, groups, layout, residuals, cotangents):
   cross = cross_in_layout(dy_in_layout, ones, g, layout, whitening.dtype, channels=ones.shape[-1] - 1)  # [dyᵀ(x − K), Σ dy]
   dy_sum, dy_cross = cross[:, :, g], cross[:, :, :g]
   d_bias = None if bias is None else dy_sum.reshape(-1).astype(bias.dtype)
-  d_scale, transposed = None, jnp.swapaxes(whitening, -1, -2)
+  d_scale, applied = None, whitening  # applied: the matrix the forward GEMM applied to d, diag(γ) S
   if scale is not None:
     # dγ = Σ_i dy_i ⊙ ŷ_i with ŷ = S(d − μ): row i of S against row i of dyᵀd, less (Σ dy)_i (Sμ)_i.
     d_scale = (jnp.sum(whitening * dy_cross, axis=-1)
                - dy_sum * _group_product(whitening, centre).reshape(groups, g)).reshape(-1).astype(scale.dtype)
     # From here on dy is the cotangent of ŷ, γ ⊙ dy: scale the (G, g, ·) results rather than the samples.
     column = scale.astype(whitening.dtype).reshape(groups, g, 1)
-    dy_sum, dy_cross = column[..., 0] * dy_sum, column * dy_cross
-    transposed = jnp.swapaxes(column * whitening, -1, -2)  # (diag(γ) S)ᵀ, applied to the raw dy
+    dy_sum, dy_cross, applied = column[..., 0] * dy_sum, column * dy_cross, column * whitening
   d_whitening = dy_cross - dy_sum[:, :, None] * centre.reshape(groups, 1, g)
   d_centre = -jnp.einsum('gi,gij->gj', dy_sum, whitening).reshape(-1)
   d_mean, d_cov, d_state = pullback((d_centre, d_whitening))
@@ -151,7 +150,7 @@ def _closed_form_backward(statistics, groups, layout, residuals, cotangents):
   # the part through μ_b vanishes because the centred samples sum to zero.
   cov_weight = (d_cov + jnp.swapaxes(d_cov, -1, -2)) / (m - 1)
   dx_offset = d_mean / m - _group_product(cov_weight, offset)
-  dx = (transform_in_layout(dy_in_layout, transposed, layout)
+  dx = (transform_in_layout(dy_in_layout, jnp.swapaxes(applied, -1, -2), layout)  # (diag(γ) S)ᵀ on the raw dy
         + transform_in_layout(ones, _with_offset(cov_weight, dx_offset), layout))
   dx = from_layout(dx, layout).reshape(cotangents[0].shape).astype(dtype_token.dtype)
   return dx, d_state, (d_scale, d_bias)
