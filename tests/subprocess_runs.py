@@ -7,6 +7,7 @@ This file is also the script those processes run, with the JAX settings of the t
 """
 
 import ctypes
+import glob
 import os
 import queue
 import shutil
@@ -175,6 +176,17 @@ def wait_until(condition, what: str) -> None:
     if time.monotonic() > deadline:
       raise AssertionError(f'timed out after {TIMEOUT} s waiting for {what}')
     time.sleep(0.1)
+
+
+def wait_for_a_compiled_trial(directory: str, worker: subprocess.Popen) -> None:
+  """Waits until a trial of the sweep (or comparison) in `directory` has taken its first training step, or
+  `worker` has exited (its exit status is the caller's to check). By then that worker has compiled the
+  programs a trial starts with and written them to the persistent cache: a second worker started now reads
+  them, where one started at the same time would compile them all again alongside (~20 CPU-s each time)."""
+  def compiled() -> bool:
+    logs = glob.glob(os.path.join(directory, 'trials', '*', 'train.log'))
+    return worker.poll() is not None or any('first step done in' in open(path).read() for path in logs)
+  wait_until(compiled, f'a first training step in {directory}/trials')
 
 
 def main_with_pause(pause_at: int, flags: list[str]) -> None:

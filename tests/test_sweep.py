@@ -27,7 +27,7 @@ from bw_jax.sweep import report as sweep_report
 from bw_jax.sweep import space as sweep_space
 from bw_jax.sweep import study as sweep_study
 from bw_jax.sweep import worker as sweep_worker
-from subprocess_runs import start_test_process, stop_test_process
+from subprocess_runs import start_test_process, stop_test_process, wait_for_a_compiled_trial
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE_SWEEP = os.path.join(REPO, 'configs', 'sweeps', 'smoke.py')
@@ -471,8 +471,16 @@ def wait_all(workers, directory, timeout=900):
 
 
 def run_two_workers(directory, *args):
+  """Two workers; the second starts once the first has compiled (wait_for_a_compiled_trial), as a second
+  machine joins a running sweep."""
   os.makedirs(directory, exist_ok=True)
-  return wait_all([start_worker(directory, f'worker{i}', *args) for i in range(2)], directory)
+  first = start_worker(directory, 'worker0', *args)
+  try:
+    wait_for_a_compiled_trial(directory, first)
+  except BaseException:
+    stop_test_process(first)
+    raise
+  return wait_all([first, start_worker(directory, 'worker1', *args)], directory)
 
 
 def load(directory, storage=None):

@@ -20,6 +20,7 @@ from bw_jax.config_files import load_config_file
 from bw_jax.config_validation import validate_config
 from bw_jax.data import tiny_imagenet
 from bw_jax.sweep import __main__ as sweep_cli
+from subprocess_runs import wait_for_a_compiled_trial
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WNIDS = ['n01443537', 'n01629819', 'n01641577']
@@ -91,13 +92,17 @@ def subprocess_env() -> dict[str, str]:
           'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0', 'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '-1'}
 
 
-def run_all(commands: list[list[str]], cwd: str, timeout: float = 600) -> list[tuple[int, str]]:
-  """Runs the commands at once, each in its own session (killed with its children if anything fails);
-  returns (exit status, output) of each."""
+def run_all(commands: list[list[str]], cwd: str, sweep_dir: str | None = None, timeout: float = 600
+            ) -> list[tuple[int, str]]:
+  """Runs the commands, each in its own session (killed with its children if anything fails); with
+  `sweep_dir`, they are sweep workers and the later ones start once the first has compiled
+  (wait_for_a_compiled_trial). Returns (exit status, output) of each."""
   logs = [os.path.join(cwd, f'process{i}.log') for i in range(len(commands))]
   processes = []
   try:
     for command, log in zip(commands, logs):
+      if processes and sweep_dir:
+        wait_for_a_compiled_trial(sweep_dir, processes[0])
       with open(log, 'w') as out:
         processes.append(subprocess.Popen(command, cwd=cwd, env=subprocess_env(), stdout=out,
                                           stderr=subprocess.STDOUT, start_new_session=True))
@@ -124,7 +129,7 @@ def test_prepare_sweep_report_promote_on_a_generated_tiny_imagenet(tmp_path, cap
   sweep_file.write_text(SWEEP_FILE)
   run = [sys.executable, '-m', 'bw_jax.sweep', 'run', f'--config={sweep_file}', f'--dir={sweep_dir}',
          f'--config.train.dataset.data_dir={data_dir}']
-  outcomes = run_all([run, run], str(elsewhere))
+  outcomes = run_all([run, run], str(elsewhere), str(sweep_dir))
   assert [code for code, _ in outcomes] == [0, 0], '\n'.join(out[-3000:] for _, out in outcomes)
   assert all("'e2e_tiny_imagenet': 4/4 trials finished (4 complete" in out for _, out in outcomes)
 

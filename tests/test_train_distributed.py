@@ -1,6 +1,6 @@
 """Training on several devices and hosts, and runs that are killed or stopped (issue #5), in real processes.
 
-- 8 devices: two train steps of the smoke model (BW and BN layers) on a global batch sharded over 8 CPU devices
+- 8 devices: two train steps of the smoke model (BW at the stem and head, BN in the blocks) on a global batch sharded over 8 CPU devices
   equal the same steps on one device, in this process; statistics taken per device would not.
 - 2 hosts: `bw_jax.main` in two processes joined by `jax.distributed` (gloo, one CPU device each). SIGTERM
   reaches host 1 only, at step 4: JAX's preemption service has both hosts save the same later step and exit
@@ -52,7 +52,11 @@ SMOKE_STEPS = smoke.get_config().num_train_steps  # Of the two hosts' run: 6, ch
 TERM_STEP = 4  # Host 1 gets SIGTERM as it logs this step; the hosts agree on a later step to save.
 PREEMPTION_NOTICE_SECONDS = 3  # Host 1 stays paused after the signal: its notice reaches every host first.
 STEPS, KILL_STEP = 8, 7  # Of the killed run: SIGKILL at step 7, after checkpoint 6.
-# The smoke model (configs/smoke.py) with two changes, passed to every run as SMOKE_FLAGS:
+# The smoke model (configs/smoke.py) with three changes, passed to every run as SMOKE_FLAGS:
+# - BW at the stem and the head, BN in the MBConv blocks (2/0/2, not the main job's 1/2/2): BW layers in both
+#   product layouts (dense for the stem's 8 channels, batched for the head's 320) whose statistics must be
+#   taken over the global batch, for about half the compile time of a BW layer in every block (this module
+#   compiles the model in six processes);
 # - a tenth of its learning rate: at its own, the float32 round-off of sums taken in another order (8 devices
 #   or 2 hosts instead of one) grows step after step (a 1e-7 relative change of the initial parameters grew
 #   ~8x in 6 steps, measured); at a tenth it stays at ~1e-6;
@@ -60,8 +64,11 @@ STEPS, KILL_STEP = 8, 7  # Of the killed run: SIGKILL at step 7, after checkpoin
 #   on 8 devices or 2 hosts as on one, and the order of the hosts' halves in the global batch matters.
 LEARNING_RATE = 0.005
 DROPOUT_RATE = 0.1
+STEM_TYPE, MBCONV_TYPE, HEAD_TYPE = 2, 0, 2
 SMOKE_FLAGS = ('--config=configs/smoke.py', f'--config.learning_rate={LEARNING_RATE}',
-               f'--config.model.dropout_rate={DROPOUT_RATE}', '--config.log_every_steps=1')
+               f'--config.model.dropout_rate={DROPOUT_RATE}', '--config.log_every_steps=1',
+               f'--config.model.stem_type={STEM_TYPE}', f'--config.model.mbconv_type={MBCONV_TYPE}',
+               f'--config.model.head_type={HEAD_TYPE}')
 SHARDED_TOLERANCE = 1e-5
 # A resumed run recomputes the same steps with the same program on the same device.
 RESUMED_TOLERANCE = 1e-6
@@ -71,6 +78,7 @@ def smoke_config():
   """smoke.py with the flags of SMOKE_FLAGS and num_train_steps=STEPS (its schedule does not depend on it)."""
   config = smoke.get_config()
   config.learning_rate, config.model.dropout_rate = LEARNING_RATE, DROPOUT_RATE
+  config.model.stem_type, config.model.mbconv_type, config.model.head_type = STEM_TYPE, MBCONV_TYPE, HEAD_TYPE
   config.num_train_steps = STEPS
   return config
 
