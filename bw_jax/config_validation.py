@@ -98,6 +98,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.bw_max_fallbacks != -1:
     _check_range('bw_max_fallbacks (or -1 for no limit)', config.bw_max_fallbacks, 0, float('inf'))
   _check_range('learning_rate', config.learning_rate, 0.0, float('inf'), low_open=True, high_open=True)
+  # JAX keys take 32 bits of the seed: a larger one would silently repeat another seed's parameters.
+  _check_range('seed', config.seed, -2**31, 2**31 - 1)
   _check_range('momentum', config.momentum, 0.0, 1.0, high_open=True)
   _check_range('warmup_epochs', config.warmup_epochs, 0.0, float('inf'))
   if config.warmup_fraction is not None:

@@ -94,15 +94,17 @@ def initial_state(config: ml_collections.ConfigDict, model: Any, tx: Any, replic
   """Fresh parameters and statistics from `config.seed`, replicated over the mesh."""
   size, channels = config.dataset.image_size, data.dataset_module(config.dataset.name).INFO.image_shape[2]
 
+  # The seed is an argument, not a constant of the program: one compiled init (persistent cache) serves every
+  # seed of a comparison or sweep. The parameters are bit-identical to a constant seed's (checked by a test).
   @functools.partial(jax.jit, out_shardings=replicated)
-  def init():
-    variables = model.init(jax.random.key(config.seed), jnp.zeros((1, size, size, channels)), train=False)
+  def init(seed):
+    variables = model.init(jax.random.key(seed), jnp.zeros((1, size, size, channels)), train=False)
     params = variables['params']
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
                              batch_stats=variables.get('batch_stats', {}),
                              bw_health=variables.get('bw_health', {}),
                              ema_params=params if config.ema_decay > 0 else {})
-  return init()
+  return init(np.int32(config.seed))  # NumPy: the same value on every host, replicated.
 
 
 class PreemptionNotice:

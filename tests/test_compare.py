@@ -11,6 +11,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optuna
@@ -174,6 +175,11 @@ def test_seed_sets_the_initial_parameters(smoke_config):
   assert all(np.array_equal(a, b) for a, b in zip(first, again))
   kernels = [(a, b) for a, b in zip(first, other) if a.ndim > 1]
   assert kernels and all(not np.array_equal(a, b) for a, b in kernels)
+  # initial_state passes the seed into one compiled init: the parameters are those of flax's init with the
+  # key built from the seed as a constant.
+  model = create_model(smoke_config, 10)
+  constant = jax.jit(lambda: model.init(jax.random.key(1), jnp.zeros((1, 28, 28, 1)), train=False))()
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(constant['params']), other))
 
 
 def first_batch(config, seed, *, shuffle: bool, crop: bool):

@@ -197,6 +197,10 @@ def test_ranges_are_checked():
   config.model.width_multiplier = 0.0
   with pytest.raises(ValueError, match=r'model.width_multiplier=0.0 is out of range.*\(0.0, inf\]'):
     validate_config(config)
+  config = smoke.get_config()
+  config.seed = 2**32  # JAX keeps 32 bits of it: this would be seed 0 again.
+  with pytest.raises(ValueError, match=r'seed=4294967296 is out of range.*\[-2147483648, 2147483647\]'):
+    validate_config(config)
 
 
 @pytest.mark.slow  # Trains the smoke config.
