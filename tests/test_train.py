@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import shutil
 import signal
 
 import jax
@@ -42,6 +43,21 @@ def restore(workdir, step):
 def smoke_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('smoke'))
   return workdir, train.train_and_evaluate(smoke.get_config(), workdir)
+
+
+@pytest.fixture(scope='module')
+def three_steps(tmp_path_factory):
+  """The workdir of the smoke run stopped after step 3 (checkpoint 3), which the resume tests copy and go on
+  from: each would otherwise train these steps itself."""
+  workdir = str(tmp_path_factory.mktemp('three_steps'))
+  config = smoke.get_config()
+  config.num_train_steps = 3
+  assert train.train_and_evaluate(config, workdir)['step'] == 3
+  return workdir
+
+
+def copy_of(workdir: str, tmp_path) -> str:
+  return shutil.copytree(workdir, str(tmp_path / 'run'))
 
 
 @pytest.mark.slow  # Trains the smoke config.
@@ -101,15 +117,13 @@ def test_eval_accuracy_matches_an_independent_eval_of_the_checkpoint(smoke_run):
 
 
 @pytest.mark.slow  # Trains the smoke config.
-def test_resumed_run_ends_with_the_same_state(smoke_run, tmp_path):
+def test_resumed_run_ends_with_the_same_state(smoke_run, three_steps, tmp_path):
   straight_dir, _ = smoke_run
+  workdir = copy_of(three_steps, tmp_path)
   config = smoke.get_config()
-  config.num_train_steps = 3
-  first = train.train_and_evaluate(config, str(tmp_path))
-  assert first['step'] == 3
   config.num_train_steps = 6
-  assert train.train_and_evaluate(config, str(tmp_path))['step'] == 6
-  straight, resumed = restore(straight_dir, 6), restore(str(tmp_path), 6)
+  assert train.train_and_evaluate(config, workdir)['step'] == 6
+  straight, resumed = restore(straight_dir, 6), restore(workdir, 6)
   for a, b in zip(jax.tree.leaves(straight['params']), jax.tree.leaves(resumed['params'])):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
   flat_straight = jax.tree_util.tree_leaves_with_path(straight['batch_stats'])
@@ -121,7 +135,7 @@ def test_resumed_run_ends_with_the_same_state(smoke_run, tmp_path):
   # Killed between the last checkpoint and the last eval: the rerun trains nothing and still reports that
   # eval to on_eval (a sweep trial's learning curve ends with it).
   evals = []
-  again = train.train_and_evaluate(config, str(tmp_path), on_eval=lambda step, m: evals.append((step, m)))
+  again = train.train_and_evaluate(config, workdir, on_eval=lambda step, m: evals.append((step, m)))
   assert again['step'] == 6 and [step for step, _ in evals] == [6]
   assert evals[0][1]['accuracy'] == again['eval_accuracy'] and evals[0][1]['loss'] == again['eval_loss']
 
@@ -204,25 +218,21 @@ def test_ranges_are_checked():
 
 
 @pytest.mark.slow  # Trains the smoke config.
-def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(smoke_run, tmp_path):
+def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(three_steps, tmp_path):
   """3 good steps (checkpoint 3), then a rerun at a learning rate of 1e30: the loss goes non-finite within
   steps 5–6 (step 4's loss is taken before its update); the error names that step and checkpoint 3, and no
   later checkpoint is written, though step 6 is a checkpoint step."""
+  workdir = copy_of(three_steps, tmp_path)  # The smoke model's 3 steps; only the step at 1e30 compiles.
   config = smoke.get_config()
-  # The smoke model as smoke_run trains it: the first 3 steps and every eval reuse its compiled programs
-  # (persistent cache); only the step at 1e30 compiles.
-  config.num_train_steps = 3
-  config.log_every_steps = 1
-  train.train_and_evaluate(config, str(tmp_path))
   config.learning_rate = 1e30
   config.resume_allow_changes = 'learning_rate'  # On purpose: the resumed run must diverge.
   config.num_train_steps = 6
   config.log_every_steps = 100  # Only the save at step 6 looks at the losses of steps 4–6.
   with pytest.raises(train.NonFiniteLossError, match=r'at step [56]; the last good checkpoint \(step 3\) is kept'
                      r'.*Lower config.learning_rate.*bw.epsilon'):
-    train.train_and_evaluate(config, str(tmp_path))
-  assert saved_steps(str(tmp_path)) == [3]
-  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(restore(str(tmp_path), 3)['params']))
+    train.train_and_evaluate(config, workdir)
+  assert saved_steps(workdir) == [3]
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(restore(workdir, 3)['params']))
 
 
 def test_infinite_learning_rate_is_rejected():
