@@ -183,9 +183,13 @@ def wait_for_a_compiled_trial(directory: str, worker: subprocess.Popen) -> None:
   `worker` has exited (its exit status is the caller's to check). By then that worker has compiled the
   programs a trial starts with and written them to the persistent cache: a second worker started now reads
   them, where one started at the same time would compile them all again alongside (~20 CPU-s each time)."""
+  def stepped(log: str) -> bool:
+    with open(log) as f:
+      return 'first step done in' in f.read()
+
   def compiled() -> bool:
     logs = glob.glob(os.path.join(directory, 'trials', '*', 'train.log'))
-    return worker.poll() is not None or any('first step done in' in open(path).read() for path in logs)
+    return worker.poll() is not None or any(stepped(log) for log in logs)
   wait_until(compiled, f'a first training step in {directory}/trials')
 
 

@@ -1,7 +1,8 @@
 """Training on several devices and hosts, and runs that are killed or stopped (issue #5), in real processes.
 
-- 8 devices: two train steps of the smoke model (BW at the stem and head, BN in the blocks) on a global batch sharded over 8 CPU devices
-  equal the same steps on one device, in this process; statistics taken per device would not.
+- 8 devices: two train steps of the smoke model (BW at the stem and head, BN in the blocks) on a global batch
+  sharded over 8 CPU devices equal the same steps on one device, in this process; statistics taken per device
+  would not.
 - 2 hosts: `bw_jax.main` in two processes joined by `jax.distributed` (gloo, one CPU device each). SIGTERM
   reaches host 1 only, at step 4: JAX's preemption service has both hosts save the same later step and exit
   cleanly; the rerun on both hosts resumes from it and ends with the state of one process fed the same
