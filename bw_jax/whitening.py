@@ -30,7 +30,7 @@ from bw_jax.group_products import DENSE_MAX_CHANNELS, group_cross, group_matmul,
 from bw_jax.whitening_matrices import (  # the public names of the factorisations, re-exported
     FALLBACK_RIDGE, METHODS, align_row_signs, cholesky_whitening, newton_whitening, pca_whitening,
     whitening_matrix, whitening_matrix_with_fallbacks, zca_whitening)
-from bw_jax.whitening_vjp import apply_whitening_folded, autodiff_backward, whiten_training
+from bw_jax.whitening_vjp import apply_whitening_folded, autodiff_backward, autodiff_enabled, whiten_training
 
 STAT_SOURCES = ('batch', 'running')
 
@@ -138,9 +138,22 @@ def whiten(
 ) -> jax.Array:
   """Whiten a batch with its own statistics (training-mode BatchWhitening, no affine): (N, ..., C)."""
   groups = num_groups(x.shape[-1], group_size)
-  statistics = functools.partial(_batch_statistics, method=method, epsilon=epsilon,
-                                 newton_iterations=newton_iterations)
-  return whiten_training(x, groups, statistics)[0]
+  if is_traced(x):
+    return _whiten(x, groups=groups, method=method, epsilon=epsilon, newton_iterations=newton_iterations)
+  # Called eagerly: one compiled program, as BatchWhitening's (the same operations, rounded alike).
+  return _whiten_compiled(x, groups=groups, method=method, epsilon=epsilon, newton_iterations=newton_iterations,
+                          autodiff=autodiff_enabled())
+
+
+def _whiten(x: jax.Array, *, groups: int, **settings: Any) -> jax.Array:
+  """`whiten` with G = `groups` and the settings of `whitening_matrix`."""
+  return whiten_training(x, groups, functools.partial(_batch_statistics, **settings))[0]
+
+
+@functools.partial(jax.jit, static_argnames=('groups', 'method', 'epsilon', 'newton_iterations', 'autodiff'))
+def _whiten_compiled(x: jax.Array, *, autodiff: bool, **settings: Any) -> jax.Array:
+  with autodiff_backward(autodiff):
+    return _whiten(x, **settings)
 
 
 def check_bw_settings(settings: Any) -> None:
@@ -349,13 +362,17 @@ class BatchWhitening(nn.Module):
       raise ValueError(f'BatchWhitening needs at least 2 samples per batch in training to estimate a '
                        f'covariance; got {x.size // x.shape[-1]} sample (shape {x.shape}, channels last). '
                        f'Use a larger batch or use_running_average=True.')
-    statistics = functools.partial(
-        training_statistics, method=self.method, epsilon=self.epsilon,
-        newton_iterations=self.newton_iterations, momentum=self.momentum, center_with=self.center_with,
-        whiten_with=self.whiten_with,
-        running_whitening=not self.is_initializing() and self.whiten_with == 'batch')
+    settings = dict(method=self.method, epsilon=self.epsilon, newton_iterations=self.newton_iterations,
+                    momentum=self.momentum, center_with=self.center_with, whiten_with=self.whiten_with,
+                    running_whitening=not self.is_initializing() and self.whiten_with == 'batch')
     if axis_name is None and mask is None:  # the closed-form backward pass (whitening_vjp.py)
-      return whiten_training(x, groups, statistics, running, scale=affine[0], bias=affine[1])
+      if is_traced(x, running, affine):
+        return _whiten_batch(x, running, *affine, groups=groups, **settings)
+      # Called eagerly (a notebook, a test): one compiled program per shape and settings instead of ~100
+      # dispatched operations, each compiled on its first shape.
+      return _whiten_batch_compiled(x, running, *affine, groups=groups, autodiff=autodiff_enabled(),
+                                    **settings)
+    statistics = functools.partial(training_statistics, **settings)
     # per-device (masked) sums and one collective, differentiated by autodiff
     batch = batch_moments(x, self.group_size, axis_name=axis_name, axis_index_groups=self.axis_index_groups,
                           shift=running[0] if axis_name is not None else None, mask=mask)
@@ -368,6 +385,28 @@ class BatchWhitening(nn.Module):
       return {}
     return {name: self.variable(HEALTH_COLLECTION, name, lambda: jnp.zeros((), jnp.float32))
             for name in HEALTH_COUNTERS}
+
+
+def is_traced(*trees: Any) -> bool:
+  """Whether any array of `trees` is being traced into a program (jit, grad, vmap, …): then a layer's
+  operations belong to that program; otherwise they run eagerly, one by one."""
+  return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees))
+
+
+def _whiten_batch(x: jax.Array, running: tuple[jax.Array, ...], scale: jax.Array | None,
+                  bias: jax.Array | None, *, groups: int, **settings: Any):
+  """`BatchWhitening._train` without mask or axis name: `whiten_training` with `training_statistics`."""
+  return whiten_training(x, groups, functools.partial(training_statistics, **settings), running, scale=scale,
+                         bias=bias)
+
+
+@functools.partial(jax.jit, static_argnames=('groups', 'autodiff', 'method', 'epsilon', 'newton_iterations',
+                                             'momentum', 'center_with', 'whiten_with', 'running_whitening'))
+def _whiten_batch_compiled(x, running, scale, bias, *, groups, autodiff, **settings):
+  """`_whiten_batch` as one compiled program, for eager calls; `autodiff`: `autodiff_enabled()` of the caller
+  (read at trace time, so it is part of the cache key)."""
+  with autodiff_backward(autodiff):
+    return _whiten_batch(x, running, scale, bias, groups=groups, **settings)
 
 
 def training_statistics(

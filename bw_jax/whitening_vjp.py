@@ -56,6 +56,11 @@ def autodiff_backward(enabled: bool = True) -> Iterator[None]:
     _AUTODIFF.reset(token)
 
 
+def autodiff_enabled() -> bool:
+  """Whether layers traced now are differentiated by autodiff (inside `autodiff_backward()`)."""
+  return _AUTODIFF.get()
+
+
 def _group_product(matrices: jax.Array, vector: jax.Array) -> jax.Array:
   """M_g v_g per group: (G, g, g), (C,) -> (C,)."""
   return jnp.einsum('gij,gj->gi', matrices, vector.reshape(matrices.shape[0], -1)).reshape(-1)

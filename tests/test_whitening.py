@@ -260,6 +260,29 @@ def test_affine_scale_and_bias_apply_per_channel_after_whitening():
   np.testing.assert_allclose(y, gamma * np.asarray(bw.whiten(x, 3)) + beta, atol=1e-5)
 
 
+def test_eager_calls_run_one_compiled_program_per_shape_with_the_traced_layer_s_results():
+  """Called eagerly, the layer and `whiten` run one compiled program per shape and settings (not ~100
+  dispatched operations), with the results of the same call traced into a jitted function; the autodiff
+  switch of `autodiff_backward()` is part of the program's key."""
+  module = bw.BatchWhitening(group_size=3, momentum=0.5)
+  x = correlated(34, (16, 6)).astype(np.float32)
+  variables = module.init(jax.random.key(0), x, use_running_average=False)
+  compiled, whiten_compiled = bw._whiten_batch_compiled, bw._whiten_compiled
+  compiled.clear_cache(), whiten_compiled.clear_cache()
+  eager = [train_apply(module, variables, x + shift) for shift in (0.0, 1.0)]  # one shape, twice
+  assert compiled._cache_size() == 1
+  for shift, (y, updates) in zip((0.0, 1.0), eager):
+    y_jit, updates_jit = jax.jit(lambda v, x: train_apply(module, v, x))(variables, x + shift)
+    np.testing.assert_allclose(y, y_jit, rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(updates_jit)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  with bw.autodiff_backward():
+    train_apply(module, variables, x)
+  assert compiled._cache_size() == 2
+  np.testing.assert_allclose(bw.whiten(x, 3), jax.jit(lambda x: bw.whiten(x, 3))(x), rtol=1e-6, atol=1e-6)
+  assert whiten_compiled._cache_size() == 1
+
+
 def test_eval_runs_no_factorisation():
   module = bw.BatchWhitening(group_size=4, method='zca')
   x = jnp.ones((2, 8))
