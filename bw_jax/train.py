@@ -205,11 +205,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   num_examples = data.split_size(config.dataset, config.dataset.train_split)
   num_classes = model_num_classes(config, data.class_count(config.dataset))
   steps_per_epoch, num_train_steps = training_length(config, num_examples)
+  eval_examples = data.split_size(config.dataset, config.dataset.eval_split)
+  if eval_examples < 1:
+    raise ValueError(f'config.dataset.eval_split={config.dataset.eval_split!r} holds no examples of '
+                     f'{config.dataset.name}; name a split or a non-empty slice of one (e.g. '
+                     f"'{config.dataset.eval_split.split('[')[0]}[:2000]').")
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
   if jax.process_index() == 0:
     print(f'{config.dataset.name} split {config.dataset.train_split!r}: {num_examples} examples, '
           f'{num_classes} classes; {steps_per_epoch} steps of {config.batch_size} per epoch, '
-          f'{num_train_steps} steps ({num_train_steps / steps_per_epoch:.3g} epochs)', flush=True)
+          f'{num_train_steps} steps ({num_train_steps / steps_per_epoch:.3g} epochs); eval on '
+          f'{config.dataset.eval_split!r}: {eval_examples} examples', flush=True)
     for problem in schedule_problems(config, steps_per_epoch, num_train_steps):
       print(f'Warning: {problem}', flush=True)
   os.makedirs(workdir, exist_ok=True)

@@ -211,3 +211,38 @@ def test_split_size_is_the_length_of_the_label_files():
 def read_labels(split):
   """The labels of `split` parsed here from the raw bytes: 8 header bytes, then one uint8 per example."""
   return np.frombuffer(raw_bytes(fashion_mnist.FILES[split][1])[8:], np.uint8)
+
+
+SLICES = ['test', 'test[:2000]', 'train[:10%]', 'train[-10%:]', 'test[-500:]', 'test[10:-10]', 'train[33%:67%]',
+          'train[:0.5%]', 'train[0.05%:0.15%]', 'test[-1%:]', 'test[:-1%]', 'test[-10000:]']
+BAD_SLICES = ['val', 'test[5000:20000]', 'test[-20000:]', 'test[-120%:]', 'train[ :5]', 'test[:2000', 'test[a:]']
+
+
+@pytest.mark.parametrize('split', SLICES)
+def test_slices_read_the_rows_tfds_reads(split):
+  """TFDS's own reading of the same string (ReadInstruction) is the reference: the rows, and what
+  split_size counts and load yields (the labels parsed here from the raw bytes)."""
+  import tensorflow_datasets as tfds
+  infos = {name: tfds.core.SplitInfo(name=name, shard_lengths=[count], num_bytes=0, filename_template=None)
+           for name, count in fashion_mnist.INFO.num_examples.items()}
+  reference, = tfds.core.ReadInstruction.from_spec(split).to_absolute(infos)
+  name, rows = fashion_mnist.parse_split(split)
+  size = fashion_mnist.INFO.num_examples[name]
+  assert (name, rows.start, rows.stop) == (reference.splitname, reference.from_ or 0,
+                                           size if reference.to is None else reference.to)
+  require_real_data()
+  expected = read_labels(name)[rows]
+  assert data.split_size(config(), split) == len(expected)
+  labels = fashion_mnist.load(split, config()).map(lambda example: example['label']).batch(60_000)
+  np.testing.assert_array_equal(np.concatenate(list(labels.as_numpy_iterator())), expected)
+
+
+@pytest.mark.parametrize('split', BAD_SLICES)
+def test_bad_slices_are_rejected_as_tfds_rejects_them(split):
+  import tensorflow_datasets as tfds
+  infos = {name: tfds.core.SplitInfo(name=name, shard_lengths=[count], num_bytes=0, filename_template=None)
+           for name, count in fashion_mnist.INFO.num_examples.items()}
+  with pytest.raises((ValueError, KeyError, AssertionError)):
+    tfds.core.ReadInstruction.from_spec(split).to_absolute(infos)
+  with pytest.raises(ValueError, match=r"Fashion-MNIST has splits|must lie in"):
+    fashion_mnist.parse_split(split)

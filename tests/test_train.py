@@ -29,6 +29,11 @@ jax.config.update('jax_compilation_cache_dir', os.path.join(REPO, '.pytest_cache
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
 
+# configs/smoke.py evaluates on the first 2,000 test images ('test[:2000]'); the references here slice the
+# whole split themselves.
+SMOKE_EVAL_EXAMPLES = 2000
+assert smoke.get_config().dataset.eval_split == f'test[:{SMOKE_EVAL_EXAMPLES}]'
+
 SUMMARY_KEYS = {'eval_accuracy', 'eval_loss', 'step', 'epochs', 'train_images_per_sec', 'wall_seconds',
                 'config'}
 
@@ -66,7 +71,7 @@ def test_smoke_writes_summary_events_and_checkpoints(smoke_run):
   with open(os.path.join(workdir, 'summary.json')) as f:
     written = json.load(f)
   assert SUMMARY_KEYS <= set(written)
-  assert written['step'] == 6 and written['eval_examples'] == fashion_mnist.INFO.num_examples['test']
+  assert written['step'] == 6 and written['eval_examples'] == SMOKE_EVAL_EXAMPLES
   assert written['epochs'] == pytest.approx(6 * 16 / 60_000)
   assert written['config']['batch_size'] == 16
   assert written['train_images_per_sec'] > 0
@@ -107,12 +112,12 @@ def test_eval_accuracy_matches_an_independent_eval_of_the_checkpoint(smoke_run):
   state = restore(workdir, 6)
   config = smoke.get_config()
   model = create_model(config, fashion_mnist.INFO.num_classes)
-  images, labels = fashion_mnist.load_arrays('test', config.dataset)
+  images, labels = (a[:SMOKE_EVAL_EXAMPLES] for a in fashion_mnist.load_arrays('test', None))
   info = fashion_mnist.INFO
   images = (images.astype(np.float32) - np.float32(info.mean[0])) / np.float32(info.std[0])
   apply = jax.jit(lambda x: model.apply(
       {'params': state['params'], 'batch_stats': state['batch_stats']}, x, train=False))
-  predictions = np.concatenate([np.argmax(apply(images[i:i + 2000]), -1) for i in range(0, 10_000, 2000)])
+  predictions = np.argmax(np.asarray(apply(images)), -1)
   assert summary['eval_accuracy'] == pytest.approx(np.mean(predictions == labels), abs=1e-12)
 
 
@@ -242,7 +247,7 @@ def test_infinite_learning_rate_is_rejected():
     validate_config(config)
 
 
-@pytest.mark.parametrize('batch_size, key, value', [(16, 'batch_size', 16), (18, 'eval_batch_size', 2000)])
+@pytest.mark.parametrize('batch_size, key, value', [(16, 'batch_size', 16), (18, 'eval_batch_size', 1000)])
 def test_batch_size_not_divisible_by_the_devices_names_its_key(monkeypatch, batch_size, key, value):
   monkeypatch.setattr(jax, 'device_count', lambda: 3)
   config = smoke.get_config()
@@ -263,5 +268,17 @@ def test_missing_imagenet_fails_before_the_model_and_leaves_no_workdir(tmp_path,
   config.batch_size_per_device = None
   config.batch_size = 8  # Any size this machine's devices divide.
   with pytest.raises(FileNotFoundError, match='ILSVRC2012_img_train.tar'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+
+
+def test_empty_eval_split_fails_before_the_model_and_leaves_no_workdir(tmp_path, monkeypatch):
+  def no_model(*args, **kwargs):
+    raise AssertionError('the model was built before the eval split was counted')
+
+  monkeypatch.setattr(train, 'create_model', no_model)
+  config = smoke.get_config()
+  config.dataset.eval_split = 'test[5000:5000]'
+  with pytest.raises(ValueError, match=r"^config.dataset.eval_split='test\[5000:5000\]' holds no examples"):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()

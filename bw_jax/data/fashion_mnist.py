@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import zlib
 from typing import Any, Optional
 
@@ -133,33 +134,67 @@ def _search_dirs(dataset_config: Any) -> list[str]:
   return [data_dir] if data_dir else list(SYSTEM_DIRS)
 
 
+_BOUND = r'(-?\d+(?:\.\d+)?%|-?\d+)'
+_SLICE = re.compile(rf'^(\w+)(?:\[{_BOUND}?:{_BOUND}?\])?$')
+
+
+def parse_split(split: str) -> tuple[str, slice]:
+  """A split name and the rows it reads, as TFDS reads the same string: 'test' -> ('test', slice(0, 10000));
+  'train[:10%]' -> ('train', slice(0, 6000)); 'test[-500:]' -> ('test', slice(9500, 10000)). Bounds are
+  example counts or percentages (rounded to the closest example, TFDS's default), negative from the end;
+  an example count beyond the split is an error, as in TFDS."""
+  match = _SLICE.match(split)
+  if not match or match.group(1) not in FILES:
+    raise ValueError(f'Fashion-MNIST has splits {sorted(FILES)}, optionally sliced as TFDS slices them '
+                     f"('train[:50000]', 'train[-10%:]', 'test[:2000]'), not {split!r}.")
+  name, start, stop = match.groups()
+  size = INFO.num_examples[name]
+
+  def absolute(bound: Optional[str], default: int) -> int:
+    if bound is None:
+      return default
+    if bound.endswith('%'):
+      percent = float(bound[:-1])
+      if abs(percent) > 100:
+        raise ValueError(f'{split!r}: a percentage must lie in [-100%, 100%], got {bound}.')
+      index = int(round(percent * size / 100))
+    else:
+      index = int(bound)
+      if abs(index) > size:
+        raise ValueError(f'{split!r}: {name!r} has {size} examples, so an example bound must lie in '
+                         f'[-{size}, {size}], got {index}.')
+    return index + size if index < 0 else index
+  return name, slice(absolute(start, 0), absolute(stop, size))
+
+
 def split_files(split: str, dataset_config: Any) -> Optional[tuple[str, str]]:
-  """(images path, labels path) of `split`: in `data_dir` when set (DataNotFoundError if the files are not
-  there), else in the first system folder with the files, else None."""
-  if split not in FILES:
-    raise ValueError(f'Fashion-MNIST has splits {sorted(FILES)}, not {split!r}.')
+  """(images path, labels path) of `split` (its slice left out): in `data_dir` when set (DataNotFoundError if
+  the files are not there), else in the first system folder with the files, else None."""
+  split = parse_split(split)[0]
   data_dir = getattr(dataset_config, 'data_dir', None)
   files = required_files(data_dir) if data_dir else next(filter(None, map(find_files, SYSTEM_DIRS)), None)
   return None if files is None else files[split]
 
 
 def load_arrays(split: str, dataset_config: Any) -> Optional[tuple[np.ndarray, np.ndarray]]:
-  """(images uint8 (N, 28, 28, 1), labels uint8 (N,)) of `split_files`, checked; None without files."""
+  """(images uint8 (N, 28, 28, 1), labels uint8 (N,)) of `split_files`, checked whole, then sliced as
+  `split` says; None without files."""
   paths = split_files(split, dataset_config)
   if paths is None:
     return None
+  name, rows = parse_split(split)
   images_path, labels_path = paths
   images, labels = read_idx(images_path), read_idx(labels_path)
-  check_arrays(split, images_path, images, labels_path, labels)
-  return images[..., None], labels
+  check_arrays(name, images_path, images, labels_path, labels)
+  return images[rows, ..., None], labels[rows]
 
 
 def count_examples(split: str, dataset_config: Any) -> int:
-  """Examples in `split`: the length of its label array (only the small labels file is read), or TFDS's
-  split info on the TFDS path."""
+  """Examples in `split`: the length of its (sliced) label array (only the small labels file is read), or
+  TFDS's split info on the TFDS path."""
   paths = split_files(split, dataset_config)
   if paths is not None:
-    return len(read_idx(paths[1]))
+    return len(read_idx(paths[1])[parse_split(split)[1]])
   return int(_load_tfds(split, dataset_config).cardinality())
 
 
@@ -181,7 +216,8 @@ def _load_tfds(split: str, dataset_config: Any) -> tf.data.Dataset:
 
 
 def load(split: str, dataset_config: Any) -> tf.data.Dataset:
-  """Raw examples of `split` ('train' or 'test'): {'image': uint8 (28, 28, 1), 'label': uint8}, file order.
+  """Raw examples of `split` ('train' or 'test', or a TFDS slice of one: `parse_split`): {'image': uint8
+  (28, 28, 1), 'label': uint8}, file order.
 
   Raises DataNotFoundError (a FileNotFoundError) naming the install command when the data is nowhere.
   """
