@@ -29,7 +29,7 @@ from bw_jax import train
 from bw_jax.checkpoints import CheckpointError, latest_checkpoint_step
 from bw_jax.cli_errors import exit_with_error
 from bw_jax.config_files import add_config_root, config_path_in_flags
-from bw_jax.runtime import configure_cpu_dispatch
+from bw_jax.runtime import configure_cpu_dispatch, skip_final_garbage_collection
 
 FLAGS = flags.FLAGS
 EXIT_INTERRUPTED = 130  # The shell's status for a process stopped by Ctrl-C (128 + SIGINT).
@@ -114,6 +114,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  skip_final_garbage_collection()
   if (config_path := config_path_in_flags(sys.argv[1:])) is not None:
     add_config_root(config_path)  # Before the flags load it: its `from configs import …` works from anywhere.
   app.run(main, flags_parser=parse_flags)

@@ -1,4 +1,7 @@
-"""JAX process settings shared by every entry point (training, sweep workers, tests, benchmarks)."""
+"""Process settings shared by every entry point (training, sweep workers, tests, benchmarks)."""
+
+import atexit
+import gc
 
 import jax
 from jax._src import xla_bridge  # Private: the only way to ask whether the CPU client exists yet.
@@ -22,3 +25,12 @@ def configure_cpu_dispatch() -> None:
     raise RuntimeError('configure_cpu_dispatch() was called after JAX created its devices, so the CPU '
                        'client stays asynchronous; call it before the first computation or device query.')
   jax.config.update('jax_cpu_enable_async_dispatch', False)
+
+
+def skip_final_garbage_collection() -> None:
+  """Has the interpreter's exit skip the garbage collections over everything still alive (gc.freeze, run as
+  an exit handler): TensorFlow's and JAX's object graphs made those cost 1.3–1.7 CPU-s of every process's
+  exit here (a smoke run of `bw_jax.main`: 16.4 → 14.8 CPU-s, measured). Objects are still released by
+  reference counting at exit; only cyclic garbage left at exit is not finalised, which Python does not
+  promise either. Call it in an entry point's `__main__`."""
+  atexit.register(gc.freeze)

@@ -20,7 +20,7 @@ import time
 
 import jax
 
-from bw_jax.runtime import configure_cpu_dispatch
+from bw_jax.runtime import configure_cpu_dispatch, skip_final_garbage_collection
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAUSED = 'PAUSED'
@@ -219,5 +219,6 @@ def main_with_pause(pause_at: int, flags: list[str]) -> None:
 
 
 if __name__ == '__main__':
+  skip_final_garbage_collection()
   configure_jax(compilation_cache=not os.environ.get('BW_JAX_TEST_NO_CACHE'))
   main_with_pause(int(sys.argv[1]), sys.argv[2:])

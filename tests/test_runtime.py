@@ -1,5 +1,6 @@
-"""bw_jax.runtime.configure_cpu_dispatch, in fresh processes (JAX reads the setting when it creates its CPU
-client), and the entry points that must call it before anything creates the devices."""
+"""bw_jax.runtime in fresh processes: configure_cpu_dispatch (JAX reads the setting when it creates its CPU
+client), and the entry points that must call it before anything creates the devices; and
+skip_final_garbage_collection."""
 
 import os
 import subprocess
@@ -63,3 +64,22 @@ def test_entry_points_train_with_synchronous_dispatch(command, tmp_path):
   done = run_python('-c', ENTRY_POINT, *[arg.format(out=tmp_path / 'out') for arg in command])
   assert done.returncode == 0, done.stdout + done.stderr
   assert 'ready' in done.stdout.split(), done.stdout
+
+
+# An exit handler registered first runs last: it sees what skip_final_garbage_collection's handler did.
+FREEZE_AT_EXIT = """
+import atexit, gc, sys
+atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0, flush=True))
+from bw_jax.runtime import skip_final_garbage_collection
+if sys.argv[1] == 'skip':
+  skip_final_garbage_collection()
+print('frozen before exit:', gc.get_freeze_count() > 0, flush=True)
+"""
+
+
+@pytest.mark.parametrize('mode', ['skip', 'default'])
+def test_skip_final_garbage_collection_freezes_what_is_alive_once_the_program_ends(mode):
+  result = run_process([sys.executable, '-c', FREEZE_AT_EXIT, mode], cwd=REPO, env=subprocess_env())
+  assert result.returncode == 0, result.stderr
+  skip = mode == 'skip'
+  assert result.stdout.splitlines() == ['frozen before exit: False', f'frozen at exit: {skip}'], result.stdout

@@ -440,4 +440,6 @@ def test_two_hosts_resume_and_match_one_process(two_hosts):
 
 
 if __name__ == '__main__':
+  from bw_jax.runtime import skip_final_garbage_collection
+  skip_final_garbage_collection()
   sharded_steps(sys.argv[1], sys.argv[2])

@@ -198,4 +198,6 @@ def test_imagenet_example_pmean_of_batch_stats_averages_the_devices_statistics(d
 
 
 if __name__ == '__main__':
+  from bw_jax.runtime import skip_final_garbage_collection
+  skip_final_garbage_collection()
   print(json.dumps(run_device_checks()))

@@ -183,4 +183,6 @@ def test_training_step_matches_one_device(results, case, placement):
 
 
 if __name__ == '__main__':
+  from bw_jax.runtime import skip_final_garbage_collection
+  skip_final_garbage_collection()
   print(json.dumps(run_checks()))

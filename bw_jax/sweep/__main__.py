@@ -34,7 +34,7 @@ except ImportError as error:  # An install without the extra: say what to instal
 
 from bw_jax.cli_errors import exit_with_error
 from bw_jax.config_files import apply_overrides, load_config_file
-from bw_jax.runtime import configure_cpu_dispatch
+from bw_jax.runtime import configure_cpu_dispatch, skip_final_garbage_collection
 from bw_jax.sweep.compare import (RunSampler, check_compare_config, join_compare_record, machine_record,
                                   sweep_config)
 from bw_jax.sweep.space import check_sweep_config, check_trial_schedules
@@ -161,4 +161,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
+  skip_final_garbage_collection()
   main()
