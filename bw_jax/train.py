@@ -89,7 +89,7 @@ def eval_batch_size(config: ml_collections.ConfigDict) -> int:
   return config.batch_size if config.eval_batch_size is None else config.eval_batch_size
 
 
-def initial_state(config: ml_collections.ConfigDict, model: Any, tx: Any, replicated: NamedSharding
+def initial_state(config: ml_collections.ConfigDict, model: Any, tx: Any, replicated: jax.sharding.Sharding
                   ) -> TrainState:
   """Fresh parameters and statistics from `config.seed`, replicated over the mesh."""
   size, channels = config.dataset.image_size, data.dataset_module(config.dataset.name).INFO.image_shape[2]
@@ -105,7 +105,7 @@ def initial_state(config: ml_collections.ConfigDict, model: Any, tx: Any, replic
                              bw_health=variables.get('bw_health', {}),
                              ema_params=params if config.ema_decay > 0 else {})
   seed = np.int32(config.seed)  # NumPy: the same value on every host, replicated.
-  cpu = replicated.mesh.devices.flat[0].platform == 'cpu'
+  cpu = next(iter(replicated.device_set)).platform == 'cpu'
   return init.lower(seed).compile(compiler_options=CPU_INIT_COMPILER_OPTIONS if cpu else None)(seed)
 
 

@@ -168,10 +168,11 @@ def test_every_combination_gives_finite_logits_in_train_and_eval(stem_type, mbco
   model = en.EfficientNet(num_classes=5, stem_type=stem_type, mbconv_type=mbconv_type, head_type=head_type,
                           bw=BWSettings(group_size=4), **TINY)
   # Eager on purpose: the 16 variants share most op shapes, and eager ops are compiled once per shape and
-  # cached, where jitting each variant would compile 16 whole networks (minutes on 2 cores).
-  variables = model.init(jax.random.key(0), images, train=False)
+  # cached, where jitting each variant would compile 16 whole networks (minutes on 2 cores). Keys of XLA's
+  # RNG ('rbg'): each parameter shape's initialiser compiles a small program instead of a threefry hash.
+  variables = model.init(jax.random.key(0, impl='rbg'), images, train=False)
   logits, updates = model.apply(variables, images, train=True, mutable=['batch_stats'],
-                                rngs={'dropout': jax.random.key(1)})
+                                rngs={'dropout': jax.random.key(1, impl='rbg')})
   eval_logits = model.apply({**variables, **updates}, images, train=False)
   for out in (logits, eval_logits):
     assert out.shape == (8, 5) and out.dtype == jnp.float32
