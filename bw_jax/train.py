@@ -6,6 +6,8 @@ statistics are those of the global batch; the train state is replicated. Orbax c
 the step), and dropout keys are `fold_in(seed key, step)`, so a resumed run repeats the uninterrupted one.
 """
 
+import collections
+import dataclasses
 import functools
 import json
 import os
@@ -15,6 +17,7 @@ import time
 from typing import Any, Callable, Iterator
 
 from absl import logging
+import flax
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -23,20 +26,21 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from bw_jax import data
-from bw_jax.checkpoints import Checkpoints, say
+from bw_jax.checkpoints import Checkpoints, json_config, say
 from bw_jax.config_validation import validate_config, with_global_batch_size
 from bw_jax.data.on_device import normalise_images, prefetch_to_device, shard_batch
 from bw_jax.train_utils import (Progress, TrainState, bw_health, bw_health_report, bw_totals,
                                 create_learning_rate_fn, create_metric_writer, create_model, create_optimizer,
                                 cross_entropy, hyperparameters, memory_report, model_num_classes,
-                                schedule_problems, train_batch_spec, update_ema)
+                                schedule_lengths, schedule_problems, train_batch_spec, update_ema)
 
 
-def train_step(state: TrainState, batch: dict, *, model: Any, learning_rate_fn: Any, num_classes: int,
-               label_smoothing: float, ema_decay: float, dropout_key: jax.Array,
+def train_step(state: TrainState, batch: dict, dropout_key: jax.Array, *, model: Any, learning_rate_fn: Any,
+               num_classes: int, label_smoothing: float, ema_decay: float,
                normalise: Callable[[jax.Array], jax.Array] | None = None) -> tuple[TrainState, dict]:
   """One SGD step on a global batch {'image': (B, S, S, C), 'label': (B,)}; returns scalar metrics.
 
+  `dropout_key` is the run's (`run_dropout_key`); the step's own is `fold_in(dropout_key, state.step)`.
   `normalise` turns the batch's images (uint8 pixels) into the model's input on the device; None: the
   images are the input already.
   """
@@ -85,6 +89,15 @@ def evaluate(eval_fn: Any, state: TrainState, config: ml_collections.ConfigDict,
   return {'loss': totals['loss'] / count, 'accuracy': totals['correct'] / count, 'count': int(count)}
 
 
+def run_dropout_key(seed: int, replicated: jax.sharding.Sharding) -> jax.Array:
+  """The run's dropout key, `fold_in(key(seed), 1)`, as a global array replicated over the mesh.
+
+  An argument of the train step rather than a constant bound into it: every seed of a comparison then runs
+  one compiled train step (persistent cache) instead of compiling its own.
+  """
+  return jax.jit(lambda s: jax.random.fold_in(jax.random.key(s), 1), out_shardings=replicated)(np.int32(seed))
+
+
 def eval_batch_size(config: ml_collections.ConfigDict) -> int:
   return config.batch_size if config.eval_batch_size is None else config.eval_batch_size
 
@@ -92,6 +105,12 @@ def eval_batch_size(config: ml_collections.ConfigDict) -> int:
 def initial_state(config: ml_collections.ConfigDict, model: Any, tx: Any, replicated: jax.sharding.Sharding
                   ) -> TrainState:
   """Fresh parameters and statistics from `config.seed`, replicated over the mesh."""
+  return compiled_init(config, model, tx, replicated)(np.int32(config.seed))
+
+
+def compiled_init(config: ml_collections.ConfigDict, model: Any, tx: Any, replicated: jax.sharding.Sharding
+                  ) -> Callable[[np.int32], TrainState]:
+  """The compiled init: seed (a NumPy int32, the same on every host) -> a fresh TrainState on `replicated`."""
   size, channels = config.dataset.image_size, data.dataset_module(config.dataset.name).INFO.image_shape[2]
 
   # The seed is an argument, not a constant of the program: one compiled init (persistent cache) serves every
@@ -100,13 +119,14 @@ def initial_state(config: ml_collections.ConfigDict, model: Any, tx: Any, replic
   def init(seed):
     variables = model.init(jax.random.key(seed), jnp.zeros((1, size, size, channels)), train=False)
     params = variables['params']
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                             batch_stats=variables.get('batch_stats', {}),
-                             bw_health=variables.get('bw_health', {}),
-                             ema_params=params if config.ema_decay > 0 else {})
-  seed = np.int32(config.seed)  # NumPy: the same value on every host, replicated.
+    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                              batch_stats=variables.get('batch_stats', {}),
+                              bw_health=variables.get('bw_health', {}),
+                              ema_params=params if config.ema_decay > 0 else {})
+    # A strongly typed step, as a restored one is: else a fresh and a resumed run trace two train steps.
+    return state.replace(step=jnp.asarray(state.step, jnp.int32))
   cpu = next(iter(replicated.device_set)).platform == 'cpu'
-  return init.lower(seed).compile(compiler_options=CPU_INIT_COMPILER_OPTIONS if cpu else None)(seed)
+  return init.lower(np.int32(0)).compile(compiler_options=CPU_INIT_COMPILER_OPTIONS if cpu else None)
 
 
 # The init runs once, and its program is large (a threefry hash per parameter: ~17,500 lines for the smoke
@@ -114,6 +134,76 @@ def initial_state(config: ml_collections.ConfigDict, model: Any, tx: Any, replic
 # measured) with bit-identical parameters (test_compare checks them against flax's own jitted init). -O0
 # would be faster still but changes the parameters' last bits.
 CPU_INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 1}
+
+
+# Config keys that never reach a compiled program: how the host reads the data, the loop's intervals and
+# checkpoints, and the seed (an argument of the init and of the train step). The run's length reaches the
+# programs only through the learning-rate schedule's lengths, which `programs_key` holds instead. Every other
+# key is part of the programs' identity: a key added to the schema is one until it is listed here.
+HOST_ONLY_KEYS = ('seed', 'num_train_steps', 'num_epochs', 'log_every_steps', 'eval_every_steps',
+                  'checkpoint_every_steps', 'keep_checkpoints', 'eval_batch_size', 'bw_max_fallbacks',
+                  'resume_allow_changes', 'print_memory', 'dataset.data_dir', 'dataset.train_split',
+                  'dataset.eval_split', 'dataset.shuffle_buffer', 'dataset.augment')
+PROGRAMS_KEPT = 4  # Sets of programs a process keeps for its next runs (a sweep worker's next trials).
+
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+  """What a run compiles, kept by `programs_for` for the process's later runs of the same programs (a sweep
+  worker's trials, a test's runs): building them again costs seconds of tracing per run even when XLA's
+  persistent cache holds the compiled code.
+
+  `init(np.int32(seed)) -> TrainState`; `train_step(state, batch, dropout_key) -> (state, metrics)` (donates
+  the state); `eval_step(state, batch) -> sums`. Batches are sharded by `data_sharding`.
+  """
+  model: Any
+  learning_rate_fn: Callable[[Any], Any]
+  replicated: NamedSharding
+  data_sharding: NamedSharding
+  init: Callable[[np.int32], TrainState]
+  train_step: Any
+  eval_step: Any
+
+
+_kept_programs: collections.OrderedDict[str, Programs] = collections.OrderedDict()
+
+
+def programs_key(config: ml_collections.ConfigDict, num_classes: int, steps_per_epoch: int,
+                 num_train_steps: int) -> str:
+  """The identity of `config`'s programs: its keys but HOST_ONLY_KEYS, the class count, the schedule's
+  lengths (`schedule_lengths`: a run of 3 steps and one of 6 share a staircase schedule) and the devices."""
+  flat = flax.traverse_util.flatten_dict(json_config(config), sep='.')
+  kept = {k: v for k, v in flat.items() if not any(k == h or k.startswith(h + '.') for h in HOST_ONLY_KEYS)}
+  lengths = schedule_lengths(config, steps_per_epoch, num_train_steps)
+  return json.dumps([kept, num_classes, lengths, [d.id for d in jax.devices()]], sort_keys=True)
+
+
+def programs_for(config: ml_collections.ConfigDict, num_classes: int, steps_per_epoch: int,
+                 num_train_steps: int) -> Programs:
+  """`config`'s programs over a mesh of all devices: built on first use, then kept (the last PROGRAMS_KEPT)."""
+  key = programs_key(config, num_classes, steps_per_epoch, num_train_steps)
+  if key in _kept_programs:
+    _kept_programs.move_to_end(key)
+    return _kept_programs[key]
+  mesh = Mesh(jax.devices(), ('data',))
+  replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  model = create_model(config, num_classes)
+  learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch, num_train_steps)
+  info = data.dataset_module(config.dataset.name).INFO
+  normalise = functools.partial(normalise_images, mean=info.mean, std=info.std)  # On the device.
+  train_fn = jax.jit(
+      functools.partial(train_step, model=model, learning_rate_fn=learning_rate_fn, num_classes=num_classes,
+                        label_smoothing=config.label_smoothing, ema_decay=config.ema_decay, normalise=normalise),
+      in_shardings=(replicated, data_sharding, replicated), out_shardings=(replicated, replicated),
+      donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(eval_step, model=model, num_classes=num_classes,
+                                      use_ema=config.ema_decay > 0, normalise=normalise),
+                    in_shardings=(replicated, data_sharding), out_shardings=replicated)
+  init = compiled_init(config, model, create_optimizer(config, learning_rate_fn), replicated)
+  _kept_programs[key] = Programs(model, learning_rate_fn, replicated, data_sharding, init, train_fn, eval_fn)
+  while len(_kept_programs) > PROGRAMS_KEPT:
+    _kept_programs.popitem(last=False)
+  return _kept_programs[key]
 
 
 class PreemptionNotice:
@@ -229,31 +319,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       print(f'Warning: {problem}', flush=True)
   os.makedirs(workdir, exist_ok=True)
 
-  mesh = Mesh(jax.devices(), ('data',))
-  replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-  model = create_model(config, num_classes)
-  learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch, num_train_steps)
-  info = data.dataset_module(config.dataset.name).INFO
-  normalise = functools.partial(normalise_images, mean=info.mean, std=info.std)  # On the device.
   # Before compiling anything: creating the manager is the hosts' first collective (Orbax syncs them), and
   # gloo (CPU) gives up on a host that joins its first collective over 30 s late, as one compiling longer can.
   checkpoints = Checkpoints(os.path.join(os.path.abspath(workdir), 'checkpoints'), config)
-  state = initial_state(config, model, create_optimizer(config, learning_rate_fn), replicated)
-  state = checkpoints.restore_latest(state)
+  programs = programs_for(config, num_classes, steps_per_epoch, num_train_steps)
+  replicated, data_sharding = programs.replicated, programs.data_sharding
+  train_fn, eval_fn = programs.train_step, programs.eval_step
+  state = checkpoints.restore_latest(programs.init(np.int32(config.seed)))
   start_step = int(state.step)
-
-  train_fn = jax.jit(
-      functools.partial(train_step, model=model, learning_rate_fn=learning_rate_fn, num_classes=num_classes,
-                        label_smoothing=config.label_smoothing, ema_decay=config.ema_decay,
-                        dropout_key=jax.random.fold_in(jax.random.key(config.seed), 1), normalise=normalise),
-      in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated), donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(eval_step, model=model, num_classes=num_classes,
-                                      use_ema=config.ema_decay > 0, normalise=normalise),
-                    in_shardings=(replicated, data_sharding), out_shardings=replicated)
+  dropout_key = run_dropout_key(config.seed, replicated)
   if config.print_memory:  # Compiles the step once more, ahead of training: off by default.
     size = config.dataset.image_size
-    batch_spec = train_batch_spec(config.batch_size, (size, size, info.image_shape[2]), data_sharding)
-    report = memory_report(train_fn.lower(state, batch_spec).compile())
+    channels = data.dataset_module(config.dataset.name).INFO.image_shape[2]
+    batch_spec = train_batch_spec(config.batch_size, (size, size, channels), data_sharding)
+    report = memory_report(train_fn.lower(state, batch_spec, dropout_key).compile())
     if jax.process_index() == 0:
       print(report, flush=True)
   writer = create_metric_writer(workdir)
@@ -311,7 +390,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           flush=True)
   try:
     for step in range(start_step + 1, num_train_steps + 1):
-      state, metrics = train_fn(state, next(train_batches))
+      state, metrics = train_fn(state, next(train_batches), dropout_key)
       window.append((step, metrics))
       if steady_start is None:  # Compile and the first step are not steady state.
         jax.block_until_ready(state)

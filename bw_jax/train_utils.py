@@ -63,16 +63,25 @@ def decay_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
   return max(1, int(round(config.decay_epochs * steps_per_epoch)))
 
 
+def schedule_lengths(config: ml_collections.ConfigDict, steps_per_epoch: int, num_train_steps: int
+                     ) -> tuple[int, int]:
+  """(warm-up steps, decay steps): the steps of the cosine after the warm-up, or the staircase's period.
+  With the config's rates, all that the run's length changes in the schedule."""
+  warmup = warmup_steps(config, steps_per_epoch, num_train_steps)
+  if config.lr_schedule == 'cosine':
+    return warmup, max(1, num_train_steps - warmup)
+  return warmup, decay_steps(config, steps_per_epoch)
+
+
 def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int,
                             num_train_steps: int) -> optax.Schedule:
   """Linear warm-up to the peak, then cosine to 0 at `num_train_steps` or TF's staircase exponential."""
   peak = peak_learning_rate(config)
-  warmup = warmup_steps(config, steps_per_epoch, num_train_steps)
+  warmup, decay_length = schedule_lengths(config, steps_per_epoch, num_train_steps)
   if config.lr_schedule == 'cosine':
-    decay = optax.cosine_decay_schedule(peak, max(1, num_train_steps - warmup))
+    decay = optax.cosine_decay_schedule(peak, decay_length)
   else:
-    decay = optax.exponential_decay(peak, decay_steps(config, steps_per_epoch), config.decay_rate,
-                                    staircase=True)
+    decay = optax.exponential_decay(peak, decay_length, config.decay_rate, staircase=True)
   if warmup == 0:
     return decay
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])

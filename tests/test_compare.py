@@ -205,16 +205,14 @@ class Captured(Exception):
 
 def test_training_passes_the_seed_to_the_data_and_dropout(smoke_config, tmp_path, monkeypatch):
   """train_and_evaluate's own plumbing, stopped when it asks for the training data (nothing trains): the
-  train step is bound to a dropout key derived from config.seed, and the data iterator gets config.seed."""
+  train step's dropout key is derived from config.seed, and the data iterator gets config.seed."""
   seen = {'dropout_keys': [], 'data_seeds': []}
-  create_split = data.create_split
+  create_split, run_dropout_key = data.create_split, train.run_dropout_key
 
-  class RecordingFunctools:  # jax.jit traces a partial's bound arguments, so read the key where it is bound.
-    @staticmethod
-    def partial(func, *args, **kwargs):
-      if func is train.train_step:
-        seen['dropout_keys'].append(np.asarray(jax.random.key_data(kwargs['dropout_key'])))
-      return functools.partial(func, *args, **kwargs)
+  def recording_dropout_key(seed, sharding):
+    key = run_dropout_key(seed, sharding)
+    seen['dropout_keys'].append(np.asarray(jax.random.key_data(key)))
+    return key
 
   def recording_split(*args, **kwargs):
     if kwargs.get('train'):
@@ -222,7 +220,7 @@ def test_training_passes_the_seed_to_the_data_and_dropout(smoke_config, tmp_path
       raise Captured
     return create_split(*args, **kwargs)
 
-  monkeypatch.setattr(train, 'functools', RecordingFunctools)
+  monkeypatch.setattr(train, 'run_dropout_key', recording_dropout_key)
   monkeypatch.setattr(data, 'create_split', recording_split)
   for seed in (0, 1):  # The seeds of test_seed_sets_the_initial_parameters: its compilations are cached.
     config = ml_collections.ConfigDict(smoke_config.to_dict())

@@ -6,7 +6,9 @@ import os
 import shutil
 import signal
 
+import flax
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -15,7 +17,7 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.util.tensor_util import make_ndarray
 
 from bw_jax import train
-from bw_jax.checkpoints import saved_steps
+from bw_jax.checkpoints import json_config, saved_steps
 from bw_jax.config_validation import validate_config
 from bw_jax.data import fashion_mnist
 from bw_jax.train_utils import create_model
@@ -143,6 +145,9 @@ def test_resumed_run_ends_with_the_same_state(smoke_run, three_steps, tmp_path):
   again = train.train_and_evaluate(config, workdir, on_eval=lambda step, m: evals.append((step, m)))
   assert again['step'] == 6 and [step for step, _ in evals] == [6]
   assert evals[0][1]['accuracy'] == again['eval_accuracy'] and evals[0][1]['loss'] == again['eval_loss']
+  # The straight run, the 3 steps and both reruns ran the programs kept by the first: one trace of the step.
+  steps_per_epoch, _ = train.training_length(config, fashion_mnist.INFO.num_examples['train'])
+  assert train.programs_for(config, 10, steps_per_epoch, 6).train_step._cache_size() == 1
 
 
 @pytest.mark.slow  # Trains the smoke config.
@@ -238,6 +243,37 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(three
     train.train_and_evaluate(config, workdir)
   assert saved_steps(workdir) == [3]
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(restore(workdir, 3)['params']))
+
+
+def changed_value(value):
+  """Another value of the same JSON kind."""
+  if value is None or isinstance(value, bool):
+    return not value
+  if isinstance(value, (int, float)):
+    return value * 2 + 1
+  return value + '_x' if isinstance(value, str) else [*value, 1]
+
+
+def test_programs_key_leaves_out_the_host_only_keys_and_only_them():
+  """A run reuses the kept programs of an earlier one when their keys agree: any config key but the
+  HOST_ONLY_KEYS must change the key (a key added to the schema too); those must not."""
+  config = smoke.get_config()
+  base = train.programs_key(config, 10, 3750, 6)  # Fashion-MNIST's steps per epoch at batch 16.
+  flat = flax.traverse_util.flatten_dict(json_config(config), sep='.')
+  host_only = lambda key: any(key == h or key.startswith(h + '.') for h in train.HOST_ONLY_KEYS)
+  assert all(any(host_only(key) and key.startswith(h) for key in flat) for h in train.HOST_ONLY_KEYS)
+  for key, value in flat.items():
+    changed = flax.traverse_util.unflatten_dict({**flat, key: changed_value(value)}, sep='.')
+    same = train.programs_key(ml_collections.ConfigDict(changed), 10, 3750, 6) == base
+    assert same == host_only(key), f'{key}: {"host-only, yet" if not same else "a program key, yet not"} ' \
+                                   f'{"in" if same else "out of"} the key'
+  assert train.programs_key(config, 11, 3750, 6) != base  # The class count.
+  # The run's length reaches the programs through the schedule only: smoke's staircase does not depend on it,
+  # a cosine does.
+  assert config.lr_schedule == 'exponential' and train.programs_key(config, 10, 3750, 3) == base
+  assert train.programs_key(config, 10, 1000, 6) != base  # A staircase of 1 step instead of 4.
+  config.lr_schedule = 'cosine'
+  assert train.programs_key(config, 10, 3750, 3) != train.programs_key(config, 10, 3750, 6)
 
 
 def test_infinite_learning_rate_is_rejected():

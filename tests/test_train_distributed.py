@@ -105,10 +105,11 @@ def training(config, devices) -> tuple[train.TrainState, Any]:
   step = jax.jit(
       functools.partial(train.train_step, model=model, learning_rate_fn=learning_rate_fn,
                         num_classes=info.num_classes, label_smoothing=config.label_smoothing,
-                        ema_decay=config.ema_decay, dropout_key=jax.random.fold_in(jax.random.key(config.seed), 1),
-                        normalise=normalise(info)),
-      in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated), donate_argnums=0)
-  return state, lambda state, batch: step(state, train.shard_batch(batch, batch_sharding))[0]
+                        ema_decay=config.ema_decay, normalise=normalise(info)),
+      in_shardings=(replicated, batch_sharding, replicated), out_shardings=(replicated, replicated),
+      donate_argnums=0)
+  dropout_key = train.run_dropout_key(config.seed, replicated)
+  return state, lambda state, batch: step(state, train.shard_batch(batch, batch_sharding), dropout_key)[0]
 
 
 def snapshot(params: Any, batch_stats: Any) -> dict[str, np.ndarray]:

@@ -269,6 +269,26 @@ def test_weight_ema_is_the_hand_computed_average(tiny_step):
   np.testing.assert_allclose(with_ema['loss'], swapped['loss'], rtol=1e-6)
 
 
+def test_one_compiled_train_step_serves_every_seed_with_the_bound_keys_results(tiny_step):
+  """The dropout key is an argument of the step, not a constant: two seeds run one program, each with the
+  same result as a step compiled with its key bound in (the form before), and the seeds differ."""
+  model, state, _, images, labels = tiny_step
+  settings = dict(model=model, learning_rate_fn=optax.constant_schedule(0.1), num_classes=10,
+                  label_smoothing=0.1, ema_decay=0.5)
+  step = jax.jit(functools.partial(train.train_step, **settings))
+  batch = {'image': images[0], 'label': labels[0]}
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  params = {}
+  for seed in (0, 1):
+    params[seed] = jax.tree.leaves(step(state, batch, train.run_dropout_key(seed, device))[0].params)
+    bound_key = jax.random.fold_in(jax.random.key(seed), 1)
+    bound = jax.jit(functools.partial(train.train_step, dropout_key=bound_key, **settings))
+    for a, b in zip(params[seed], jax.tree.leaves(bound(state, batch)[0].params)):
+      np.testing.assert_array_equal(a, b)
+  assert step._cache_size() == 1
+  assert not all(np.array_equal(a, b) for a, b in zip(params[0], params[1]))  # Dropout masks differ.
+
+
 @pytest.mark.slow  # Compiles and runs training steps of the smoke model.
 def test_half_precision_keeps_float32_parameters_and_statistics():
   """bf16 activations with float32 parameters and BW/BN statistics, tracking the float32 model's logits."""
