@@ -32,18 +32,26 @@ from bw_jax.data.on_device import normalise_images, prefetch_to_device, shard_ba
 from bw_jax.train_utils import (Progress, TrainState, bw_health, bw_health_report, bw_totals,
                                 create_learning_rate_fn, create_metric_writer, create_model, create_optimizer,
                                 cross_entropy, hyperparameters, memory_report, model_num_classes,
-                                schedule_lengths, schedule_problems, train_batch_spec, update_ema)
+                                optimizer_from_rates, optimizer_rates, schedule_lengths, schedule_problems,
+                                train_batch_spec, update_ema)
 
 
-def train_step(state: TrainState, batch: dict, dropout_key: jax.Array, *, model: Any, learning_rate_fn: Any,
-               num_classes: int, label_smoothing: float, ema_decay: float,
+def train_step(state: TrainState, batch: dict, dropout_key: jax.Array, rates: dict | None = None, *,
+               model: Any, num_classes: int, label_smoothing: float, ema_decay: float,
+               learning_rate_fn: Callable[[Any], Any] | None = None,
+               optimizer_from_rates: Callable[[dict], tuple[Any, Callable[[Any], Any]]] | None = None,
                normalise: Callable[[jax.Array], jax.Array] | None = None) -> tuple[TrainState, dict]:
   """One SGD step on a global batch {'image': (B, S, S, C), 'label': (B,)}; returns scalar metrics.
 
   `dropout_key` is the run's (`run_dropout_key`); the step's own is `fold_in(dropout_key, state.step)`.
+  The optimizer is `state.tx` with the schedule `learning_rate_fn`; or, given `rates` (`optimizer_rates`:
+  peak learning rate and weight decay), the pair `optimizer_from_rates(rates)` builds from them: the rates
+  are then values rather than constants of the program, so runs that differ only in them (a sweep's
+  learning rates, a comparison's tuned arms) share one compiled step.
   `normalise` turns the batch's images (uint8 pixels) into the model's input on the device; None: the
   images are the input already.
   """
+  tx, learning_rate_fn = (state.tx, learning_rate_fn) if rates is None else optimizer_from_rates(rates)
   key = jax.random.fold_in(dropout_key, state.step)
   images = batch['image'] if normalise is None else normalise(batch['image'])
 
@@ -57,8 +65,9 @@ def train_step(state: TrainState, batch: dict, dropout_key: jax.Array, *, model:
   (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   metrics = {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
              'learning_rate': learning_rate_fn(state.step)}
-  state = state.apply_gradients(grads=grads, batch_stats=updates['batch_stats'],
-                                bw_health=updates.get('bw_health', {}))
+  # The state keeps its own optimizer (static): the one built from the rates only makes this update.
+  state = state.replace(tx=tx).apply_gradients(grads=grads, batch_stats=updates['batch_stats'],
+                                               bw_health=updates.get('bw_health', {})).replace(tx=state.tx)
   if ema_decay > 0:
     state = state.replace(ema_params=update_ema(state.ema_params, state.params, ema_decay))
   return state, metrics
@@ -136,14 +145,16 @@ def compiled_init(config: ml_collections.ConfigDict, model: Any, tx: Any, replic
 CPU_INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 1}
 
 
-# Config keys that never reach a compiled program: how the host reads the data, the loop's intervals and
-# checkpoints, and the seed (an argument of the init and of the train step). The run's length reaches the
-# programs only through the learning-rate schedule's lengths, which `programs_key` holds instead. Every other
-# key is part of the programs' identity: a key added to the schema is one until it is listed here.
-HOST_ONLY_KEYS = ('seed', 'num_train_steps', 'num_epochs', 'log_every_steps', 'eval_every_steps',
-                  'checkpoint_every_steps', 'keep_checkpoints', 'eval_batch_size', 'bw_max_fallbacks',
-                  'resume_allow_changes', 'print_memory', 'dataset.data_dir', 'dataset.train_split',
-                  'dataset.eval_split', 'dataset.shuffle_buffer', 'dataset.augment')
+# Config keys that are not constants of any compiled program: how the host reads the data, the loop's
+# intervals and checkpoints; the seed and the optimizer's rates (`optimizer_rates`), which are arguments of
+# the init and of the train step. The run's length reaches the programs only through the learning-rate
+# schedule's lengths, which `programs_key` holds instead. Every other key is part of the programs' identity:
+# a key added to the schema is one until it is listed here.
+KEYS_OUTSIDE_PROGRAMS = ('seed', 'learning_rate', 'weight_decay', 'num_train_steps', 'num_epochs',
+                         'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
+                         'eval_batch_size', 'bw_max_fallbacks', 'resume_allow_changes', 'print_memory',
+                         'dataset.data_dir', 'dataset.train_split', 'dataset.eval_split', 'dataset.shuffle_buffer',
+                         'dataset.augment')
 PROGRAMS_KEPT = 4  # Sets of programs a process keeps for its next runs (a sweep worker's next trials).
 
 
@@ -153,11 +164,11 @@ class Programs:
   worker's trials, a test's runs): building them again costs seconds of tracing per run even when XLA's
   persistent cache holds the compiled code.
 
-  `init(np.int32(seed)) -> TrainState`; `train_step(state, batch, dropout_key) -> (state, metrics)` (donates
-  the state); `eval_step(state, batch) -> sums`. Batches are sharded by `data_sharding`.
+  `init(np.int32(seed)) -> TrainState`; `train_step(state, batch, dropout_key, optimizer_rates(config)) ->
+  (state, metrics)` (donates the state); `eval_step(state, batch) -> sums`. Batches are sharded by
+  `data_sharding`.
   """
   model: Any
-  learning_rate_fn: Callable[[Any], Any]
   replicated: NamedSharding
   data_sharding: NamedSharding
   init: Callable[[np.int32], TrainState]
@@ -170,10 +181,11 @@ _kept_programs: collections.OrderedDict[str, Programs] = collections.OrderedDict
 
 def programs_key(config: ml_collections.ConfigDict, num_classes: int, steps_per_epoch: int,
                  num_train_steps: int) -> str:
-  """The identity of `config`'s programs: its keys but HOST_ONLY_KEYS, the class count, the schedule's
+  """The identity of `config`'s programs: its keys but KEYS_OUTSIDE_PROGRAMS, the class count, the schedule's
   lengths (`schedule_lengths`: a run of 3 steps and one of 6 share a staircase schedule) and the devices."""
   flat = flax.traverse_util.flatten_dict(json_config(config), sep='.')
-  kept = {k: v for k, v in flat.items() if not any(k == h or k.startswith(h + '.') for h in HOST_ONLY_KEYS)}
+  kept = {k: v for k, v in flat.items()
+          if not any(k == outside or k.startswith(outside + '.') for outside in KEYS_OUTSIDE_PROGRAMS)}
   lengths = schedule_lengths(config, steps_per_epoch, num_train_steps)
   return json.dumps([kept, num_classes, lengths, [d.id for d in jax.devices()]], sort_keys=True)
 
@@ -187,20 +199,23 @@ def programs_for(config: ml_collections.ConfigDict, num_classes: int, steps_per_
     return _kept_programs[key]
   mesh = Mesh(jax.devices(), ('data',))
   replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  config = ml_collections.FrozenConfigDict(config)  # Kept: a caller's later edits must not reach it.
   model = create_model(config, num_classes)
-  learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch, num_train_steps)
   info = data.dataset_module(config.dataset.name).INFO
   normalise = functools.partial(normalise_images, mean=info.mean, std=info.std)  # On the device.
   train_fn = jax.jit(
-      functools.partial(train_step, model=model, learning_rate_fn=learning_rate_fn, num_classes=num_classes,
-                        label_smoothing=config.label_smoothing, ema_decay=config.ema_decay, normalise=normalise),
-      in_shardings=(replicated, data_sharding, replicated), out_shardings=(replicated, replicated),
+      functools.partial(train_step, model=model, num_classes=num_classes, label_smoothing=config.label_smoothing,
+                        ema_decay=config.ema_decay, normalise=normalise, optimizer_from_rates=functools.partial(
+                            optimizer_from_rates, config, steps_per_epoch, num_train_steps)),
+      in_shardings=(replicated, data_sharding, replicated, replicated), out_shardings=(replicated, replicated),
       donate_argnums=0)
   eval_fn = jax.jit(functools.partial(eval_step, model=model, num_classes=num_classes,
                                       use_ema=config.ema_decay > 0, normalise=normalise),
                     in_shardings=(replicated, data_sharding), out_shardings=replicated)
-  init = compiled_init(config, model, create_optimizer(config, learning_rate_fn), replicated)
-  _kept_programs[key] = Programs(model, learning_rate_fn, replicated, data_sharding, init, train_fn, eval_fn)
+  # The optimizer state's structure: the rates of the first run's config do not matter.
+  tx = create_optimizer(config, create_learning_rate_fn(config, steps_per_epoch, num_train_steps))
+  init = compiled_init(config, model, tx, replicated)
+  _kept_programs[key] = Programs(model, replicated, data_sharding, init, train_fn, eval_fn)
   while len(_kept_programs) > PROGRAMS_KEPT:
     _kept_programs.popitem(last=False)
   return _kept_programs[key]
@@ -327,12 +342,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   train_fn, eval_fn = programs.train_step, programs.eval_step
   state = checkpoints.restore_latest(programs.init(np.int32(config.seed)))
   start_step = int(state.step)
-  dropout_key = run_dropout_key(config.seed, replicated)
+  dropout_key, rates = run_dropout_key(config.seed, replicated), optimizer_rates(config)
   if config.print_memory:  # Compiles the step once more, ahead of training: off by default.
     size = config.dataset.image_size
     channels = data.dataset_module(config.dataset.name).INFO.image_shape[2]
     batch_spec = train_batch_spec(config.batch_size, (size, size, channels), data_sharding)
-    report = memory_report(train_fn.lower(state, batch_spec, dropout_key).compile())
+    report = memory_report(train_fn.lower(state, batch_spec, dropout_key, rates).compile())
     if jax.process_index() == 0:
       print(report, flush=True)
   writer = create_metric_writer(workdir)
@@ -390,7 +405,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           flush=True)
   try:
     for step in range(start_step + 1, num_train_steps + 1):
-      state, metrics = train_fn(state, next(train_batches), dropout_key)
+      state, metrics = train_fn(state, next(train_batches), dropout_key, rates)
       window.append((step, metrics))
       if steady_start is None:  # Compile and the first step are not steady state.
         jax.block_until_ready(state)

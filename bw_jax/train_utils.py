@@ -74,9 +74,10 @@ def schedule_lengths(config: ml_collections.ConfigDict, steps_per_epoch: int, nu
 
 
 def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int,
-                            num_train_steps: int) -> optax.Schedule:
-  """Linear warm-up to the peak, then cosine to 0 at `num_train_steps` or TF's staircase exponential."""
-  peak = peak_learning_rate(config)
+                            num_train_steps: int, peak: Any = None) -> optax.Schedule:
+  """Linear warm-up to the peak, then cosine to 0 at `num_train_steps` or TF's staircase exponential.
+  `peak`: None for `peak_learning_rate(config)`, or a value (a traced scalar: see `optimizer_from_rates`)."""
+  peak = peak_learning_rate(config) if peak is None else peak
   warmup, decay_length = schedule_lengths(config, steps_per_epoch, num_train_steps)
   if config.lr_schedule == 'cosine':
     decay = optax.cosine_decay_schedule(peak, decay_length)
@@ -111,12 +112,13 @@ def decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule
-                     ) -> optax.GradientTransformation:
-  """The optimizer of `config.optimizer`; weight decay is L2 added to the gradient (as in TF's EfficientNet)
-  except for adamw, where it is decoupled."""
+def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule,
+                     weight_decay: Any = None) -> optax.GradientTransformation:
+  """The optimizer of `config.optimizer`; weight decay (`config.weight_decay` unless given) is L2 added to the
+  gradient (as in TF's EfficientNet) except for adamw, where it is decoupled."""
+  weight_decay = config.weight_decay if weight_decay is None else weight_decay
   if config.optimizer == 'adamw':
-    return optax.adamw(learning_rate_fn, b1=config.momentum, weight_decay=config.weight_decay,
+    return optax.adamw(learning_rate_fn, b1=config.momentum, weight_decay=weight_decay,
                        mask=decay_mask)
   if config.optimizer == 'rmsprop_tf':
     # TF1 semantics: the squared-gradient average starts at 1, not 0, and ε sits inside the square root.
@@ -125,7 +127,22 @@ def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: optax.
   else:
     base = optax.sgd(learning_rate_fn, momentum=config.momentum if config.momentum > 0 else None,
                      nesterov=config.optimizer == 'nesterov')
-  return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=decay_mask), base)
+  return optax.chain(optax.add_decayed_weights(weight_decay, mask=decay_mask), base)
+
+
+def optimizer_rates(config: ml_collections.ConfigDict) -> dict[str, np.float32]:
+  """The rates the train step takes as arguments: the peak learning rate (for the global batch) and the
+  weight decay, as float32 scalars (the values a constant of the program would round to)."""
+  return {'learning_rate': np.float32(peak_learning_rate(config)), 'weight_decay': np.float32(config.weight_decay)}
+
+
+def optimizer_from_rates(config: ml_collections.ConfigDict, steps_per_epoch: int, num_train_steps: int,
+                         rates: dict[str, Any]) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(optimizer, schedule) of `config` with `rates` (`optimizer_rates`' keys) in place of its own: built
+  inside the train step from traced rates, so that runs differing only in them share one compiled step. The
+  optimizer state's structure does not depend on the rates: `create_optimizer(config, …)` initialises it."""
+  schedule = create_learning_rate_fn(config, steps_per_epoch, num_train_steps, peak=rates['learning_rate'])
+  return create_optimizer(config, schedule, weight_decay=rates['weight_decay']), schedule
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int, label_smoothing: float

@@ -256,12 +256,12 @@ def changed_value(value):
 
 def test_programs_key_leaves_out_the_host_only_keys_and_only_them():
   """A run reuses the kept programs of an earlier one when their keys agree: any config key but the
-  HOST_ONLY_KEYS must change the key (a key added to the schema too); those must not."""
+  KEYS_OUTSIDE_PROGRAMS must change the key (a key added to the schema too); those must not."""
   config = smoke.get_config()
   base = train.programs_key(config, 10, 3750, 6)  # Fashion-MNIST's steps per epoch at batch 16.
   flat = flax.traverse_util.flatten_dict(json_config(config), sep='.')
-  host_only = lambda key: any(key == h or key.startswith(h + '.') for h in train.HOST_ONLY_KEYS)
-  assert all(any(host_only(key) and key.startswith(h) for key in flat) for h in train.HOST_ONLY_KEYS)
+  host_only = lambda key: any(key == h or key.startswith(h + '.') for h in train.KEYS_OUTSIDE_PROGRAMS)
+  assert all(any(host_only(key) and key.startswith(h) for key in flat) for h in train.KEYS_OUTSIDE_PROGRAMS)
   for key, value in flat.items():
     changed = flax.traverse_util.unflatten_dict({**flat, key: changed_value(value)}, sep='.')
     same = train.programs_key(ml_collections.ConfigDict(changed), 10, 3750, 6) == base

@@ -29,7 +29,6 @@ from typing import Any
 
 import flax
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import jaxlib
 import numpy as np
 import orbax.checkpoint as ocp
@@ -39,7 +38,7 @@ from bw_jax import data, train
 from bw_jax.checkpoints import saved_steps
 from bw_jax.data import fashion_mnist, pipeline
 from bw_jax.data.on_device import normalise_images
-from bw_jax.train_utils import create_learning_rate_fn, create_model, create_optimizer
+from bw_jax.train_utils import create_model, optimizer_rates
 from configs import smoke
 from subprocess_runs import (REPO, TIMEOUT, MainRun, configure_jax, free_port, progress_steps, start_test_process,
                              stop_test_process, subprocess_env, wait_until)
@@ -86,30 +85,21 @@ def smoke_config():
 
 
 def normalise(info):
-  """train_and_evaluate's on-device normalisation: the batches are uint8 and the step normalises them, so that
-  the reference steps compile to the program of `bw_jax.main` (normalising on the host instead rounds
+  """train_and_evaluate's on-device normalisation of uint8 batches (normalising on the host instead rounds
   differently: ~7e-6 after 8 steps, measured)."""
   return functools.partial(normalise_images, mean=info.mean, std=info.std)
 
 
-def training(config, devices) -> tuple[train.TrainState, Any]:
-  """`train_and_evaluate`'s initial state and train step on a mesh of `devices`: step(state, batch) -> state,
-  with batch the global NumPy batch of uint8 images."""
-  info = fashion_mnist.INFO
-  mesh = Mesh(devices, ('data',))
-  replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-  model = create_model(config, info.num_classes)
-  learning_rate_fn = create_learning_rate_fn(config, info.num_examples['train'] // config.batch_size,
-                                             config.num_train_steps)
-  state = train.initial_state(config, model, create_optimizer(config, learning_rate_fn), replicated)
-  step = jax.jit(
-      functools.partial(train.train_step, model=model, learning_rate_fn=learning_rate_fn,
-                        num_classes=info.num_classes, label_smoothing=config.label_smoothing,
-                        ema_decay=config.ema_decay, normalise=normalise(info)),
-      in_shardings=(replicated, batch_sharding, replicated), out_shardings=(replicated, replicated),
-      donate_argnums=0)
-  dropout_key = train.run_dropout_key(config.seed, replicated)
-  return state, lambda state, batch: step(state, train.shard_batch(batch, batch_sharding), dropout_key)[0]
+def training(config) -> tuple[train.TrainState, Any]:
+  """`train_and_evaluate`'s initial state and train step (its very programs) on a mesh of all devices:
+  step(state, batch) -> state, with batch the global NumPy batch of uint8 images."""
+  steps_per_epoch, num_train_steps = train.training_length(config, fashion_mnist.INFO.num_examples['train'])
+  programs = train.programs_for(config, fashion_mnist.INFO.num_classes, steps_per_epoch, num_train_steps)
+  dropout_key = train.run_dropout_key(config.seed, programs.replicated)
+  rates = optimizer_rates(config)
+  state = programs.init(np.int32(config.seed))
+  return state, lambda state, batch: programs.train_step(
+      state, train.shard_batch(batch, programs.data_sharding), dropout_key, rates)[0]
 
 
 def snapshot(params: Any, batch_stats: Any) -> dict[str, np.ndarray]:
@@ -152,7 +142,7 @@ def sharded_steps(batches_path: str, out_path: str) -> None:
   each step i as '<i>/<name>' in OUT.npz."""
   assert jax.device_count() == DEVICES, f'expected {DEVICES} devices, got {jax.devices()}'
   stored = np.load(batches_path)
-  state, step = training(smoke_config(), jax.devices())
+  state, step = training(smoke_config())
   out = {}
   for i in range(1, len(stored.files) // 3 + 1):
     state = step(state, {k: stored[f'{i}/{k}'] for k in ('image', 'label', 'mask')})
@@ -215,7 +205,7 @@ def straight_run():
   {'initial': the TrainState before step 1 (NumPy), 'step': step(state, batch) -> state,
    'batches': [batch 1, …], 'states': [None, snapshot after step 1, …]}."""
   config = smoke_config()
-  state, step = training(config, jax.devices()[:1])
+  state, step = training(config)  # This process has one device.
   run = {'initial': jax.tree.map(np.array, state), 'step': step, 'batches': [], 'states': [None]}
   batches = train_batches(config)
   for _ in range(STEPS):

@@ -17,7 +17,8 @@ from ml_collections import config_flags
 from bw_jax import train, train_utils
 from bw_jax.config_validation import validate_config, with_global_batch_size
 from bw_jax.train_utils import (TrainState, bw_health, create_learning_rate_fn, create_model, create_optimizer,
-                                memory_report, peak_learning_rate, schedule_problems, train_batch_spec)
+                                memory_report, optimizer_from_rates, optimizer_rates, peak_learning_rate,
+                                schedule_problems, train_batch_spec)
 from configs import imagenet, smoke, tiny_imagenet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -287,6 +288,44 @@ def test_one_compiled_train_step_serves_every_seed_with_the_bound_keys_results(t
       np.testing.assert_array_equal(a, b)
   assert step._cache_size() == 1
   assert not all(np.array_equal(a, b) for a, b in zip(params[0], params[1]))  # Dropout masks differ.
+
+
+# sgd is nesterov's code without the look-ahead; rmsprop_tf applies the rate before its momentum.
+@pytest.mark.parametrize('optimizer, schedule', [('nesterov', 'exponential'), ('adamw', 'cosine'),
+                                                 ('rmsprop_tf', 'cosine')])
+def test_rates_as_arguments_give_the_results_of_rates_compiled_in(optimizer, schedule, tiny_step):
+  """The train loop passes the peak learning rate and the weight decay as arguments of the step
+  (optimizer_rates), and one compiled step serves every value: 3 steps (warm-up, then the decay) equal
+  those of a step with the rates compiled in (state.tx and its schedule), at two learning rates."""
+  model, initial, _, images, labels = tiny_step
+  config = smoke.get_config()
+  config.optimizer, config.lr_schedule, config.warmup_fraction, config.decay_epochs = optimizer, schedule, 0.34, 0.01
+  config.weight_decay = 1e-2  # Large enough to show in 3 steps.
+  lengths = (100, 3)  # Steps per epoch, steps: 1 of warm-up, then a cosine of 2 or a staircase of 1.
+  settings = dict(model=model, num_classes=10, label_smoothing=0.1, ema_decay=0.0)
+  with_rates = jax.jit(functools.partial(train.train_step, **settings, optimizer_from_rates=functools.partial(
+      optimizer_from_rates, config, *lengths)))
+  key = jax.random.key(1)
+  # One state for both rates (its optimizer, static, is part of the step's signature; only its structure
+  # matters to the step with rates), with a strongly typed step as train_and_evaluate's.
+  state = TrainState.create(apply_fn=model.apply, params=initial.params, batch_stats=initial.batch_stats,
+                            tx=create_optimizer(config, create_learning_rate_fn(config, *lengths)), ema_params={})
+  state = state.replace(step=jnp.asarray(0, jnp.int32))
+  for learning_rate in (0.05, 0.4):
+    config.learning_rate = learning_rate
+    schedule_fn = create_learning_rate_fn(config, *lengths)
+    compiled_in = jax.jit(functools.partial(train.train_step, **settings, learning_rate_fn=schedule_fn))
+    expected, actual = state.replace(tx=create_optimizer(config, schedule_fn)), state
+    for i in range(3):
+      batch = {'image': images[i], 'label': labels[i]}
+      expected, expected_metrics = compiled_in(expected, batch, key)
+      actual, metrics = with_rates(actual, batch, key, optimizer_rates(config))
+      assert metrics['learning_rate'] == expected_metrics['learning_rate'], i
+    assert float(metrics['learning_rate']) > 0
+    for a, b in zip(jax.tree.leaves((actual.params, actual.opt_state)),
+                    jax.tree.leaves((expected.params, expected.opt_state))):
+      np.testing.assert_array_equal(a, b)
+  assert with_rates._cache_size() == 1
 
 
 @pytest.mark.slow  # Compiles and runs training steps of the smoke model.
