@@ -270,62 +270,53 @@ def test_weight_ema_is_the_hand_computed_average(tiny_step):
   np.testing.assert_allclose(with_ema['loss'], swapped['loss'], rtol=1e-6)
 
 
-def test_one_compiled_train_step_serves_every_seed_with_the_bound_keys_results(tiny_step):
-  """The dropout key is an argument of the step, not a constant: two seeds run one program, each with the
-  same result as a step compiled with its key bound in (the form before), and the seeds differ."""
-  model, state, _, images, labels = tiny_step
-  settings = dict(model=model, learning_rate_fn=optax.constant_schedule(0.1), num_classes=10,
-                  label_smoothing=0.1, ema_decay=0.5)
-  step = jax.jit(functools.partial(train.train_step, **settings))
-  batch = {'image': images[0], 'label': labels[0]}
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  params = {}
-  for seed in (0, 1):
-    params[seed] = jax.tree.leaves(step(state, batch, train.run_dropout_key(seed, device))[0].params)
-    bound_key = jax.random.fold_in(jax.random.key(seed), 1)
-    bound = jax.jit(functools.partial(train.train_step, dropout_key=bound_key, **settings))
-    for a, b in zip(params[seed], jax.tree.leaves(bound(state, batch)[0].params)):
-      np.testing.assert_array_equal(a, b)
-  assert step._cache_size() == 1
-  assert not all(np.array_equal(a, b) for a, b in zip(params[0], params[1]))  # Dropout masks differ.
-
-
 # sgd is nesterov's code without the look-ahead; rmsprop_tf applies the rate before its momentum.
 @pytest.mark.parametrize('optimizer, schedule', [('nesterov', 'exponential'), ('adamw', 'cosine'),
                                                  ('rmsprop_tf', 'cosine')])
-def test_rates_as_arguments_give_the_results_of_rates_compiled_in(optimizer, schedule, tiny_step):
-  """The train loop passes the peak learning rate and the weight decay as arguments of the step
-  (optimizer_rates), and one compiled step serves every value: 3 steps (warm-up, then the decay) equal
-  those of a step with the rates compiled in (state.tx and its schedule), at two learning rates."""
+def test_one_compiled_step_serves_every_seed_and_rate_with_the_results_of_constants(optimizer, schedule,
+                                                                                     tiny_step):
+  """train_and_evaluate passes the dropout key and the optimizer's rates (peak learning rate, weight decay:
+  optimizer_rates) as arguments of the step: one compiled step serves two seeds and two learning rates, and
+  3 steps (warm-up, then the decay) equal, bit for bit, those of a step with the key and the rates compiled
+  in (state.tx and its schedule, the form before); another seed or rate changes the result."""
   model, initial, _, images, labels = tiny_step
   config = smoke.get_config()
   config.optimizer, config.lr_schedule, config.warmup_fraction, config.decay_epochs = optimizer, schedule, 0.34, 0.01
   config.weight_decay = 1e-2  # Large enough to show in 3 steps.
   lengths = (100, 3)  # Steps per epoch, steps: 1 of warm-up, then a cosine of 2 or a staircase of 1.
   settings = dict(model=model, num_classes=10, label_smoothing=0.1, ema_decay=0.0)
-  with_rates = jax.jit(functools.partial(train.train_step, **settings, optimizer_from_rates=functools.partial(
+  with_arguments = jax.jit(functools.partial(train.train_step, **settings, optimizer_from_rates=functools.partial(
       optimizer_from_rates, config, *lengths)))
-  key = jax.random.key(1)
-  # One state for both rates (its optimizer, static, is part of the step's signature; only its structure
+  schedule_fn = create_learning_rate_fn(config, *lengths)
+  # One state for every run (its optimizer, static, is part of the step's signature; only its structure
   # matters to the step with rates), with a strongly typed step as train_and_evaluate's.
   state = TrainState.create(apply_fn=model.apply, params=initial.params, batch_stats=initial.batch_stats,
-                            tx=create_optimizer(config, create_learning_rate_fn(config, *lengths)), ema_params={})
-  state = state.replace(step=jnp.asarray(0, jnp.int32))
-  for learning_rate in (0.05, 0.4):
-    config.learning_rate = learning_rate
-    schedule_fn = create_learning_rate_fn(config, *lengths)
-    compiled_in = jax.jit(functools.partial(train.train_step, **settings, learning_rate_fn=schedule_fn))
-    expected, actual = state.replace(tx=create_optimizer(config, schedule_fn)), state
-    for i in range(3):
-      batch = {'image': images[i], 'label': labels[i]}
-      expected, expected_metrics = compiled_in(expected, batch, key)
-      actual, metrics = with_rates(actual, batch, key, optimizer_rates(config))
-      assert metrics['learning_rate'] == expected_metrics['learning_rate'], i
-    assert float(metrics['learning_rate']) > 0
-    for a, b in zip(jax.tree.leaves((actual.params, actual.opt_state)),
-                    jax.tree.leaves((expected.params, expected.opt_state))):
-      np.testing.assert_array_equal(a, b)
-  assert with_rates._cache_size() == 1
+                            tx=create_optimizer(config, schedule_fn), ema_params={})
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  state = jax.device_put(state.replace(step=jnp.asarray(0, jnp.int32)), device)  # Committed, as its outputs.
+  batches = [{'image': images[i], 'label': labels[i]} for i in range(3)]
+
+  def three_steps(step, *arguments):
+    current, rates = state, []
+    for batch in batches:
+      current, metrics = step(current, batch, *arguments)
+      rates.append(float(metrics['learning_rate']))
+    return jax.tree.leaves((current.params, current.opt_state)), rates
+
+  constants = jax.jit(functools.partial(train.train_step, **settings, learning_rate_fn=schedule_fn,
+                                        dropout_key=jax.random.fold_in(jax.random.key(0), 1)))
+  expected, expected_rates = three_steps(constants)
+  actual, actual_rates = three_steps(with_arguments, train.run_dropout_key(0, device), optimizer_rates(config))
+  assert actual_rates == expected_rates and expected_rates[1] > 0
+  for a, b in zip(actual, expected):
+    np.testing.assert_array_equal(a, b)
+  for seed, learning_rate in ((1, config.learning_rate), (0, 3 * config.learning_rate)):
+    other = config.copy_and_resolve_references()
+    other.learning_rate = learning_rate
+    leaves, rates = three_steps(with_arguments, train.run_dropout_key(seed, device), optimizer_rates(other))
+    assert rates == [float(create_learning_rate_fn(other, *lengths)(i)) for i in range(3)]
+    assert not all(np.array_equal(a, b) for a, b in zip(leaves, expected)), (seed, learning_rate)
+  assert with_arguments._cache_size() == 1
 
 
 @pytest.mark.slow  # Compiles and runs training steps of the smoke model.
@@ -334,11 +325,13 @@ def test_half_precision_keeps_float32_parameters_and_statistics():
   config = smoke.get_config()
   config.model.stem_type, config.model.mbconv_type, config.model.head_type = 1, 2, 1
   x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 28, 28, 1)), jnp.float32)
-  # One set of initial variables for both models (jitted: an eager init of this model takes ~a minute); the
-  # bf16 model's own init is only traced (eval_shape) to check that it makes the same float32 variables.
+  # One set of initial variables for both models (jitted, at train_and_evaluate's LLVM -O1 for its init:
+  # an eager init of this model takes ~a minute); the bf16 model's own init is only traced (eval_shape) to
+  # check that it makes the same float32 variables.
   config.half_precision = False
-  variables = jax.jit(create_model(config, 10).init, static_argnames='train')(jax.random.key(0), x[:1],
-                                                                             train=False)
+  init = jax.jit(functools.partial(create_model(config, 10).init, train=False))
+  variables = init.lower(jax.random.key(0), x[:1]).compile(train.CPU_INIT_COMPILER_OPTIONS)(jax.random.key(0),
+                                                                                           x[:1])
   logits = {}
   for half in (False, True):
     config.half_precision = half
