@@ -170,6 +170,7 @@ def init_params(config, seed):
   return jax.tree.leaves(jax.device_get(state.params))
 
 
+@pytest.mark.slow  # Compiles the smoke model's init.
 def test_seed_sets_the_initial_parameters(smoke_config):
   first, again, other = (init_params(smoke_config, s) for s in (0, 0, 1))
   assert all(np.array_equal(a, b) for a, b in zip(first, again))

@@ -160,6 +160,7 @@ def tiny_batch():
   return jnp.asarray(rng.normal(size=(8, 32, 32, 3)), jnp.float32), jnp.asarray([0, 1, 2, 1, 0, 2, 1, 0])
 
 
+@pytest.mark.slow  # Runs 16 networks (eagerly: ~75 CPU-s here, most of it the first two).
 @pytest.mark.parametrize('stem_type, mbconv_type, head_type',
                          list(itertools.product(en.STEM_TYPES, en.MBCONV_TYPES, en.HEAD_TYPES)))
 def test_every_combination_gives_finite_logits_in_train_and_eval(stem_type, mbconv_type, head_type,

@@ -4,8 +4,12 @@ at once. The smoke model with BatchNorm everywhere (a cheaper compile); SIGTERM:
 import signal
 import time
 
+import pytest
+
 from bw_jax.checkpoints import saved_steps
 from subprocess_runs import MainRun, wait_until
+
+pytestmark = pytest.mark.slow  # Each test trains in a `bw_jax.main` process.
 
 FLAGS = ('--config=configs/smoke.py', '--config.log_every_steps=1', '--config.model.mbconv_type=0',
          '--config.model.head_type=1')
