@@ -226,9 +226,10 @@ def test_b0_builds_at_imagenet_tiny_imagenet_and_cifar_sizes(size, stem_stride, 
 
 def test_initialisers_follow_tf_efficientnet(tiny_batch):
   model = en.EfficientNet(num_classes=1000, **TINY)  # width 0.25: head 80 → 320, last block 288 channels
-  # XLA's RNG keys, as the combinations above: their compiled initialisers serve here (the bounds below hold
-  # for any draw: they leave 4–6 sampling errors).
-  params = model.init(jax.random.key(0, impl='rbg'), tiny_batch[0], train=False)['params']
+  # Jitted with XLA's RNG keys ('rbg'): a small program to compile, where threefry would hash per parameter
+  # (the bounds below hold for any draw: they leave 4–6 sampling errors).
+  init = jax.jit(functools.partial(model.init, train=False))
+  params = init(jax.random.key(0, impl='rbg'), tiny_batch[0])['params']
   head = np.asarray(params['head_conv']['kernel'])  # 1×1 conv: N(0, 2/fan_out), fan_out = 320
   assert head.shape == (1, 1, 80, 320)
   assert abs(head.std() / np.sqrt(2 / 320) - 1) < 0.03  # 25,600 draws: sampling error of the std ≈ 0.5%
