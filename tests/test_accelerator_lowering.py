@@ -15,7 +15,8 @@ from bw_jax import train
 from bw_jax.config_validation import base_config
 from bw_jax.data import default_dataset_config, imagenet
 from bw_jax.data.on_device import normalise_images
-from bw_jax.train_utils import TrainState, create_learning_rate_fn, create_model, create_optimizer
+from bw_jax.train_utils import (TrainState, create_learning_rate_fn, create_model, create_optimizer,
+                                optimizer_from_rates, optimizer_rates)
 
 PLATFORMS = ('cuda', 'tpu')
 BATCH = 8  # The program's structure does not depend on the batch; a small one keeps the text small.
@@ -50,10 +51,11 @@ def lowered_train_step_texts(config) -> dict[str, str]:
   batch = {'image': jax.ShapeDtypeStruct((BATCH, size, size, 3), jnp.uint8),
            'label': jax.ShapeDtypeStruct((BATCH,), jnp.int32)}
   normalise = functools.partial(normalise_images, mean=imagenet.MEAN, std=imagenet.STD)
-  step = jax.jit(functools.partial(train.train_step, model=model, learning_rate_fn=learning_rate_fn,
-                                   num_classes=1000, label_smoothing=0.1, ema_decay=0.0,
-                                   dropout_key=jax.random.key(1), normalise=normalise))
-  traced = step.trace(state, batch)
+  # As train_and_evaluate: the dropout key and the optimizer's rates are arguments.
+  step = jax.jit(functools.partial(train.train_step, model=model, num_classes=1000, label_smoothing=0.1,
+                                   ema_decay=0.0, normalise=normalise, optimizer_from_rates=functools.partial(
+                                       optimizer_from_rates, config, 100, 1000)))
+  traced = step.trace(state, batch, jax.random.key(1), optimizer_rates(config))
   return {platform: traced.lower(lowering_platforms=(platform,)).as_text() for platform in PLATFORMS}
 
 

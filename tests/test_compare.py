@@ -204,6 +204,7 @@ class Captured(Exception):
   pass
 
 
+@pytest.mark.slow  # Builds the smoke model's programs (its init compiles).
 def test_training_passes_the_seed_to_the_data_and_dropout(smoke_config, tmp_path, monkeypatch):
   """train_and_evaluate's own plumbing, stopped when it asks for the training data (nothing trains): the
   train step's dropout key is derived from config.seed, and the data iterator gets config.seed."""
