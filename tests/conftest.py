@@ -8,14 +8,11 @@ from postgres_server import postgres_binaries, postgres_server
 configure_cpu_dispatch()  # Before any test creates the devices; why: bw_jax/runtime.py.
 skip_final_garbage_collection()  # Each pytest process exits ~1.5 s sooner (bw_jax/runtime.py).
 
-# The modules that take longest run first: with `--dist loadfile` a worker takes whole modules in collection
-# order, and one of these taken last would leave the other worker idle for minutes at the end. Worker
-# seconds from a fresh clone, 2026-11-28 (whole suite): 190, 107, 69, 110, 115, 100, 103, 75, 131, 42 —
-# the long walls of sweep_race (lock waits) and e2e (subprocesses) cost little CPU, so they may go last;
-# test_whitening and test_whitening_vjp are most of `make test-fast` (`-m "not slow"`), so they lead there.
+# The modules that take longest (pytest worker seconds from a fresh clone, 2026-11-28: 243, 183, 161, 152,
+# 140, 136, 127, 121) run first: with `--dist loadfile` a worker takes whole modules in collection order, and
+# one of these taken last would leave the other worker idle for minutes at the end.
 LONGEST_FIRST = ('test_train_distributed.py', 'test_sweep.py', 'test_compare.py', 'test_train.py',
-                 'test_efficientnet.py', 'test_whitening.py', 'test_colab.py', 'test_whitening_vjp.py',
-                 'test_sweep_race.py', 'test_sweep_tiny_imagenet_e2e.py')
+                 'test_efficientnet.py', 'test_colab.py', 'test_sweep_race.py', 'test_sweep_tiny_imagenet_e2e.py')
 
 
 def pytest_collection_modifyitems(items):
