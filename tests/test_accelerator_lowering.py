@@ -18,6 +18,7 @@ from bw_jax.data.on_device import normalise_images
 from bw_jax.train_utils import (TrainState, create_learning_rate_fn, create_model, create_optimizer,
                                 optimizer_from_rates, optimizer_rates)
 
+pytestmark = pytest.mark.slow  # Traces B0 at 224 px twice (BN and BW everywhere) and lowers each twice.
 PLATFORMS = ('cuda', 'tpu')
 BATCH = 8  # The program's structure does not depend on the batch; a small one keeps the text small.
 # B0's depthwise layers see these channel counts (Tan & Le 2019, Table 1: stage input width × expansion
