@@ -311,6 +311,7 @@ def test_bfloat16_input_gives_bfloat16_output_and_float32_statistics():
 # Gradients -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # Finite differences of every method and source in float64: ~25 CPU-s in all.
 @pytest.mark.parametrize('source', bw.STAT_SOURCES)
 @pytest.mark.parametrize('method', METHODS)
 def test_gradients_match_finite_differences_float64(method, source):
@@ -326,6 +327,7 @@ def test_gradients_match_finite_differences_float64(method, source):
     check_grads(loss, (jnp.asarray(x),), order=1, modes=('rev',), eps=1e-6, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # Second order in float64.
 def test_cholesky_second_derivative_matches_autodiff_through_the_factorisation():
   # The Cholesky gradient is written by hand from S alone; it must differentiate again (Hessian-vector
   # products, gradient penalties). Reference: autodiff through jnp.linalg.cholesky + solve_triangular.

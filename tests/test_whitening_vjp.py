@@ -97,6 +97,7 @@ def test_whiten_gradient_equals_autodiff_float64():
 # Second order: reverse over reverse works, forward mode of the layer itself needs the autodiff flag.
 
 
+@pytest.mark.slow  # Second order in float64.
 def test_hessian_vector_product_equals_autodiff_float64():
   with jax.enable_x64(True):
     module = bw.BatchWhitening(group_size=3, momentum=0.6, epsilon=1e-2, use_bias=False)
