@@ -33,7 +33,7 @@ from bw_jax.config_validation import base_config
 from bw_jax.data import default_dataset_config, imagenet
 from bw_jax.data.on_device import normalise_images
 from bw_jax.train_utils import (create_learning_rate_fn, create_model, create_optimizer, memory_report,
-                                train_batch_spec)
+                                optimizer_from_rates, optimizer_rates, train_batch_spec)
 from bw_jax.whitening import BatchWhitening
 import bw_layer  # benchmarks/bw_layer.py
 from common import environment, format_table, progress  # benchmarks/common.py
@@ -91,16 +91,18 @@ def train_step_row(types: tuple, method: str, depthwise: str, sizes: dict) -> di
   learning_rate_fn = create_learning_rate_fn(config, 1000, 10_000)
   tx = create_optimizer(config, learning_rate_fn)
   replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  # As train_and_evaluate runs it: the dropout key and the optimizer's rates are arguments of the step.
   step = jax.jit(functools.partial(
-      train.train_step, model=model, learning_rate_fn=learning_rate_fn, num_classes=1000, label_smoothing=0.1,
-      ema_decay=0.0, dropout_key=jax.random.key(1),
+      train.train_step, model=model, num_classes=1000, label_smoothing=0.1, ema_decay=0.0,
+      optimizer_from_rates=functools.partial(optimizer_from_rates, config, 1000, 10_000),
       normalise=functools.partial(normalise_images, mean=imagenet.MEAN, std=imagenet.STD)), donate_argnums=0)
+  arguments = (train.run_dropout_key(config.seed, replicated), optimizer_rates(config))
   size, limit, skipped = sizes['image_size'], device_memory_limit(), []
   initial = train.initial_state(config, model, tx, replicated)
   for batch in sizes['batches']:
     state = jax.tree.map(jnp.copy, initial)  # Each try gets its own: the step donates the state.
     start = time.perf_counter()
-    compiled = step.lower(state, train_batch_spec(batch, (size, size, 3), None)).compile()
+    compiled = step.lower(state, train_batch_spec(batch, (size, size, 3), None), *arguments).compile()
     compile_s, peak = time.perf_counter() - start, peak_estimate(compiled)
     progress(f'  batch {batch}: compiled in {compile_s:.0f} s; {memory_report(compiled)}')
     if limit and peak > 0.95 * limit:
@@ -109,11 +111,11 @@ def train_step_row(types: tuple, method: str, depthwise: str, sizes: dict) -> di
     arrays = random_batch(batch, size)
     try:
       for _ in range(2):  # Warm-up: the first call also transfers and allocates.
-        state, metrics = compiled(state, arrays)
+        state, metrics = compiled(state, arrays, *arguments)
       jax.block_until_ready(state)
       start = time.perf_counter()
       for _ in range(sizes['steps']):
-        state, metrics = compiled(state, arrays)
+        state, metrics = compiled(state, arrays, *arguments)
       jax.block_until_ready((state, metrics))
       seconds = time.perf_counter() - start
     except jax.errors.JaxRuntimeError as error:  # Out of memory despite the estimate: try a smaller batch.
