@@ -1,15 +1,11 @@
 """benchmarks/accelerator.py --quick on the CPU: every section runs, so that the device benchmark cannot rot."""
 
 import json
-import os
-import sys
 
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, 'benchmarks'))  # As the scripts run: siblings import each other.
-import accelerator  # noqa: E402  benchmarks/accelerator.py
+import accelerator  # benchmarks/accelerator.py (benchmarks/ is on pytest's pythonpath: pyproject.toml)
 
 
 @pytest.mark.slow

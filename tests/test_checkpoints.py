@@ -5,15 +5,12 @@ import glob
 import json
 import os
 import shutil
-import sys
 
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # The configs/ folder is imported as `configs`, as by `python -m bw_jax.main`.
 
 from bw_jax import checkpoints as ckpt  # noqa: E402
 from bw_jax import train  # noqa: E402

@@ -20,7 +20,6 @@ import pandas as pd
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # The configs/ folder is imported as `configs`, as by `python -m bw_jax.main`.
 
 from bw_jax import data, train  # noqa: E402
 from bw_jax.checkpoints import latest_checkpoint_step  # noqa: E402

@@ -4,7 +4,6 @@ baseline and one without, including the generated conclusion."""
 
 import math
 import os
-import sys
 
 import numpy as np
 import optuna
@@ -15,7 +14,6 @@ import pytest
 from scipy import stats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # The configs/ folder is imported as `configs`, as by `python -m bw_jax.main`.
 
 from bw_jax.config_files import load_config_file  # noqa: E402
 from bw_jax.sweep import compare, compare_report, compare_stats  # noqa: E402

@@ -9,10 +9,10 @@ import time
 from subprocess_runs import start_test_process, stop_test_process
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-# A stand-in for pytest: starts a long child the way the tests do, prints its pid, then waits.
-FAKE_PYTEST = f'''
+# A stand-in for pytest: starts a long child the way the tests do, prints its pid, then waits. It imports
+# subprocess_runs from tests/, given by PYTHONPATH as pytest's `pythonpath` gives it to the tests.
+FAKE_PYTEST = '''
 import sys, time
-sys.path.insert(0, {TESTS!r})
 from subprocess_runs import start_test_process
 child = start_test_process([sys.executable, '-c', 'import time; time.sleep(600)'])
 print(child.pid, flush=True)
@@ -30,8 +30,9 @@ def alive(pid: int) -> bool:
 
 
 def test_a_killed_test_process_takes_its_children_along():
+  env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [TESTS, os.environ.get('PYTHONPATH')]))}
   fake_pytest = subprocess.Popen([sys.executable, '-c', FAKE_PYTEST], stdout=subprocess.PIPE, text=True,
-                                 start_new_session=True)
+                                 start_new_session=True, env=env)
   try:
     child = int(fake_pytest.stdout.readline())
     assert alive(child)

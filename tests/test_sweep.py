@@ -27,7 +27,7 @@ from bw_jax.sweep import report as sweep_report
 from bw_jax.sweep import space as sweep_space
 from bw_jax.sweep import study as sweep_study
 from bw_jax.sweep import worker as sweep_worker
-from subprocess_runs import start_test_process, stop_test_process, wait_for_a_compiled_trial
+from subprocess_runs import start_test_process, stop_test_process, subprocess_env, wait_for_a_compiled_trial
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE_SWEEP = os.path.join(REPO, 'configs', 'sweeps', 'smoke.py')
@@ -51,6 +51,17 @@ def smoke_sweep_with(**space) -> ml_collections.ConfigDict:
   for key, spec in space.items():
     config.search_space[key] = spec
   return config
+
+
+def test_python_m_imports_each_sweep_module_once():
+  """`python -m bw_jax.sweep` with runpy's double-import RuntimeWarning ('found in sys.modules … prior to
+  execution') made an error, for the top command and a subcommand: the subpackage's __init__ imports none
+  of its modules, so each is imported once."""
+  for args in (['--help'], ['compare', '--help']):
+    done = subprocess.run([sys.executable, '-W', 'error::RuntimeWarning', '-m', 'bw_jax.sweep', *args],
+                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and 'usage: python -m bw_jax.sweep' in done.stdout, done.stderr[-2000:]
+    assert 'RuntimeWarning' not in done.stderr
 
 
 def test_smoke_sweep_config_is_valid():

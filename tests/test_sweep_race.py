@@ -11,7 +11,6 @@ import datetime
 import fcntl
 import multiprocessing
 import os
-import sys
 
 import optuna
 from optuna.storages._rdb import models
@@ -20,7 +19,6 @@ import pytest
 import sqlalchemy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # The configs/ folder is imported as `configs`, as by `python -m bw_jax.main`.
 
 from bw_jax.config_files import load_config_file  # noqa: E402
 from bw_jax.sweep import study as sweep_study  # noqa: E402
