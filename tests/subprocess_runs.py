@@ -39,7 +39,7 @@ def configure_jax(compilation_cache: bool = True) -> None:
 
 def die_with_parent() -> None:
   """Makes the kernel SIGKILL this process when its parent dies (Linux prctl PR_SET_PDEATHSIG), so that a
-  killed pytest leaves no test process behind; call it first thing in a child."""
+  killed pytest leaves no test process behind; call it first thing in a child, or pass it as `preexec_fn`."""
   parent = os.getppid()
   ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG.
   if os.getppid() != parent:  # The parent died before the call.
@@ -137,12 +137,6 @@ class MainRun:
       stop_test_process(self.process)
       self.reader.join(timeout=60)
     return self.process.returncode
-
-
-def die_with_parent() -> None:
-  """For `preexec_fn`: the child is killed when the process that started it dies, even by SIGKILL (Linux)."""
-  PR_SET_PDEATHSIG = 1
-  ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def run_process(args: list[str], *, timeout: float = TIMEOUT, **kwargs) -> subprocess.CompletedProcess:

@@ -30,7 +30,7 @@ from bw_jax.sweep import worker as sweep_worker  # noqa: E402
 from bw_jax.sweep.space import check_sweep_config, suggest  # noqa: E402
 from bw_jax.sweep.study import create_storage, default_storage  # noqa: E402
 from bw_jax.train_utils import create_model, create_optimizer  # noqa: E402
-from subprocess_runs import wait_for_a_compiled_trial  # noqa: E402
+from subprocess_runs import start_test_process, wait_for_a_compiled_trial  # noqa: E402
 
 # Each training run builds new jitted functions; the persistent cache compiles a program once (test_train.py).
 jax.config.update('jax_compilation_cache_dir', os.path.join(REPO, '.pytest_cache', 'jax_compilation'))
@@ -252,9 +252,9 @@ def workers(tmp_path):
 
   def start(name):
     with open(tmp_path / f'{name}.log', 'w') as log:
-      started.append(subprocess.Popen(
+      started.append(start_test_process(
           [sys.executable, '-m', 'bw_jax.sweep', 'compare', 'run', f'--config={COMPARE_SMOKE}', f'--dir={tmp_path}'],
-          cwd=REPO, env=WORKER_ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+          cwd=REPO, env=WORKER_ENV, stdout=log, stderr=subprocess.STDOUT))
     return started[-1]
 
   def finish(*processes):

@@ -20,7 +20,7 @@ from bw_jax.config_files import load_config_file
 from bw_jax.config_validation import validate_config
 from bw_jax.data import tiny_imagenet
 from bw_jax.sweep import __main__ as sweep_cli
-from subprocess_runs import wait_for_a_compiled_trial
+from subprocess_runs import start_test_process, wait_for_a_compiled_trial
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WNIDS = ['n01443537', 'n01629819', 'n01641577']
@@ -104,8 +104,8 @@ def run_all(commands: list[list[str]], cwd: str, sweep_dir: str | None = None, t
       if processes and sweep_dir:
         wait_for_a_compiled_trial(sweep_dir, processes[0])
       with open(log, 'w') as out:
-        processes.append(subprocess.Popen(command, cwd=cwd, env=subprocess_env(), stdout=out,
-                                          stderr=subprocess.STDOUT, start_new_session=True))
+        processes.append(start_test_process(command, cwd=cwd, env=subprocess_env(), stdout=out,
+                                            stderr=subprocess.STDOUT))
     codes = [p.wait(timeout=timeout) for p in processes]
   finally:
     for p in processes:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from subprocess_runs import start_test_process
 from test_whitening_batchnorm import (EPSILON, MOMENTUM, TOLERANCE, batchnorm_scale, inputs, max_abs_difference,
                                       np_apply, np_cholesky_whitening, np_masked_moments)
 
@@ -163,9 +164,9 @@ def imagenet_style_train_and_sync(x: np.ndarray) -> dict[str, float]:
 def device_results() -> dict[str, float]:
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={DEVICES}', JAX_PLATFORMS='cpu')
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  # A new session, killed as a group below: the script dies with the test even if pytest is interrupted.
-  process = subprocess.Popen([sys.executable, os.path.abspath(__file__)], cwd=root, env=env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+  # A session of its own, killed as a group below, and SIGKILLed by the kernel if pytest itself is killed.
+  process = start_test_process([sys.executable, os.path.abspath(__file__)], cwd=root, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   try:
     stdout, stderr = process.communicate(timeout=300)
   finally:

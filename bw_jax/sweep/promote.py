@@ -6,10 +6,12 @@ What a promoted config is (each file's docstring says it again, with its values)
     periods.
   - The trial gives its searched values (every `search_space` key except `dataset.*`, which belong to the
     sweep's data; never the trial budget) and its three block types.
-  - The optimization recipe (RECIPE_KEYS: optimizer, momentum, learning rate, weight decay, schedule shape,
-    EMA) is the base's when the trial's optimizer is of the base's family (OPTIMIZER_FAMILIES): the base's
-    schedule was tuned for that family. Otherwise it is the trial's, its warm-up carried as the same share of
-    the run (`warmup_fraction`): an SGD learning rate never runs under RMSProp's schedule and EMA.
+  - The rest of the optimization recipe (RECIPE_KEYS: optimizer, momentum, learning rate, weight decay,
+    schedule shape, EMA; a searched one is the trial's, above) is the base's when the trial's optimizer is of
+    the base's family (OPTIMIZER_FAMILIES): the base's schedule was tuned for that family. Otherwise it is
+    the trial's, its warm-up carried as the same share of the run (`warmup_fraction`) and, when the base
+    counts its length in epochs, its staircase period as the same share too (`decay_epochs`): an SGD learning
+    rate never runs under RMSProp's schedule and EMA.
   - `learning_rate` is per 256 images either way: the peak scales linearly with the batch
     (learning_rate · batch_size / 256), and the docstring gives it at the trial's batch and the target's.
 Only the best trial that the report does not flag as broken is promoted per combination, and only when its
