@@ -623,12 +623,14 @@ def test_killed_worker_trial_is_retried_and_resumes(killed_sweep):
 
 @pytest.mark.slow  # Worker processes train smoke trials.
 def test_two_workers_on_postgresql(postgres_url, sqlite_sweep, tmp_path):
-  run_two_workers(str(tmp_path), f'--storage={postgres_url}', '--n-trials=4')
+  # 6 trials, as the SQLite sweep: since a worker keeps its compiled programs, 4 smoke trials could all end in
+  # the first worker before the second one had started (seen once).
+  run_two_workers(str(tmp_path), f'--storage={postgres_url}', '--n-trials=6')
   study = load(str(tmp_path), postgres_url)
-  complete = assert_budget_of_distinct_complete_trials(study, 4)
+  complete = assert_budget_of_distinct_complete_trials(study, 6)
   assert len({t.user_attrs['worker'] for t in complete}) == 2
-  # Values are seeded by slot: the same four trials as the first four of the SQLite sweep.
+  # Values are seeded by slot: the same six trials as the SQLite sweep's.
   sqlite_study = sqlite_sweep[1]
   assert sorted(tuple(sorted(t.params.items())) for t in complete) == sorted(
-      tuple(sorted(sqlite_study.trials[n].params.items())) for n in range(4))
+      tuple(sorted(sqlite_study.trials[n].params.items())) for n in range(6))
   assert not os.path.exists(tmp_path / 'study.db')
