@@ -10,7 +10,6 @@ import ctypes
 import glob
 import os
 import queue
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +22,7 @@ import jax
 from bw_jax.runtime import configure_cpu_dispatch, skip_final_garbage_collection
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXEC_DYING_WITH_PARENT = os.path.join(REPO, 'tests', 'exec_dying_with_parent.py')
 PAUSED = 'PAUSED'
 TIMEOUT = 600  # Seconds; only a hung process gets near it.
 
@@ -39,19 +39,23 @@ def configure_jax(compilation_cache: bool = True) -> None:
 
 def die_with_parent() -> None:
   """Makes the kernel SIGKILL this process when its parent dies (Linux prctl PR_SET_PDEATHSIG), so that a
-  killed pytest leaves no test process behind; call it first thing in a child, or pass it as `preexec_fn`."""
+  killed pytest leaves no test process behind; call it first thing in a multiprocessing child."""
   parent = os.getppid()
   ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG.
   if os.getppid() != parent:  # The parent died before the call.
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def dying_with_this_process(command: list[str]) -> list[str]:
+  """`command` run through exec_dying_with_parent.py: the kernel SIGKILLs it if the thread that starts it dies,
+  pytest killed included (start it from a thread that outlives it). Needs nothing installed (no setpriv)."""
+  return [sys.executable, EXEC_DYING_WITH_PARENT, str(os.getpid()), *command]
+
+
 def start_test_process(command: list[str], **popen_kwargs) -> subprocess.Popen:
-  """`subprocess.Popen(command)` in a session of its own (`stop_test_process` kills its whole group) that the
-  kernel SIGKILLs if the thread that started it dies, pytest killed included (`setpriv --pdeathsig`, from
-  util-linux; start it from a thread that outlives it)."""
-  prefix = ['setpriv', '--pdeathsig', 'KILL', '--'] if shutil.which('setpriv') else []
-  return subprocess.Popen([*prefix, *command], start_new_session=True, **popen_kwargs)
+  """`subprocess.Popen(command)` in a session of its own (`stop_test_process` kills its whole group) that dies
+  with this process (`dying_with_this_process`)."""
+  return subprocess.Popen(dying_with_this_process(command), start_new_session=True, **popen_kwargs)
 
 
 def stop_test_process(process: subprocess.Popen) -> None:
@@ -142,8 +146,9 @@ class MainRun:
 def run_process(args: list[str], *, timeout: float = TIMEOUT, **kwargs) -> subprocess.CompletedProcess:
   """`subprocess.run(args, capture_output=True, text=True)` in a new session that dies with this process;
   on time-out its whole process group is killed and TimeoutExpired raised."""
-  with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                        preexec_fn=die_with_parent, **kwargs) as process:
+  # Not preexec_fn: Python code between fork and exec may deadlock in a process with threads (JAX has some).
+  with subprocess.Popen(dying_with_this_process(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                        start_new_session=True, **kwargs) as process:
     try:
       stdout, stderr = process.communicate(timeout=timeout)
     finally:
