@@ -10,6 +10,8 @@ import datetime
 import json
 import logging as std_logging
 import os
+import sys
+import traceback
 from typing import Any
 
 from absl import logging
@@ -101,6 +103,31 @@ def quiet_abandoned_reads(record: std_logging.LogRecord) -> bool:
   return 'exception was never retrieved' not in record.getMessage()
 
 
+def is_abandoned_read_callback(unraisable: Any) -> bool:
+  """A TensorStore read of a failed Orbax restore finishing after Orbax closed its event loop: its callback's
+  `loop.call_soon_threadsafe` raises 'Event loop is closed' in a TensorStore thread (`sys.unraisablehook`),
+  dozens of tracebacks after the failure was already reported."""
+  error = unraisable.exc_value
+  if not (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'):
+    return False
+  frames = traceback.extract_tb(unraisable.exc_traceback)
+  return any(frame.name == 'call_soon_threadsafe' for frame in frames)
+
+
+def quiet_abandoned_read_callbacks() -> None:
+  """Makes `sys.unraisablehook` drop `is_abandoned_read_callback` reports (installed once per hook)."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_abandoned_reads', False):
+    return
+
+  def hook(unraisable: Any) -> None:
+    if not is_abandoned_read_callback(unraisable):
+      previous(unraisable)
+
+  hook.drops_abandoned_reads = True
+  sys.unraisablehook = hook
+
+
 class Checkpoints:
   """Orbax CheckpointManager over the train state as a plain nested dict (`flax.serialization`), with the
   run's config in `directory/config.json`: a resume with a config that differs beyond SAFE_TO_CHANGE and
@@ -141,6 +168,7 @@ class Checkpoints:
     is none. Newer ones that fail to load are moved aside (`corrupt-<step>-<time>/`) with a warning; if none
     loads, CheckpointError says why for each and nothing is moved."""
     target = flax.serialization.to_state_dict(state)
+    quiet_abandoned_read_callbacks()  # Before the reads: a failing one's threads report while it fails.
     failures = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:

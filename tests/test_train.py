@@ -1,10 +1,15 @@
 """End-to-end tests of bw_jax.train on the smoke config (tiny BW EfficientNet, 6 steps of 16 images)."""
 
+import contextlib
 import glob
+import io
 import json
 import os
+import re
 import shutil
 import signal
+import subprocess
+import sys
 
 import flax
 import jax
@@ -20,8 +25,11 @@ from bw_jax import train
 from bw_jax.checkpoints import json_config, saved_steps
 from bw_jax.config_validation import validate_config
 from bw_jax.data import fashion_mnist
-from bw_jax.train_utils import create_model
+from bw_jax.sweep import worker as sweep_worker
+from bw_jax.train_utils import BWHealthError, create_model
 from configs import smoke
+from subprocess_runs import run_process, subprocess_env
+from test_checkpoints import corrupt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,10 +54,19 @@ def restore(workdir, step):
     return jax.tree.map(np.asarray, manager.restore(step, args=ocp.args.StandardRestore()))
 
 
+def train_capturing_console(config, workdir) -> tuple[dict, str]:
+  """train_and_evaluate's summary and what it printed on the console."""
+  console = io.StringIO()
+  with contextlib.redirect_stdout(console):
+    summary = train.train_and_evaluate(config, workdir)
+  return summary, console.getvalue()
+
+
 @pytest.fixture(scope='module')
 def smoke_run(tmp_path_factory):
+  """(workdir, summary, console text) of the smoke config's 6 steps."""
   workdir = str(tmp_path_factory.mktemp('smoke'))
-  return workdir, train.train_and_evaluate(smoke.get_config(), workdir)
+  return workdir, *train_capturing_console(smoke.get_config(), workdir)
 
 
 @pytest.fixture(scope='module')
@@ -69,7 +86,7 @@ def copy_of(workdir: str, tmp_path) -> str:
 
 @pytest.mark.slow  # Trains the smoke config.
 def test_smoke_writes_summary_events_and_checkpoints(smoke_run):
-  workdir, summary = smoke_run
+  workdir, summary, _ = smoke_run
   with open(os.path.join(workdir, 'summary.json')) as f:
     written = json.load(f)
   assert SUMMARY_KEYS <= set(written)
@@ -86,7 +103,7 @@ def test_smoke_writes_summary_events_and_checkpoints(smoke_run):
 def test_tensorboard_events_hold_the_logged_metrics_and_the_config(smoke_run):
   """train/* every log_every_steps (2), eval/* and bw_health/* at the last step equal to the summary's, and
   the resolved config in the HParams plugin."""
-  workdir, summary = smoke_run
+  workdir, summary, _ = smoke_run
   events = EventAccumulator(workdir, size_guidance={'tensors': 0}).Reload()
   tags = events.Tags()['tensors']
   scalars = {tag: {e.step: float(make_ndarray(e.tensor_proto)) for e in events.Tensors(tag)} for tag in tags
@@ -110,7 +127,7 @@ def test_tensorboard_events_hold_the_logged_metrics_and_the_config(smoke_run):
 
 @pytest.mark.slow  # Trains the smoke config.
 def test_eval_accuracy_matches_an_independent_eval_of_the_checkpoint(smoke_run):
-  workdir, summary = smoke_run
+  workdir, summary, _ = smoke_run
   state = restore(workdir, 6)
   config = smoke.get_config()
   model = create_model(config, fashion_mnist.INFO.num_classes)
@@ -123,9 +140,68 @@ def test_eval_accuracy_matches_an_independent_eval_of_the_checkpoint(smoke_run):
   assert summary['eval_accuracy'] == pytest.approx(np.mean(predictions == labels), abs=1e-12)
 
 
+def fallbacks_in(state: dict) -> int:
+  """The fallbacks counted by every BW layer of a restored state (its `bw_health` collection)."""
+  flat = flax.traverse_util.flatten_dict(state['bw_health'], sep='/')
+  return int(sum(value for key, value in flat.items() if key.endswith('/fallbacks')))
+
+
+def worst_condition_number(batch_stats: dict) -> float:
+  """Reference: the largest 2-norm condition number (NumPy's SVD, float64) over the groups of every BW
+  layer's running covariance."""
+  flat = flax.traverse_util.flatten_dict(batch_stats, sep='/')
+  return max(float(np.max(np.linalg.cond(np.asarray(value, np.float64)))) for key, value in flat.items()
+             if key.endswith('/cov'))
+
+
+@pytest.mark.slow  # Trains the smoke config.
+def test_console_says_what_compiles_and_the_eval_line_shows_bw_health(smoke_run):
+  workdir, summary, console = smoke_run
+  lines = console.splitlines()
+  compiling = lines.index('Compiling the train step, then step 1 (minutes for a large model on a CPU) …')
+  assert compiling < min(i for i, line in enumerate(lines) if line.startswith('step '))
+  eval_line, = (line for line in lines if line.startswith('eval step '))
+  match = re.fullmatch(r'eval step 6: loss (\S+)  accuracy (\S+) on 2000 examples  '
+                       r'BW: fallbacks (\d+), worst condition number (\S+)', eval_line)
+  assert match, eval_line
+  assert float(match[2]) == pytest.approx(summary['eval_accuracy'], abs=5e-5)
+  state = restore(workdir, 6)
+  assert int(match[3]) == fallbacks_in(state)
+  assert float(match[4]) == pytest.approx(worst_condition_number(state['batch_stats']), rel=5e-3)
+
+
+@pytest.mark.slow  # Compiles and trains the smoke model with 32-channel groups.
+def test_bw_fallbacks_warn_at_eval_and_bw_max_fallbacks_stops_the_run(tmp_path, capsys):
+  """ε = 1e-9 and groups of 32 channels: the head's BW sees 16 rows a step (batch 16 at 1×1), a covariance
+  of rank ≤ 15 in 32 dimensions, and round-off, no longer drowned by ε, breaks its factorisations. Two steps
+  without a limit warn at the eval; resumed to step 4 with the limit at the count so far, the run stops
+  naming the count, keeps checkpoint 4, and a sweep counts the error as the trial's result."""
+  workdir = str(tmp_path)
+  config = smoke.get_config()
+  config.model.bw.group_size, config.model.bw.epsilon = 32, 1e-9
+  config.num_train_steps = 2
+  summary, console = train_capturing_console(config, workdir)
+  first = fallbacks_in(restore(workdir, 2))
+  assert first >= 1 and summary['bw_fallbacks'] == first
+  assert f'BW: fallbacks {first}, worst condition number' in console
+  assert f'WARNING: BW fallbacks grew from 0 to {first} since the last eval' in console
+  config.num_train_steps, config.bw_max_fallbacks = 4, first  # Both are safe to change on resume.
+  capsys.readouterr()
+  with pytest.raises(BWHealthError) as error:
+    train.train_and_evaluate(config, workdir)
+  assert 'Compiling the train step, then step 3 ' in capsys.readouterr().out
+  assert saved_steps(workdir) == [3, 4]  # checkpoint_every_steps = 3, keep_checkpoints = 2.
+  total = fallbacks_in(restore(workdir, 4))
+  assert total > first
+  assert str(error.value).startswith(f'{total} BW fallbacks exceed config.bw_max_fallbacks={first} (worst '
+                                     'condition number ')
+  assert 'the checkpoints are kept' in str(error.value)
+  assert sweep_worker.is_divergence(error.value)
+
+
 @pytest.mark.slow  # Trains the smoke config.
 def test_resumed_run_ends_with_the_same_state(smoke_run, three_steps, tmp_path):
-  straight_dir, _ = smoke_run
+  straight_dir, *_ = smoke_run
   workdir = copy_of(three_steps, tmp_path)
   config = smoke.get_config()
   config.num_train_steps = 6
@@ -155,7 +231,7 @@ def test_sigterm_saves_the_next_step_and_the_rerun_finishes(smoke_run, tmp_path)
   """SIGTERM arriving during step 4 (after its eval): step 5, not a checkpoint step, is saved and the run
   returns; the handler before the run is back; rerunning restores step 5 and ends with the straight run's
   state."""
-  straight_dir, _ = smoke_run
+  straight_dir, *_ = smoke_run
   config = smoke.get_config()
   config.eval_every_steps = 4
   handlers_before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
@@ -168,6 +244,70 @@ def test_sigterm_saves_the_next_step_and_the_rerun_finishes(smoke_run, tmp_path)
   assert train.train_and_evaluate(smoke.get_config(), str(tmp_path))['step'] == 6
   straight, resumed = restore(straight_dir, 6), restore(str(tmp_path), 6)
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def main_on(workdir: str, *flags: str) -> subprocess.CompletedProcess:
+  """`python -m bw_jax.main --config=configs/smoke.py --workdir=WORKDIR FLAGS` as a user runs it, with this
+  suite's persistent compilation cache."""
+  env = subprocess_env({'JAX_COMPILATION_CACHE_DIR': os.path.join(REPO, '.pytest_cache', 'jax_compilation'),
+                        'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+                        'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '-1'})
+  return run_process([sys.executable, '-m', 'bw_jax.main', '--config=configs/smoke.py', f'--workdir={workdir}',
+                      *flags], cwd=REPO, env=env, timeout=300)
+
+
+def assert_quiet(stderr: str) -> None:
+  """No traceback on stderr: not ours, not Orbax's (its `strict=False` advice), not asyncio's."""
+  for noise in ('Traceback', 'strict=False', 'Event loop is closed'):
+    assert noise not in stderr, stderr[-3000:]
+
+
+def the_error_line(done: subprocess.CompletedProcess) -> str:
+  """The one `error: …` line of a run refused as bad input (exit status 2), also the last line on stderr."""
+  assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-3000:]
+  errors = [line for line in done.stderr.splitlines() if line.startswith('error: ')]
+  assert len(errors) == 1 and done.stderr.strip().splitlines()[-1] == errors[0], done.stderr[-3000:]
+  assert_quiet(done.stderr)
+  return errors[0]
+
+
+@pytest.mark.slow  # Starts bw_jax.main on the smoke run's checkpoints.
+def test_main_refuses_to_resume_a_changed_config_in_one_line_before_compiling(three_steps, tmp_path):
+  workdir = copy_of(three_steps, tmp_path)
+  done = main_on(workdir, '--config.batch_size=32', '--config.model.width_multiplier=0.5')
+  line = the_error_line(done)
+  assert 'batch_size: the checkpoints were written with 16, this run has 32' in line
+  assert 'model.width_multiplier: the checkpoints were written with 0.25, this run has 0.5' in line
+  assert '--config.resume_allow_changes=batch_size,model.width_multiplier' in line
+  assert 'Compiling' not in done.stdout and saved_steps(workdir) == [3]
+
+
+@pytest.mark.slow  # Starts bw_jax.main on the smoke run's checkpoints.
+def test_main_with_no_loadable_checkpoint_says_so_in_one_line(three_steps, tmp_path):
+  workdir = copy_of(three_steps, tmp_path)
+  corrupt(os.path.join(workdir, 'checkpoints', '3'), 'truncated data')
+  line = the_error_line(main_on(workdir))
+  assert line.startswith(f'error: No checkpoint in {os.path.join(workdir, "checkpoints")} loads: step 3: ')
+  assert saved_steps(workdir) == [3]  # Nothing moved: the user decides.
+
+
+@pytest.mark.slow  # Trains steps 4-6 of the smoke config in bw_jax.main.
+def test_main_skips_a_corrupt_newest_checkpoint_and_ends_as_the_straight_run(smoke_run, tmp_path):
+  """The manifest of checkpoint 6 removed (once 84 asyncio tracebacks): the run says which checkpoint it
+  skipped and where it moved it, resumes from 3 and ends with the uninterrupted run's state."""
+  straight_dir, *_ = smoke_run
+  workdir = copy_of(straight_dir, tmp_path)
+  corrupt(os.path.join(workdir, 'checkpoints', '6'), 'manifest removed')
+  done = main_on(workdir)
+  assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+  assert_quiet(done.stderr)
+  aside, = glob.glob(os.path.join(workdir, 'checkpoints', 'corrupt-6-*'))
+  assert f'checkpoint of step 6 in {os.path.join(workdir, "checkpoints")} does not load' in done.stdout
+  assert f'moved it to {aside}' in done.stdout and 'restored the checkpoint of step 3 instead' in done.stdout
+  assert 'Compiling the train step, then step 4 ' in done.stdout
+  assert saved_steps(workdir) == [3, 6]
+  for a, b in zip(jax.tree.leaves(restore(straight_dir, 6)), jax.tree.leaves(restore(workdir, 6))):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
