@@ -177,19 +177,18 @@ def wait_until(condition, what: str) -> None:
     time.sleep(0.1)
 
 
-def wait_for_a_compiled_trial(directory: str, worker: subprocess.Popen) -> None:
-  """Waits until a trial of the sweep (or comparison) in `directory` has taken its first training step, or
-  `worker` has exited (its exit status is the caller's to check). By then that worker has compiled the
-  programs a trial starts with and written them to the persistent cache: a second worker started now reads
-  them, where one started at the same time would compile them all again alongside (~20 CPU-s each time)."""
-  def stepped(log: str) -> bool:
-    with open(log) as f:
-      return 'first step done in' in f.read()
+def wait_for_a_started_trial(directory: str, worker: subprocess.Popen) -> None:
+  """Waits until a worker of the sweep (or comparison) in `directory` has taken a trial (its folder under
+  `trials/` exists), or `worker` has exited (its exit status is the caller's to check).
 
-  def compiled() -> bool:
-    logs = glob.glob(os.path.join(directory, 'trials', '*', 'train.log'))
-    return worker.poll() is not None or any(stepped(log) for log in logs)
-  wait_until(compiled, f'a first training step in {directory}/trials')
+  A second worker started now asks for its first trial while the first worker is still tracing and compiling
+  its own (seconds), so both run trials however fast the later ones are (started after the first trial's
+  compile, a second worker once found all 4 trials finished by the first); and by the time the second
+  compiles, the first has about written the programs to the persistent cache, which the second then reads.
+  """
+  def started() -> bool:
+    return worker.poll() is not None or bool(glob.glob(os.path.join(directory, 'trials', '*', 'train.log')))
+  wait_until(started, f'a first trial in {directory}/trials')
 
 
 def main_with_pause(pause_at: int, flags: list[str]) -> None:

@@ -30,7 +30,7 @@ from bw_jax.sweep import worker as sweep_worker  # noqa: E402
 from bw_jax.sweep.space import check_sweep_config, suggest  # noqa: E402
 from bw_jax.sweep.study import create_storage, default_storage  # noqa: E402
 from bw_jax.train_utils import create_model, create_optimizer  # noqa: E402
-from subprocess_runs import start_test_process, wait_for_a_compiled_trial  # noqa: E402
+from subprocess_runs import start_test_process, wait_for_a_started_trial  # noqa: E402
 
 # Each training run builds new jitted functions; the persistent cache compiles a program once (test_train.py).
 jax.config.update('jax_compilation_cache_dir', os.path.join(REPO, '.pytest_cache', 'jax_compilation'))
@@ -288,7 +288,7 @@ def assert_every_run_complete_once(study):
 def test_two_workers_run_every_arm_and_seed_exactly_once(tmp_path, workers):
   start, finish = workers
   first = start('worker0')
-  wait_for_a_compiled_trial(str(tmp_path), first)  # The second worker reads the programs the first compiled.
+  wait_for_a_started_trial(str(tmp_path), first)  # As a second machine joins a running comparison.
   codes, logs = finish(first, start('worker1'))
   assert codes == [0, 0], logs
   complete = assert_every_run_complete_once(load_compare(tmp_path))

@@ -20,7 +20,7 @@ from bw_jax.config_files import load_config_file
 from bw_jax.config_validation import validate_config
 from bw_jax.data import tiny_imagenet
 from bw_jax.sweep import __main__ as sweep_cli
-from subprocess_runs import start_test_process, wait_for_a_compiled_trial
+from subprocess_runs import start_test_process, wait_for_a_started_trial
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WNIDS = ['n01443537', 'n01629819', 'n01641577']
@@ -95,14 +95,14 @@ def subprocess_env() -> dict[str, str]:
 def run_all(commands: list[list[str]], cwd: str, sweep_dir: str | None = None, timeout: float = 600
             ) -> list[tuple[int, str]]:
   """Runs the commands, each in its own session (killed with its children if anything fails); with
-  `sweep_dir`, they are sweep workers and the later ones start once the first has compiled
-  (wait_for_a_compiled_trial). Returns (exit status, output) of each."""
+  `sweep_dir`, they are sweep workers and the later ones start once the first has taken a trial
+  (wait_for_a_started_trial). Returns (exit status, output) of each."""
   logs = [os.path.join(cwd, f'process{i}.log') for i in range(len(commands))]
   processes = []
   try:
     for command, log in zip(commands, logs):
       if processes and sweep_dir:
-        wait_for_a_compiled_trial(sweep_dir, processes[0])
+        wait_for_a_started_trial(sweep_dir, processes[0])
       with open(log, 'w') as out:
         processes.append(start_test_process(command, cwd=cwd, env=subprocess_env(), stdout=out,
                                             stderr=subprocess.STDOUT))
