@@ -14,12 +14,20 @@ import sys
 PR_SET_PDEATHSIG = 1
 
 
-def main(argv: list[str]) -> None:
-  parent, command = int(argv[1]), argv[2:]
+def die_with_parent(parent: int | None = None) -> None:
+  """Makes the kernel SIGKILL this process when its parent dies, so that a killed pytest leaves no test
+  process behind; call it first thing in a child (a multiprocessing one: test_sweep_race). `parent`: the
+  pid the parent should have (default: the current parent's); if it died already, this process dies now."""
+  parent = os.getppid() if parent is None else parent
   if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
     raise OSError(ctypes.get_errno(), 'prctl(PR_SET_PDEATHSIG) failed')
   if os.getppid() != parent:  # The parent died before the prctl: nothing would kill this process later.
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main(argv: list[str]) -> None:
+  parent, command = int(argv[1]), argv[2:]
+  die_with_parent(parent)
   os.execvp(command[0], command)
 
 

@@ -6,7 +6,6 @@ This file is also the script those processes run, with the JAX settings of the t
       (on every host), so that a signal arrives at a known step.
 """
 
-import ctypes
 import glob
 import os
 import queue
@@ -23,6 +22,12 @@ from bw_jax.runtime import configure_cpu_dispatch, skip_final_garbage_collection
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXEC_DYING_WITH_PARENT = os.path.join(REPO, 'tests', 'exec_dying_with_parent.py')
+# The suite's persistent compilation cache: the runs here compile the same programs, so each compiles once.
+COMPILATION_CACHE_DIR = os.path.join(REPO, '.pytest_cache', 'jax_compilation')
+# The same settings for a child process, through JAX's environment variables.
+COMPILATION_CACHE_ENV = {'JAX_COMPILATION_CACHE_DIR': COMPILATION_CACHE_DIR,
+                         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+                         'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '-1'}
 PAUSED = 'PAUSED'
 TIMEOUT = 600  # Seconds; only a hung process gets near it.
 
@@ -31,19 +36,10 @@ def configure_jax(compilation_cache: bool = True) -> None:
   """The settings of tests/conftest.py and tests/test_train.py, for this process and the ones it starts."""
   configure_cpu_dispatch()
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # Used once jax.distributed is initialised.
-  if compilation_cache:  # The runs here compile the same programs: the persistent cache compiles them once.
-    jax.config.update('jax_compilation_cache_dir', os.path.join(REPO, '.pytest_cache', 'jax_compilation'))
+  if compilation_cache:
+    jax.config.update('jax_compilation_cache_dir', COMPILATION_CACHE_DIR)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
     jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
-
-
-def die_with_parent() -> None:
-  """Makes the kernel SIGKILL this process when its parent dies (Linux prctl PR_SET_PDEATHSIG), so that a
-  killed pytest leaves no test process behind; call it first thing in a multiprocessing child."""
-  parent = os.getppid()
-  ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG.
-  if os.getppid() != parent:  # The parent died before the call.
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def dying_with_this_process(command: list[str]) -> list[str]:
@@ -184,7 +180,7 @@ def wait_for_a_started_trial(directory: str, worker: subprocess.Popen) -> None:
   A second worker started now asks for its first trial while the first worker is still tracing and compiling
   its own (seconds), so both run trials however fast the later ones are (started after the first trial's
   compile, a second worker once found all 4 trials finished by the first); and by the time the second
-  compiles, the first has about written the programs to the persistent cache, which the second then reads.
+  compiles, the first has mostly written the programs to the persistent cache, which the second then reads.
   """
   def started() -> bool:
     return worker.poll() is not None or bool(glob.glob(os.path.join(directory, 'trials', '*', 'train.log')))

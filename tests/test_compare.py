@@ -2,7 +2,6 @@
 seed → randomness contract of a training run, and end-to-end comparisons by worker processes on SQLite (one
 of them killed). The statistics and the report are tested in test_compare_report.py."""
 
-import functools
 import os
 import signal
 import socket
@@ -26,11 +25,10 @@ from bw_jax.checkpoints import latest_checkpoint_step  # noqa: E402
 from bw_jax.config_files import load_config_file  # noqa: E402
 from bw_jax.sweep import __main__ as sweep_cli  # noqa: E402
 from bw_jax.sweep import compare, compare_report  # noqa: E402
-from bw_jax.sweep import worker as sweep_worker  # noqa: E402
 from bw_jax.sweep.space import check_sweep_config, suggest  # noqa: E402
 from bw_jax.sweep.study import create_storage, default_storage  # noqa: E402
 from bw_jax.train_utils import create_model, create_optimizer  # noqa: E402
-from subprocess_runs import start_test_process, wait_for_a_started_trial  # noqa: E402
+from subprocess_runs import COMPILATION_CACHE_ENV, start_test_process, wait_for_a_started_trial  # noqa: E402
 
 # Each training run builds new jitted functions; the persistent cache compiles a program once (test_train.py).
 jax.config.update('jax_compilation_cache_dir', os.path.join(REPO, '.pytest_cache', 'jax_compilation'))
@@ -239,9 +237,7 @@ def test_training_passes_the_seed_to_the_data_and_dropout(smoke_config, tmp_path
 # End to end: two worker processes on SQLite
 
 
-WORKER_ENV = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2',
-              'JAX_COMPILATION_CACHE_DIR': os.path.join(REPO, '.pytest_cache', 'jax_compilation'),
-              'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0', 'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '-1'}
+WORKER_ENV = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2', **COMPILATION_CACHE_ENV}
 
 
 @pytest.fixture

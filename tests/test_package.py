@@ -19,7 +19,7 @@ from packaging.utils import canonicalize_name
 import pytest
 
 import bw_jax
-from subprocess_runs import REPO, run_process, subprocess_env
+from subprocess_runs import COMPILATION_CACHE_ENV, REPO, run_process, subprocess_env
 
 with open(os.path.join(REPO, 'pyproject.toml'), 'rb') as f:
   PROJECT = tomllib.load(f)['project']
@@ -146,8 +146,7 @@ def installed(tmp_path_factory) -> dict[str, str]:
     f.write('\n'.join(sorted(ours)) + '\n')
   env = {k: v for k, v in subprocess_env().items() if k != 'PYTHONPATH'}
   # The test suite's persistent compilation cache (tests/test_train.py): the smoke programs compile once.
-  env.update(JAX_COMPILATION_CACHE_DIR=os.path.join(REPO, '.pytest_cache', 'jax_compilation'),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
+  env.update(COMPILATION_CACHE_ENV)
   return {'wheel': wheel, 'python': python, 'venv': venv, 'cwd': cwd, 'env': env}
 
 

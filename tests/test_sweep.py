@@ -27,7 +27,7 @@ from bw_jax.sweep import report as sweep_report
 from bw_jax.sweep import space as sweep_space
 from bw_jax.sweep import study as sweep_study
 from bw_jax.sweep import worker as sweep_worker
-from subprocess_runs import start_test_process, stop_test_process, subprocess_env, wait_for_a_started_trial
+from subprocess_runs import COMPILATION_CACHE_ENV, start_test_process, stop_test_process, subprocess_env, wait_for_a_started_trial
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE_SWEEP = os.path.join(REPO, 'configs', 'sweeps', 'smoke.py')
@@ -36,9 +36,7 @@ if not os.path.exists(PROMOTE_BASE):
   PROMOTE_BASE = os.path.join(REPO, 'configs', 'default.py')
 # The workers share the test suite's persistent compilation cache (tests/test_train.py): every smoke trial
 # compiles the same programs, so only the first worker of a fresh checkout compiles.
-WORKER_ENV = {**os.environ, 'JAX_COMPILATION_CACHE_DIR': os.path.join(REPO, '.pytest_cache', 'jax_compilation'),
-              'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0', 'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '-1',
-              'TF_CPP_MIN_LOG_LEVEL': '2'}
+WORKER_ENV = {**os.environ, **COMPILATION_CACHE_ENV, 'TF_CPP_MIN_LOG_LEVEL': '2'}
 SMOKE_KEYS = ['dataset.augment.crop_padding', 'dataset.augment.flip', 'dataset.shuffle_buffer']
 
 

@@ -23,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from bw_jax.config_files import load_config_file  # noqa: E402
 from bw_jax.sweep import study as sweep_study  # noqa: E402
 from bw_jax.sweep import worker as sweep_worker  # noqa: E402
-from subprocess_runs import die_with_parent  # noqa: E402
+from exec_dying_with_parent import die_with_parent  # noqa: E402
 
 SMOKE_SWEEP = os.path.join(REPO, 'configs', 'sweeps', 'smoke.py')
 ROUNDS, WORKERS, DEAD = 15, 3, 4

@@ -20,7 +20,7 @@ from bw_jax.config_files import load_config_file
 from bw_jax.config_validation import validate_config
 from bw_jax.data import tiny_imagenet
 from bw_jax.sweep import __main__ as sweep_cli
-from subprocess_runs import start_test_process, wait_for_a_started_trial
+from subprocess_runs import COMPILATION_CACHE_ENV, start_test_process, wait_for_a_started_trial
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WNIDS = ['n01443537', 'n01629819', 'n01641577']
@@ -88,8 +88,7 @@ def subprocess_env() -> dict[str, str]:
   """This checkout first on the path (the processes run in another directory), and the suite's JAX cache."""
   path = os.pathsep.join(p for p in (REPO, os.environ.get('PYTHONPATH')) if p)
   return {**os.environ, 'PYTHONPATH': path, 'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '2',
-          'JAX_COMPILATION_CACHE_DIR': os.path.join(REPO, '.pytest_cache', 'jax_compilation'),
-          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0', 'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '-1'}
+          **COMPILATION_CACHE_ENV}
 
 
 def run_all(commands: list[list[str]], cwd: str, sweep_dir: str | None = None, timeout: float = 600

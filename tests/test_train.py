@@ -28,7 +28,7 @@ from bw_jax.data import fashion_mnist
 from bw_jax.sweep import worker as sweep_worker
 from bw_jax.train_utils import BWHealthError, create_model
 from configs import smoke
-from subprocess_runs import run_process, subprocess_env
+from subprocess_runs import COMPILATION_CACHE_ENV, run_process, subprocess_env
 from test_checkpoints import corrupt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -250,11 +250,8 @@ def test_sigterm_saves_the_next_step_and_the_rerun_finishes(smoke_run, tmp_path)
 def main_on(workdir: str, *flags: str) -> subprocess.CompletedProcess:
   """`python -m bw_jax.main --config=configs/smoke.py --workdir=WORKDIR FLAGS` as a user runs it, with this
   suite's persistent compilation cache."""
-  env = subprocess_env({'JAX_COMPILATION_CACHE_DIR': os.path.join(REPO, '.pytest_cache', 'jax_compilation'),
-                        'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-                        'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '-1'})
   return run_process([sys.executable, '-m', 'bw_jax.main', '--config=configs/smoke.py', f'--workdir={workdir}',
-                      *flags], cwd=REPO, env=env, timeout=300)
+                      *flags], cwd=REPO, env=subprocess_env(COMPILATION_CACHE_ENV), timeout=300)
 
 
 def assert_quiet(stderr: str) -> None:
