@@ -78,7 +78,7 @@ def forced_layout(layout: str | None):
   """Within it, layers traced take `layout` for their group products on every platform (None: as chosen)."""
   saved = group_products.cpu_layout, group_products.accelerator_layout
   if layout is not None:
-    group_products.cpu_layout = group_products.accelerator_layout = lambda channels: layout
+    group_products.cpu_layout = group_products.accelerator_layout = lambda channels, group_size=None: layout
   try:
     yield
   finally:

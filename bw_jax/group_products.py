@@ -23,17 +23,26 @@ elementwise step between a GEMM in the batched layout and the transpose back (wi
 transpose + step into every consumer of the result, 2× the whole layer at C = 672; the bare transpose is
 still fused into the consumers, as in the autodiff layer: BENCHMARKS.md).
 
+  kernel   (CPU) in place on (m, C), by the C++ kernels of `bw_jax.kernels`: no copies in or out, g-wide
+           vectors in registers. An operand is the `InPlace` samples with their shift (d = x − K is never
+           materialised) and an implicit ones column; the fastest layout on the CPU wherever the kernels
+           could be built (BENCHMARKS.md).
+
 `cpu_layout`/`accelerator_layout` pick a layout from the measurements of BENCHMARKS.md ("Group product
 layouts"); `per_platform` applies the CPU choice on a CPU and the accelerator choice elsewhere.
 """
 
 from collections.abc import Callable, Sequence
+import dataclasses
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-LAYOUTS = ('dense', 'batched', 'transposed', 'fused')
+from bw_jax import kernels
+
+LAYOUTS = ('dense', 'batched', 'transposed', 'fused', 'kernel')
 
 # CPU cost model from BENCHMARKS.md ("Group product layouts"): the dense GEMM wins while its G-fold extra
 # arithmetic is small (C ≤ 64); above, the batched GEMMs do.
@@ -44,19 +53,36 @@ DENSE_MAX_CHANNELS = 64
 ACCELERATOR_DENSE_MAX_CHANNELS = 256
 
 
-def cpu_layout(channels: int) -> str:
+# Group sizes with register-blocked (4, 8, 16, 32) or unrolled (6, 10, 12) kernels; the kernels' scalar loops
+# serve any other g, but XLA's products are faster there (g = 12 before it was unrolled, 64×16×16×24: 7.0 ms
+# against 3.6 dense; BENCHMARKS.md).
+KERNEL_GROUP_SIZES = (4, 6, 8, 10, 12, 16, 32)
+
+
+def cpu_layout(channels: int, group_size: int | None = None) -> str:
+  """The CPU's layout for C channels in groups of g: the in-place kernels for the g they vectorise, where
+  they are available; else XLA's products (dense GEMM up to DENSE_MAX_CHANNELS, batched above)."""
+  if group_size in KERNEL_GROUP_SIZES and kernels.available():
+    return 'kernel'
+  return xla_cpu_layout(channels)
+
+
+def xla_cpu_layout(channels: int) -> str:
   return 'dense' if channels <= DENSE_MAX_CHANNELS else 'batched'
 
 
-def accelerator_layout(channels: int) -> str:
+def accelerator_layout(channels: int, group_size: int | None = None) -> str:
+  del group_size  # the roofline rule depends on C only
   return 'dense' if channels <= ACCELERATOR_DENSE_MAX_CHANNELS else 'batched'
 
 
-def per_platform(channels: int, layout: str | None, compute: Callable[..., Any], *args: Any) -> Any:
-  """compute(layout, *args) with the layout chosen per platform at lowering (or `layout` if given)."""
+def per_platform(channels: int, layout: str | None, compute: Callable[..., Any], *args: Any,
+                 group_size: int | None = None) -> Any:
+  """compute(layout, *args) with the layout chosen per platform at lowering for C = `channels` in groups of
+  `group_size` (or `layout` if given)."""
   if layout is not None:
     return compute(layout, *args)
-  cpu, accelerator = cpu_layout(channels), accelerator_layout(channels)
+  cpu, accelerator = cpu_layout(channels, group_size), accelerator_layout(channels, group_size)
   if cpu == accelerator:
     return compute(cpu, *args)
   return jax.lax.platform_dependent(*args, cpu=lambda *a: compute(cpu, *a),
@@ -67,10 +93,29 @@ def per_platform(channels: int, layout: str | None, compute: Callable[..., Any],
 # Operands in a layout
 
 
-def to_layout(a: jax.Array, groups: int, layout: str, *, ones: bool = False) -> jax.Array:
-  """(m, C) -> dense (m, C [+1]), batched (G, m, g [+1]), transposed (G, g [+1], m), fused (m, G, g [+1]);
-  [+1]: a column (a row, transposed) of ones."""
+@functools.partial(jax.tree_util.register_dataclass, data_fields=['samples', 'shift'], meta_fields=['ones'])
+@dataclasses.dataclass(frozen=True)
+class InPlace:
+  """An operand of the 'kernel' layout: the (m, C) samples minus a (C,) shift, with an implicit column of
+  ones if `ones`. Read as they lie by every product (the difference is taken in registers)."""
+
+  samples: jax.Array
+  shift: jax.Array
+  ones: bool = False
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    """The shape of the same operand in the 'dense' layout: (m, C [+1])."""
+    m, channels = self.samples.shape
+    return m, channels + self.ones
+
+
+def to_layout(a: jax.Array, groups: int, layout: str, *, ones: bool = False) -> Any:
+  """(m, C) -> dense (m, C [+1]), batched (G, m, g [+1]), transposed (G, g [+1], m), fused (m, G, g [+1]),
+  kernel `InPlace`; [+1]: a column (a row, transposed) of ones."""
   m = a.shape[0]
+  if layout == 'kernel':
+    return InPlace(a, jnp.zeros(a.shape[1:], a.dtype), ones)
   if layout == 'dense':
     return jnp.concatenate([a, jnp.ones((m, 1), a.dtype)], axis=1) if ones else a
   if layout == 'transposed':
@@ -82,9 +127,17 @@ def to_layout(a: jax.Array, groups: int, layout: str, *, ones: bool = False) -> 
   return jnp.concatenate([a, jnp.ones((*a.shape[:2], 1), a.dtype)], axis=2) if ones else a
 
 
+def shifted_to_layout(samples: jax.Array, shift: jax.Array, groups: int, layout: str) -> Any:
+  """d = x − K carrying ones in `layout`, for (m, C) samples and a (C,) shift in the statistics dtype
+  (`shift_samples`); the kernel layout keeps x and K and never materialises d."""
+  if layout == 'kernel':
+    return InPlace(samples.astype(shift.dtype), shift, ones=True)
+  return to_layout(shift_samples(samples, shift), groups, layout, ones=True)
+
+
 def from_layout(a: jax.Array, layout: str) -> jax.Array:
   """A transform's result back to (m, C): the inverse of `to_layout` without ones."""
-  if layout == 'dense':
+  if layout in ('dense', 'kernel'):
     return a
   if layout == 'transposed':
     return a.reshape(-1, a.shape[-1]).T
@@ -103,6 +156,8 @@ def cross_in_layout(a: jax.Array, b: jax.Array, g: int, layout: str, accumulate=
                     channels: int | None = None) -> jax.Array:
   """Per-group [a_g, 1]ᵀ[b_g, 1] of operands in `layout`: (G, ka, kb) in `accumulate`, k = g, or g + 1 for an
   operand carrying ones (then the last row holds Σ b_g, the last column Σ a_g, the corner m)."""
+  if layout == 'kernel':
+    return _kernel_cross(a, b, g, accumulate)
   if layout == 'batched':
     return jnp.einsum('gmi,gmj->gij', a, b, preferred_element_type=accumulate)
   if layout == 'transposed':
@@ -130,6 +185,8 @@ def transform_in_layout(a: jax.Array, matrices: jax.Array, layout: str) -> jax.A
 
   For a carrying ones, M = [S, b] gives a_g Sᵀ + b_g: the offset is added inside the GEMM.
   """
+  if layout == 'kernel':
+    return transform_sum_in_layout([(a, matrices)], layout)
   if layout == 'batched':
     return jnp.einsum('gmj,gij->gmi', a.astype(matrices.dtype), matrices)
   if layout == 'transposed':
@@ -143,6 +200,46 @@ def transform_in_layout(a: jax.Array, matrices: jax.Array, layout: str) -> jax.A
   return a.astype(matrices.dtype) @ transposed
 
 
+def transform_sum_in_layout(terms: Sequence[tuple[Any, jax.Array]], layout: str) -> jax.Array:
+  """Σ_k a_k M_kᵀ per group for operands in `layout` (`transform_in_layout` of each, summed); the kernel
+  layout computes two terms in one pass over (m, C), with the offsets of operands carrying ones."""
+  if layout != 'kernel':
+    return sum(transform_in_layout(a, matrices, layout) for a, matrices in terms)
+  if len(terms) > 2:
+    return transform_sum_in_layout(terms[:2], layout) + transform_sum_in_layout(terms[2:], layout)
+  dtype = terms[0][1].dtype
+  operands, offset = [], None
+  for a, matrices in terms:
+    g = matrices.shape[1]
+    if matrices.shape[2] > g:  # [M, b]: the operand's ones column meets the offsets b
+      column = matrices[:, :, g].reshape(-1)
+      offset = column if offset is None else offset + column
+    operands.append((a.samples.astype(dtype), a.shift.astype(dtype), matrices[:, :, :g]))
+  if offset is None:
+    offset = jnp.zeros(operands[0][1].shape, dtype)
+  if len(operands) == 1:
+    return kernels.group_transform(*operands[0], offset)
+  return kernels.group_transform2(*operands[0], *operands[1], offset)
+
+
+def _kernel_cross(a: InPlace, b: InPlace, g: int, accumulate: Any) -> jax.Array:
+  """`cross_in_layout` of the kernel layout: (G, ka, kb) as the other layouts return it."""
+  cast = lambda operand: (operand.samples.astype(accumulate), operand.shift.astype(accumulate))
+  groups = a.samples.shape[1] // g
+  cross = kernels.group_cross(*cast(a), *cast(b), groups)  # [a − sa]ᵀ[b − sb, 1]
+  if not b.ones:
+    cross = cross[:, :, :g]
+  if a.ones:  # the last row: Σ(b − sb), and m in the corner if b carries ones too
+    if a is b:
+      row = cross[:, :, g]
+    else:
+      row = jnp.sum(b.samples.astype(accumulate) - b.shift.astype(accumulate), axis=0).reshape(groups, g)
+    if b.ones:
+      row = jnp.concatenate([row, jnp.full((groups, 1), a.samples.shape[0], accumulate)], axis=1)
+    cross = jnp.concatenate([cross, row[:, None, :]], axis=1)
+  return cross
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The products on (m, C) arrays (one product each; the layer keeps its operands in layout instead)
 
@@ -152,7 +249,7 @@ def group_cross(a: jax.Array, b: jax.Array, groups: int, *, accumulate=jnp.float
   """Per-group a_gᵀ b_g: (m, C), (m, C) -> (G, g, g), summed in `accumulate` (operands in their dtype)."""
   g = a.shape[1] // groups
   return per_platform(a.shape[1], layout, lambda lay, a, b: cross_in_layout(
-      to_layout(a, groups, lay), to_layout(b, groups, lay), g, lay, accumulate), a, b)
+      to_layout(a, groups, lay), to_layout(b, groups, lay), g, lay, accumulate), a, b, group_size=g)
 
 
 def group_sums(a: jax.Array, groups: int, *, accumulate=jnp.float32, layout: str | None = None) -> jax.Array:
@@ -167,9 +264,10 @@ def group_transform(terms: Sequence[tuple[jax.Array, jax.Array]], *, layout: str
   groups = matrices[0].shape[0]
 
   def compute(lay, arrays, matrices):
-    return from_layout(sum(transform_in_layout(to_layout(a, groups, lay), mat, lay)
-                           for a, mat in zip(arrays, matrices)), lay)
-  return per_platform(arrays[0].shape[1], layout, compute, list(arrays), list(matrices))
+    return from_layout(transform_sum_in_layout([(to_layout(a, groups, lay), mat)
+                                                for a, mat in zip(arrays, matrices)], lay), lay)
+  return per_platform(arrays[0].shape[1], layout, compute, list(arrays), list(matrices),
+                      group_size=matrices[0].shape[-1])
 
 
 def group_matmul(a: jax.Array, matrices: jax.Array, *, layout: str | None = None) -> jax.Array:
@@ -220,6 +318,6 @@ def shifted_moments(samples: jax.Array, groups: int, shift: jax.Array, *, layout
   accumulate = jnp.promote_types(samples.dtype, jnp.float32)
   shift = jax.lax.stop_gradient(shift).astype(accumulate)
   g = samples.shape[1] // groups
-  offset, cov = per_platform(samples.shape[1], layout, lambda lay, d: moments_in_layout(
-      to_layout(d, groups, lay, ones=True), g, lay, accumulate), shift_samples(samples, shift))
+  offset, cov = per_platform(samples.shape[1], layout, lambda lay, x, k: moments_in_layout(
+      shifted_to_layout(x, k, groups, lay), g, lay, accumulate), samples, shift, group_size=g)
   return shift + offset, cov

@@ -34,8 +34,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bw_jax.group_products import (cross_in_layout, from_layout, moments_in_layout, per_platform, shift_samples,
-                                   to_layout, transform_in_layout)
+from bw_jax.group_products import (cross_in_layout, from_layout, moments_in_layout, per_platform,
+                                   shifted_to_layout, to_layout, transform_in_layout, transform_sum_in_layout)
 
 # (batch mean (C,), batch cov (G, g, g), state) -> ((centring mean (C,), S (G, g, g)), aux). `aux` carries
 # no gradient (the running statistics the layer stores under stop_gradient).
@@ -102,7 +102,8 @@ def apply_whitening_folded(shifted: jax.Array, centre: jax.Array, whitening: jax
   (m, C), (C,), (G, g, g), optional γ and β (C,) -> (m, C) in S's dtype."""
   groups = whitening.shape[0]
   return per_platform(shifted.shape[1], layout, lambda lay, d, c, s, a: _whiten_in_layout(
-      to_layout(d, groups, lay, ones=True), c, s, a, lay), shifted, centre, whitening, affine)
+      shifted_to_layout(d, jnp.zeros(d.shape[1:], s.dtype), groups, lay), c, s, a, lay), shifted, centre,
+                      whitening, affine, group_size=whitening.shape[-1])
 
 
 def _forward(statistics: StatisticsFn, groups: int, layout: str, x: jax.Array, state: Any, affine: Affine,
@@ -111,7 +112,7 @@ def _forward(statistics: StatisticsFn, groups: int, layout: str, x: jax.Array, s
   g = samples.shape[1] // groups
   # The shift K: the first sample, in the statistics dtype, a constant (see shifted_moments).
   shift = jax.lax.stop_gradient(samples[0]).astype(jnp.promote_types(x.dtype, jnp.float32))
-  ones = to_layout(shift_samples(samples, shift), groups, layout, ones=True)  # [x − K, 1], read by every product
+  ones = shifted_to_layout(samples, shift, groups, layout)  # [x − K, 1], read by every product
   offset, cov = moments_in_layout(ones, g, layout, shift.dtype)
   mean = shift + offset
   if keep_pullback:
@@ -137,7 +138,7 @@ def _closed_form_backward(statistics, groups, layout, residuals, cotangents):
   dy = dy.reshape(-1, groups * g).astype(whitening.dtype)
   m = dy.shape[0]
   dy_in_layout = to_layout(dy, groups, layout)
-  cross = cross_in_layout(dy_in_layout, ones, g, layout, whitening.dtype, channels=ones.shape[-1] - 1)  # [dyᵀ(x − K), Σ dy]
+  cross = cross_in_layout(dy_in_layout, ones, g, layout, whitening.dtype, channels=groups * g)  # [dyᵀ(x − K), Σ dy]
   dy_sum, dy_cross = cross[:, :, g], cross[:, :, :g]
   d_bias = None if bias is None else dy_sum.reshape(-1).astype(bias.dtype)
   d_scale, applied = None, whitening  # applied: the matrix the forward GEMM applied to d, diag(γ) S
@@ -155,8 +156,8 @@ def _closed_form_backward(statistics, groups, layout, residuals, cotangents):
   # the part through μ_b vanishes because the centred samples sum to zero.
   cov_weight = (d_cov + jnp.swapaxes(d_cov, -1, -2)) / (m - 1)
   dx_offset = d_mean / m - _group_product(cov_weight, offset)
-  dx = (transform_in_layout(dy_in_layout, jnp.swapaxes(applied, -1, -2), layout)  # (diag(γ) S)ᵀ on the raw dy
-        + transform_in_layout(ones, _with_offset(cov_weight, dx_offset), layout))
+  dx = transform_sum_in_layout([(dy_in_layout, jnp.swapaxes(applied, -1, -2)),  # (diag(γ) S)ᵀ on the raw dy
+                                (ones, _with_offset(cov_weight, dx_offset))], layout)
   dx = from_layout(dx, layout).reshape(cotangents[0].shape).astype(dtype_token.dtype)
   return dx, d_state, (d_scale, d_bias)
 
@@ -188,4 +189,5 @@ def whiten_training(x: jax.Array, groups: int, statistics: StatisticsFn, state: 
       return _forward(statistics, groups, layout, x, state, affine, keep_pullback=False)[0]
     return _closed_form(statistics, groups, layout, x, state, affine)
   # The layout is chosen for the whole layer (forward and backward share their operands in it).
-  return per_platform(x.shape[-1], layout, whiten_in, x, state, (scale, bias))
+  return per_platform(x.shape[-1], layout, whiten_in, x, state, (scale, bias),
+                      group_size=x.shape[-1] // groups)

@@ -12,13 +12,15 @@ import numpy as np
 import pytest
 
 from bw_jax import group_products as gp
+from bw_jax import kernels
 from bw_jax import whitening as bw
 from bw_jax.whitening_vjp import autodiff_backward, whiten_training
 from test_whitening import (correlated, degenerate_batches, group_covariances, np_apply, np_moments, np_whitening,
                             train_apply)
 
-# (group_size, center_with/whiten_with) cases of the layer at C = 6.
-LAYER_CASES = [(3, 'batch'), (2, 'running')]
+# (group_size, channels, center_with/whiten_with) cases of the layer: g = 3, 2 in XLA's products, g = 4, 8 in
+# the CPU kernels (group_products.KERNEL_GROUP_SIZES) where they are built.
+LAYER_CASES = [(3, 6, 'batch'), (2, 6, 'running'), (4, 8, 'batch'), (8, 16, 'running')]
 
 
 def layer_gradient_fn(module, autodiff: bool):
@@ -36,21 +38,26 @@ def layer_gradients(module, variables, x, weights, autodiff: bool):
   return layer_gradient_fn(module, autodiff)(variables, x, weights)
 
 
+def skip_without_kernels(layout):
+  if layout == 'kernel' and not kernels.available():
+    pytest.skip('the CPU kernels could not be built here (no C++ compiler); test_kernels.py says more')
+
+
 def started_layer(module, x, warm_up):
   """Variables after one training step on `warm_up`, so that 'running' mode mixes old and batch moments."""
   variables = module.init(jax.random.key(0), x, use_running_average=False)
   return {**variables, **train_apply(module, variables, warm_up)[1]}
 
 
-@pytest.mark.parametrize('group_size, source', LAYER_CASES)
+@pytest.mark.parametrize('group_size, channels, source', LAYER_CASES)
 @pytest.mark.parametrize('method', bw.METHODS)
-def test_closed_form_gradient_equals_autodiff_float64(method, group_size, source):
+def test_closed_form_gradient_equals_autodiff_float64(method, group_size, channels, source):
   with jax.enable_x64(True):
     module = bw.BatchWhitening(group_size=group_size, method=method, momentum=0.6, epsilon=1e-2,
                                center_with=source, whiten_with=source)
-    x = jnp.asarray(correlated(70, (10, 6)))
-    variables = started_layer(module, x, jnp.asarray(correlated(71, (10, 6))))
-    weights = jnp.asarray(np.random.default_rng(1).normal(size=(10, 6)))
+    x = jnp.asarray(correlated(70, (10, channels)))
+    variables = started_layer(module, x, jnp.asarray(correlated(71, (10, channels))))
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=(10, channels)))
     closed, auto = (layer_gradients(module, variables, x, weights, autodiff) for autodiff in (False, True))
   assert np.abs(np.asarray(auto[0])).max() > 1e-2, 'the reference gradient must not vanish'
   for a, b in zip(jax.tree.leaves(closed), jax.tree.leaves(auto)):
@@ -98,12 +105,13 @@ def test_whiten_gradient_equals_autodiff_float64():
 
 
 @pytest.mark.slow  # Second order in float64.
-def test_hessian_vector_product_equals_autodiff_float64():
+@pytest.mark.parametrize('group_size, channels', [(3, 6), (4, 8)])  # XLA products, CPU kernels
+def test_hessian_vector_product_equals_autodiff_float64(group_size, channels):
   with jax.enable_x64(True):
-    module = bw.BatchWhitening(group_size=3, momentum=0.6, epsilon=1e-2, use_bias=False)
-    x = jnp.asarray(correlated(73, (10, 6)))
+    module = bw.BatchWhitening(group_size=group_size, momentum=0.6, epsilon=1e-2, use_bias=False)
+    x = jnp.asarray(correlated(73, (10, channels)))
     variables = module.init(jax.random.key(0), x, use_running_average=False)
-    direction = jnp.asarray(np.random.default_rng(4).normal(size=(10, 6)))
+    direction = jnp.asarray(np.random.default_rng(4).normal(size=(10, channels)))
     loss = lambda x: jnp.sum(jnp.sin(train_apply(module, variables, x)[0]))
     products = []
     for autodiff in (False, True):
@@ -145,6 +153,7 @@ def test_one_pass_moments_keep_their_digits_for_a_large_mean():
 @pytest.mark.parametrize('layout', gp.LAYOUTS)
 @pytest.mark.parametrize('channels', [24, 96])
 def test_every_layout_computes_the_numpy_products(layout, channels):
+  skip_without_kernels(layout)
   rng = np.random.default_rng(5)
   a, b = (rng.normal(size=(40, channels)) for _ in range(2))
   mats = rng.normal(size=(channels // 8, 8, 8))
@@ -160,8 +169,9 @@ def test_every_layout_computes_the_numpy_products(layout, channels):
                              rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize('layout', ['dense', 'batched', 'transposed'])
+@pytest.mark.parametrize('layout', ['dense', 'batched', 'transposed', 'kernel'])
 def test_whitening_with_affine_equals_numpy_and_autodiff_in_every_layout_float64(layout):
+  skip_without_kernels(layout)
   # γ and β ride in the whitening GEMM's matrix and offset column; their gradients come from the backward
   # pass's cross product. Reference: the float64 NumPy formula, and autodiff for the gradient.
   rng = np.random.default_rng(6)
@@ -186,7 +196,8 @@ def test_whitening_with_affine_equals_numpy_and_autodiff_in_every_layout_float64
 
 
 def test_layout_cost_model_follows_the_measured_table():
-  assert [gp.cpu_layout(c) for c in (32, 64, 96, 240, 1152)] == ['dense'] * 2 + ['batched'] * 3
+  # Without the CPU kernels (test_kernels.py covers the choice with them).
+  assert [gp.xla_cpu_layout(c) for c in (32, 64, 96, 240, 1152)] == ['dense'] * 2 + ['batched'] * 3
 
 
 # bfloat16

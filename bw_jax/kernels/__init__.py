@@ -1,0 +1,210 @@
+"""CPU kernels for BatchWhitening's per-group products, in place on (m, C) (`group_products.cc`).
+
+On a CPU, XLA runs the layer's per-group products as batched GEMMs on a (G, m, g) transposed copy of the
+activations: every product pays a copy in and a copy out, and the 17-wide GEMMs run far below the machine's
+speed (BENCHMARKS.md, #16). These three XLA FFI custom calls read the (m, C) rows where they lie and keep a
+group's g-wide vectors in registers:
+
+  group_cross(a, sa, b, sb, groups)            (G, g, g + 1) = [a − sa]ᵀ [b − sb, 1] per group
+  group_transform(a, sa, M, offset)            (m, C)        = (a − sa) Mᵀ + offset per group
+  group_transform2(a, sa, A, b, sb, B, offset) (m, C)        = (a − sa) Aᵀ + (b − sb) Bᵀ + offset
+
+a, b (m, C); sa, sb, offset (C,); M, A, B (G, g, g); float32 or float64 (one dtype per call). They are
+differentiable to any order: the primal runs the kernel, the tangents are the same products written with
+jnp (XLA), so autodiff and forward mode work as on the XLA layouts; vmap runs the kernel per element.
+
+The C++ source ships in the package and is compiled on first use with the machine's C++ compiler (`$CXX`,
+else `g++`/`c++`, `-O3 -march=native`, ~5 s) into a cache keyed by the source, the compiler, jaxlib and the
+CPU (`$BW_JAX_KERNEL_CACHE`, default `~/.cache/bw_jax/kernels`). `python -m bw_jax.kernels` builds it ahead
+(the Makefile's setup does). Without a compiler, or with `BW_JAX_CPU_KERNELS=0`, `available()` is False,
+one warning says why, and the layer uses XLA's batched products on the CPU (about 2× slower there; GPU and
+TPU never use these kernels).
+"""
+
+from collections.abc import Callable
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+from pathlib import Path
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+SOURCE = Path(__file__).with_name('group_products.cc')
+_TARGETS = {  # FFI target name -> symbol, per dtype
+    (kind, dtype): f'BwGroup{kind}{suffix}'
+    for kind in ('Cross', 'Transform', 'Transform2') for dtype, suffix in (('float32', 'F32'), ('float64', 'F64'))}
+DTYPES = (jnp.float32, jnp.float64)
+DISABLE_ENV = 'BW_JAX_CPU_KERNELS'
+CACHE_ENV = 'BW_JAX_KERNEL_CACHE'
+
+_log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Build, load, register
+
+
+def compiler() -> str | None:
+  """The C++ compiler to use: `$CXX`, else g++ or c++ on PATH; None if there is none."""
+  for name in (os.environ.get('CXX'), 'g++', 'c++'):
+    if name and shutil.which(name):
+      return shutil.which(name)
+  return None
+
+
+def compile_command(cxx: str, output: Path) -> list[str]:
+  return [cxx, '-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-w', '-I', jax.ffi.include_dir(),
+          str(SOURCE), '-o', str(output)]
+
+
+def _cpu_description() -> str:
+  """What `-march=native` compiles for: the CPU model and its flags."""
+  try:
+    text = Path('/proc/cpuinfo').read_text()
+  except OSError:
+    return platform.processor() or platform.machine()
+  lines = [line for line in text.splitlines() if line.startswith(('model name', 'flags', 'Features'))]
+  return '\n'.join(sorted(set(lines)))
+
+
+def cache_dir() -> Path:
+  if os.environ.get(CACHE_ENV):
+    return Path(os.environ[CACHE_ENV])
+  return Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'bw_jax' / 'kernels'
+
+
+def library_path(cxx: str) -> Path:
+  """Where the build for this source, compiler, jaxlib and CPU lives."""
+  version = subprocess.run([cxx, '--version'], capture_output=True, text=True, check=False).stdout
+  key = '\0'.join([SOURCE.read_text(), cxx, version, jaxlib.__version__, platform.machine(), _cpu_description()])
+  return cache_dir() / f'bw_group_products_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so'
+
+
+def build() -> Path:
+  """Compiles the kernels unless this build is cached; returns the shared library's path. Raises RuntimeError
+  with the compiler's message if it fails."""
+  cxx = compiler()
+  if cxx is None:
+    raise RuntimeError('no C++ compiler found (set $CXX, or install g++)')
+  path = library_path(cxx)
+  if path.exists():
+    return path
+  path.parent.mkdir(parents=True, exist_ok=True)
+  # Compiled to a private name, then renamed: concurrent processes never load a half-written library.
+  with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+    output = Path(scratch) / path.name
+    result = subprocess.run(compile_command(cxx, output), capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+      errors = [line for line in result.stderr.splitlines() if 'error' in line] or result.stderr.splitlines()
+      raise RuntimeError(f'{cxx} could not compile {SOURCE}: {errors[0] if errors else "no message"}')
+    os.replace(output, path)
+  return path
+
+
+@functools.cache
+def available() -> bool:
+  """Whether the kernels are built, loaded and registered with XLA's CPU backend (builds on first call)."""
+  if os.environ.get(DISABLE_ENV, '1').strip().lower() in ('0', 'false', 'no', 'off'):
+    return False
+  try:
+    library = ctypes.cdll.LoadLibrary(str(build()))
+  except (RuntimeError, OSError) as error:
+    _log.warning('bw_jax: the CPU group-product kernels are not available (%s); BatchWhitening on the CPU '
+                 "uses XLA's batched products instead (about 2x slower there; GPU/TPU are unaffected).",
+                 str(error).splitlines()[0])
+    return False
+  for target in _TARGETS.values():
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)), platform='cpu')
+  return True
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The products: kernel forward, jnp derivatives
+
+
+def _by_group(a: jax.Array, groups: int) -> jax.Array:
+  return a.reshape(*a.shape[:-1], groups, -1)
+
+
+def cross_reference(a, sa, b, sb, *, groups: int) -> jax.Array:
+  """group_cross in jnp: (m, C) ×2, (C,) ×2 -> (G, g, g + 1)."""
+  d_a, d_b = _by_group(a - sa, groups), _by_group(b - sb, groups)
+  cross = jnp.einsum('mgi,mgj->gij', d_a, d_b)
+  return jnp.concatenate([cross, jnp.sum(d_a, axis=0)[:, :, None]], axis=2)
+
+
+def transform_reference(a, sa, matrices, offset) -> jax.Array:
+  """group_transform in jnp: (m, C), (C,), (G, g, g), (C,) -> (m, C)."""
+  groups = matrices.shape[0]
+  return jnp.einsum('mgj,gij->mgi', _by_group(a - sa, groups), matrices).reshape(a.shape) + offset
+
+
+def transform2_reference(a, sa, a_matrices, b, sb, b_matrices, offset) -> jax.Array:
+  return transform_reference(a, sa, a_matrices, offset) + transform_reference(b, sb, b_matrices,
+                                                                              jnp.zeros_like(offset))
+
+
+def _checked(*arrays: jax.Array) -> str:
+  dtype = arrays[0].dtype
+  if dtype not in DTYPES or any(a.dtype != dtype for a in arrays):
+    raise TypeError(f'bw_jax CPU kernels take float32 or float64 operands of one dtype; got '
+                    f'{[str(a.dtype) for a in arrays]}.')
+  return str(dtype)
+
+
+def _call(kind: str, result: jax.ShapeDtypeStruct, *operands: jax.Array) -> jax.Array:
+  out = jax.ffi.ffi_call(_TARGETS[kind, _checked(*operands)], result, vmap_method='sequential')(*operands)
+  return _varying_like(out, operands)
+
+
+def _varying_like(out: jax.Array, operands: tuple[jax.Array, ...]) -> jax.Array:
+  """`out` marked as varying along the shard_map axes any operand varies along, as a jnp operation on the
+  operands would be (an FFI call's result carries no such type; inside shard_map, JAX checks it)."""
+  varying = set().union(*(getattr(getattr(jax.typeof(a), 'manual_axis_type', None), 'varying', frozenset())
+                          for a in operands))  # jax 0.10's name for what older releases called `vma`
+  return jax.lax.pcast(out, tuple(sorted(varying)), to='varying') if varying else out
+
+
+def _with_reference_derivatives(kernel: Callable[..., jax.Array], reference: Callable[..., jax.Array],
+                                ) -> Callable[..., jax.Array]:
+  """`kernel` for values; tangents (and so every derivative, to any order) from the jnp `reference`."""
+  function = jax.custom_jvp(kernel)
+  # The primal through `function` again, not `kernel`: under a second derivative the primals are tangents'
+  # tracers themselves, and the rule must apply once more.
+  function.defjvp(lambda primals, tangents: (function(*primals), jax.jvp(reference, primals, tangents)[1]))
+  return function
+
+
+def _cross_kernel(a, sa, b, sb, *, groups):
+  g = a.shape[1] // groups
+  return _call('Cross', jax.ShapeDtypeStruct((groups, g, g + 1), a.dtype), a, sa, b, sb)
+
+
+def _transform_kernel(a, sa, matrices, offset):
+  return _call('Transform', jax.ShapeDtypeStruct(a.shape, a.dtype), a, sa, jnp.swapaxes(matrices, 1, 2), offset)
+
+
+def _transform2_kernel(a, sa, a_matrices, b, sb, b_matrices, offset):
+  return _call('Transform2', jax.ShapeDtypeStruct(a.shape, a.dtype), a, sa, jnp.swapaxes(a_matrices, 1, 2), b,
+               sb, jnp.swapaxes(b_matrices, 1, 2), offset)
+
+
+def group_cross(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, groups: int) -> jax.Array:
+  """[a − sa]ᵀ [b − sb, 1] per group: (m, C), (C,), (m, C), (C,) -> (G, g, g + 1) (last column Σ(a − sa))."""
+  return _with_reference_derivatives(functools.partial(_cross_kernel, groups=groups),
+                                     functools.partial(cross_reference, groups=groups))(a, sa, b, sb)
+
+
+# (a − sa) Mᵀ + offset per group: (m, C), (C,), (G, g, g), (C,) -> (m, C).
+group_transform = _with_reference_derivatives(_transform_kernel, transform_reference)
+# (a − sa) Aᵀ + (b − sb) Bᵀ + offset per group, in one pass: (m, C), (C,), (G, g, g), (m, C), (C,), (G, g, g),
+# (C,) -> (m, C).
+group_transform2 = _with_reference_derivatives(_transform2_kernel, transform2_reference)

@@ -1,0 +1,150 @@
+"""The CPU kernels of BatchWhitening's group products (`bw_jax/kernels`): values against float64 NumPy,
+derivatives of every order against the jnp reference, and what happens where they cannot be built.
+
+The layer-level tests (closed form against autodiff at 1e-10 for every method, degenerate batches) run in the
+kernel layout wherever g is one of `group_products.KERNEL_GROUP_SIZES` (test_whitening_vjp.py).
+"""
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bw_jax import group_products as gp
+from bw_jax import kernels
+from subprocess_runs import run_process, subprocess_env
+
+if not kernels.available():  # pragma: no cover - the machines the suite runs on have g++
+  pytest.skip(f'the CPU kernels could not be built here (no C++ compiler: {kernels.compiler()}); the layer '
+              'uses XLA products, which the other tests cover', allow_module_level=True)
+
+# (m, g, C): m not a multiple of the kernels' 4-row blocks, one and several row chunks, every g with its own
+# code (vectors: 4, 8, 16, 32; unrolled: 6, 10, 12), and g = 3, 1 for the scalar loops.
+CASES = [(37, 4, 8), (37, 8, 24), (3001, 16, 64), (513, 32, 64), (37, 6, 12), (37, 10, 20), (2003, 12, 24), (37, 3, 9),
+         (37, 1, 5)]
+
+
+def operands(m, channels, dtype, seed=0):
+  rng = np.random.default_rng(seed)
+  a, b = (rng.normal(size=(m, channels)) + 3.0 for _ in range(2))
+  sa, sb, offset = (rng.normal(size=channels) for _ in range(3))
+  return [np.asarray(v, dtype) for v in (a, sa, b, sb, offset)]
+
+
+def np_cross(a, sa, b, sb, groups):
+  """[a − sa]ᵀ[b − sb, 1] per group, float64."""
+  da = (a - sa).astype(np.float64).reshape(len(a), groups, -1)
+  db = (b - sb).astype(np.float64).reshape(len(b), groups, -1)
+  return np.concatenate([np.einsum('mgi,mgj->gij', da, db), da.sum(0)[:, :, None]], axis=2)
+
+
+def np_transform(a, sa, matrices, offset):
+  groups = len(matrices)
+  d = (a - sa).astype(np.float64).reshape(len(a), groups, -1)
+  return np.einsum('mgj,gij->mgi', d, matrices.astype(np.float64)).reshape(a.shape) + offset
+
+
+@pytest.mark.parametrize('dtype, tolerance', [(np.float64, 1e-12), (np.float32, 2e-5)])
+@pytest.mark.parametrize('m, g, channels', CASES)
+def test_kernels_compute_the_numpy_products(m, g, channels, dtype, tolerance):
+  groups = channels // g
+  a, sa, b, sb, offset = operands(m, channels, dtype)
+  rng = np.random.default_rng(1)
+  first, second = (np.asarray(rng.normal(size=(groups, g, g)), dtype) for _ in range(2))
+  with jax.enable_x64(True):
+    cross = kernels.group_cross(*map(jnp.asarray, (a, sa, b, sb)), groups)
+    transform = kernels.group_transform(*map(jnp.asarray, (a, sa, first, offset)))
+    transform2 = kernels.group_transform2(*map(jnp.asarray, (a, sa, first, b, sb, second, offset)))
+  expected_cross = np_cross(a, sa, b, sb, groups)
+  np.testing.assert_allclose(cross, expected_cross, rtol=tolerance, atol=tolerance * np.abs(expected_cross).max())
+  for got, expected in ((transform, np_transform(a, sa, first, offset)),
+                        (transform2, np_transform(a, sa, first, offset) + np_transform(b, sb, second, 0))):
+    np.testing.assert_allclose(got, expected, rtol=tolerance, atol=tolerance * np.abs(expected).max())
+  assert cross.dtype == transform.dtype == transform2.dtype == dtype
+
+
+def test_kernel_results_do_not_depend_on_the_threads():
+  # Partial cross products are summed in chunk order: repeated calls agree to the bit (runs stay deterministic).
+  a, sa, b, sb, _ = operands(20000, 64, np.float32, seed=3)
+  cross = jax.jit(lambda *args: kernels.group_cross(*args, 4))
+  first = np.asarray(cross(a, sa, b, sb))
+  for _ in range(5):
+    np.testing.assert_array_equal(np.asarray(cross(a, sa, b, sb)), first)
+
+
+def test_derivatives_of_every_order_follow_the_reference():
+  m, g, channels = 37, 4, 8
+  with jax.enable_x64(True):
+    a, sa, b, sb, offset = map(jnp.asarray, operands(m, channels, np.float64, seed=4))
+    matrices = jnp.asarray(np.random.default_rng(5).normal(size=(2, g, g)))
+    weights = jnp.asarray(np.random.default_rng(6).normal(size=(m, channels)))
+
+    def loss(products):
+      def f(a, matrices):
+        cross = products['cross'](a, sa, a, sb, 2)
+        y = products['transform2'](a, sa, matrices, b, sb, matrices + cross[:, :, :g], offset)
+        return jnp.sum(jnp.sin(weights * y)) + jnp.sum(cross ** 2) * 1e-3
+      return f
+
+    kernel = loss({'cross': kernels.group_cross, 'transform2': kernels.group_transform2})
+    reference = loss({'cross': lambda *args: kernels.cross_reference(*args[:4], groups=args[4]),
+                      'transform2': kernels.transform2_reference})
+    for derivative in (jax.grad, lambda f: jax.grad(lambda *p: jnp.sum(jax.grad(f)(*p)[0] ** 2)),
+                       lambda f: jax.jacfwd(jax.grad(f, argnums=1), argnums=1)):
+      got, expected = derivative(kernel)(a, matrices), derivative(reference)(a, matrices)
+      assert np.abs(np.asarray(expected)).max() > 1e-3
+      np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10 * np.abs(np.asarray(expected)).max())
+    batched = jax.vmap(lambda a: kernels.group_transform(a, sa, matrices, offset))(jnp.stack([a, b]))
+    np.testing.assert_allclose(batched[1], kernels.transform_reference(b, sa, matrices, offset), rtol=1e-12, atol=1e-12)
+
+
+def test_mixed_or_unsupported_dtypes_name_what_the_kernels_take():
+  a = jnp.ones((4, 8), jnp.float32)
+  with pytest.raises(TypeError, match='float32 or float64 operands of one dtype'):
+    kernels.group_transform(a.astype(jnp.bfloat16), a[0], jnp.ones((2, 4, 4)), a[0])
+
+
+def test_the_cpu_picks_the_kernels_for_vectorised_group_sizes_and_xla_otherwise(monkeypatch):
+  assert [gp.cpu_layout(c, g) for c, g in ((32, 16), (1152, 16), (24, 8), (24, 12), (40, 10), (27, 9), (240, 3),
+                                           (128, 64))] == ['kernel'] * 5 + ['dense', 'batched', 'batched']
+  monkeypatch.setattr(kernels, 'available', lambda: False)
+  assert [gp.cpu_layout(c, 16) for c in (32, 64, 96, 1152)] == ['dense', 'dense', 'batched', 'batched']
+
+
+def test_build_is_cached_per_source_compiler_and_cpu(tmp_path, monkeypatch):
+  monkeypatch.setenv(kernels.CACHE_ENV, str(tmp_path))
+  path = kernels.build()
+  built = path.stat().st_mtime_ns
+  assert path.parent == tmp_path and path.suffix == '.so'
+  assert kernels.build() == path and path.stat().st_mtime_ns == built, 'a cached build must not be compiled again'
+  assert [p.name for p in tmp_path.iterdir()] == [path.name], 'no scratch files may be left behind'
+
+
+def fallback_run(tmp_path, **env):
+  """A fresh process whitening with BatchWhitening on the CPU, with `env` set; returns (stdout, stderr)."""
+  script = ('import jax, jax.numpy as jnp, numpy as np\n'
+            'from bw_jax import group_products as gp, kernels, whitening as bw\n'
+            'x = jnp.asarray(np.random.default_rng(0).normal(size=(64, 32)), jnp.float32)\n'
+            'y = bw.whiten(x, 16)\n'
+            'cov = np.cov(np.asarray(y, np.float64).reshape(64, 2, 16)[:, 0].T)\n'
+            'print(kernels.available(), gp.cpu_layout(32, 16), round(float(np.abs(cov - np.eye(16)).max()), 3))\n')
+  environment = subprocess_env({kernels.CACHE_ENV: str(tmp_path / 'cache'), **env})
+  result = run_process([sys.executable, '-c', script], env=environment, timeout=120)
+  assert result.returncode == 0, result.stderr
+  return result.stdout.strip(), result.stderr
+
+
+@pytest.mark.parametrize('env, says', [({kernels.DISABLE_ENV: '0'}, None),
+                                       ({'CXX': '', 'PATH': '/nonexistent'}, 'no C++ compiler found')])
+def test_without_the_kernels_the_layer_uses_xla_and_says_why(tmp_path, env, says):
+  stdout, stderr = fallback_run(tmp_path, **env)
+  available, layout, error = stdout.split()
+  assert (available, layout) == ('False', 'dense')
+  assert float(error) < 0.05, 'the XLA products must still whiten'
+  warnings = [line for line in stderr.splitlines() if 'CPU group-product kernels are not available' in line]
+  if says is None:  # switched off on purpose: nothing to warn about
+    assert not warnings, stderr
+  else:
+    assert len(warnings) == 1 and says in warnings[0] and "XLA's batched products" in warnings[0], stderr
