@@ -17,7 +17,6 @@ Progress goes to stderr, the table to stdout.
 """
 
 import argparse
-import contextlib
 import importlib.util
 import subprocess
 import tempfile
@@ -27,8 +26,9 @@ from flax import linen as nn
 import jax
 import jax.numpy as jnp
 
-from bw_jax import group_products, whitening
-from common import environment, format_table, progress, time_round_robin  # benchmarks/common.py
+from bw_jax import whitening
+from common import (LAYOUT_CHOICES, environment, forced_layout, format_table, progress,  # benchmarks/common.py
+                    time_round_robin)
 
 # (H, W, C) of EfficientNet-B0 stage outputs at 64×64 input, keyed by C (the --shapes names).
 SHAPES = {32: (32, 32, 32), 96: (16, 16, 96), 240: (8, 8, 240), 672: (4, 4, 672), 1152: (2, 2, 1152)}
@@ -48,9 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--markdown', action='store_true', help='print a Markdown table.')
   parser.add_argument('--quick', action='store_true', help=f'smoke run: {QUICK}, overriding those flags.')
-  parser.add_argument('--layouts', nargs='+', choices=group_products.LAYOUTS, default=[],
+  parser.add_argument('--layouts', nargs='+', choices=LAYOUT_CHOICES, default=[],
                       help='also time each BW layer with its group products forced into these layouts '
-                      '(rows "METHOD [LAYOUT]"; default rows use the per-platform choice).')
+                      '(rows "METHOD [LAYOUT]"; default rows use the per-platform choice; "xla": XLA\'s products '
+                      'as the CPU picks them without the kernels, the layer before bw_jax/kernels).')
   parser.add_argument('--before', metavar='REV', help='also time bw_jax/whitening.py as of git revision REV '
                       '(rows "METHOD @REV"), round-robin in the same process.')
   args = parser.parse_args(argv)
@@ -71,18 +72,6 @@ def whitening_at(revision: str) -> Any:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
-
-
-@contextlib.contextmanager
-def forced_layout(layout: str | None):
-  """Within it, layers traced take `layout` for their group products on every platform (None: as chosen)."""
-  saved = group_products.cpu_layout, group_products.accelerator_layout
-  if layout is not None:
-    group_products.cpu_layout = group_products.accelerator_layout = lambda channels, group_size=None: layout
-  try:
-    yield
-  finally:
-    group_products.cpu_layout, group_products.accelerator_layout = saved
 
 
 def layers_for(channels: int, methods: list[str], group_sizes: list[int], before: str | None = None,

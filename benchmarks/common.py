@@ -4,6 +4,7 @@ Imported by its siblings as `from common import ...` (scripts run from the repos
 `benchmarks/` first on sys.path).
 """
 
+import contextlib
 import os
 import platform
 import statistics
@@ -15,6 +16,7 @@ from typing import Any
 import flax
 import jax
 
+from bw_jax import group_products
 from bw_jax.runtime import configure_cpu_dispatch
 
 configure_cpu_dispatch()  # Why: bw_jax/runtime.py; it also times each call in the calling thread.
@@ -64,3 +66,24 @@ def format_table(cells: list[tuple[str, ...]], markdown: bool, text_columns: int
   widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
   return '\n'.join('  '.join(cell.ljust(w) if i < text_columns else cell.rjust(w)
                              for i, (cell, w) in enumerate(zip(row, widths))) for row in cells)
+
+
+# A pseudo-layout for `forced_layout`: XLA's products as the CPU picks them without the kernels (dense for
+# C ≤ 64, batched above), i.e. the layer as it ran before bw_jax/kernels.
+XLA_PRODUCTS = 'xla'
+LAYOUT_CHOICES = (*group_products.LAYOUTS, XLA_PRODUCTS)
+
+
+@contextlib.contextmanager
+def forced_layout(layout: str | None):
+  """Within it, BW layers traced take `layout` for their group products on every platform (None: as chosen;
+  XLA_PRODUCTS: `group_products.xla_cpu_layout`)."""
+  saved = group_products.cpu_layout, group_products.accelerator_layout
+  if layout == XLA_PRODUCTS:
+    group_products.cpu_layout = lambda channels, group_size=None: group_products.xla_cpu_layout(channels)
+  elif layout is not None:
+    group_products.cpu_layout = group_products.accelerator_layout = lambda channels, group_size=None: layout
+  try:
+    yield
+  finally:
+    group_products.cpu_layout, group_products.accelerator_layout = saved

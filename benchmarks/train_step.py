@@ -15,16 +15,16 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from bw_jax.efficientnet import EfficientNet
 from bw_jax.whitening import BWSettings
-from common import environment, format_table, progress  # benchmarks/common.py
+from common import XLA_PRODUCTS, environment, forced_layout, format_table, progress  # benchmarks/common.py
 
 # (stem_type, mbconv_type, head_type) and a name for each row.
 VARIANTS = {'BN baseline (1, 0, 1)': (1, 0, 1), 'BW blocks (1, 2, 1)': (1, 2, 1),
             'BW everywhere (2, 2, 2)': (2, 2, 2)}
+XLA_VARIANT = 'BW blocks (1, 2, 1), XLA products'
 
 
 def make_step(model: EfficientNet, batch: int, size: int):
@@ -61,20 +61,26 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--group-size', type=int, default=16)
   parser.add_argument('--depthwise', default='auto', choices=('auto', 'shift', 'xla'))
   parser.add_argument('--markdown', action='store_true')
+  parser.add_argument('--xla-products', action='store_true',
+                      help="also time BW blocks with XLA's group products (the layer without bw_jax/kernels)")
   args = parser.parse_args(argv)
   prefix = '- ' if args.markdown else ''
   print('\n'.join(prefix + line for line in environment()))
   print(f'{prefix}B0 {args.size}×{args.size}, batch {args.batch}, SGD momentum, BW cholesky '
         f'g={args.group_size}, depthwise {args.depthwise}, median of {args.steps} steps\n', flush=True)
 
+  variants = {name: (types, None) for name, types in VARIANTS.items()}
+  if args.xla_products:
+    variants[XLA_VARIANT] = (VARIANTS['BW blocks (1, 2, 1)'], XLA_PRODUCTS)
   runs = {}
-  for name, (stem, mbconv, head) in VARIANTS.items():
+  for name, ((stem, mbconv, head), layout) in variants.items():
     progress(f'compiling {name}')
     model = EfficientNet(num_classes=200, stem_type=stem, mbconv_type=mbconv, head_type=head,
                          bw=BWSettings(group_size=args.group_size), depthwise_implementation=args.depthwise)
     runs[name] = list(make_step(model, args.batch, args.size))
     step, state, images, labels, _ = runs[name]
-    runs[name][1] = jax.block_until_ready(step(state, images, labels, jax.random.key(4))[0])  # warm-up
+    with forced_layout(layout):  # the layers pick their products when the step is traced, at its first call
+      runs[name][1] = jax.block_until_ready(step(state, images, labels, jax.random.key(4))[0])  # warm-up
 
   seconds = {name: [] for name in runs}
   for i in range(args.steps):

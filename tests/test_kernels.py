@@ -14,6 +14,7 @@ import pytest
 
 from bw_jax import group_products as gp
 from bw_jax import kernels
+from bw_jax import whitening as bw
 from subprocess_runs import run_process, subprocess_env
 
 if not kernels.available():  # pragma: no cover - the machines the suite runs on have g++
@@ -148,3 +149,14 @@ def test_without_the_kernels_the_layer_uses_xla_and_says_why(tmp_path, env, says
     assert not warnings, stderr
   else:
     assert len(warnings) == 1 and says in warnings[0] and "XLA's batched products" in warnings[0], stderr
+
+
+def test_export_refuses_the_kernels_and_works_with_them_switched_off(monkeypatch):
+  # docs/design.md §5: jax.export needs BW_JAX_CPU_KERNELS=0 (its custom calls carry no compatibility promise).
+  x = jnp.asarray(np.random.default_rng(7).normal(size=(64, 32)), jnp.float32)
+  with pytest.raises(ValueError, match='custom calls whose targets have no compatibility guarantees'):
+    jax.export.export(jax.jit(lambda x: bw.whiten(x, 16)), platforms=('cpu',))(x)
+  monkeypatch.setattr(kernels, 'available', lambda: False)
+  exported = jax.export.export(jax.jit(lambda x: bw.whiten(x, 16)), platforms=('cpu',))(x)
+  assert 'BwGroup' not in exported.mlir_module()
+  np.testing.assert_allclose(exported.call(x), bw.whiten(x, 16), rtol=1e-4, atol=1e-4)
