@@ -77,10 +77,10 @@ def main(argv: list[str] | None = None) -> None:
     progress(f'compiling {name}')
     model = EfficientNet(num_classes=200, stem_type=stem, mbconv_type=mbconv, head_type=head,
                          bw=BWSettings(group_size=args.group_size), depthwise_implementation=args.depthwise)
-    runs[name] = list(make_step(model, args.batch, args.size))
+    with forced_layout(layout):  # the layers pick their products when the step is traced (in make_step)
+      runs[name] = list(make_step(model, args.batch, args.size))
     step, state, images, labels, _ = runs[name]
-    with forced_layout(layout):  # the layers pick their products when the step is traced, at its first call
-      runs[name][1] = jax.block_until_ready(step(state, images, labels, jax.random.key(4))[0])  # warm-up
+    runs[name][1] = jax.block_until_ready(step(state, images, labels, jax.random.key(4))[0])  # warm-up
 
   seconds = {name: [] for name in runs}
   for i in range(args.steps):

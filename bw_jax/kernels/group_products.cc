@@ -56,9 +56,10 @@ void ParallelChunks(ffi::ThreadPool& pool, int64_t n, int64_t chunk, const Body&
   while (state->done.load(std::memory_order_acquire) < num_chunks) std::this_thread::yield();
 }
 
-// Rows per chunk: enough work per task (≥ ~64 K multiply-adds) and at most ~8 chunks per call.
+// Rows per chunk: enough work per task (≥ 128 K elements, ~2 M multiply-adds at g = 16, so that a chunk's
+// partial cross product and its summation stay small next to its work) and at most 8 chunks per call.
 int64_t ChunkRows(int64_t m, int64_t C) {
-  return std::max<int64_t>(std::max<int64_t>(4, 65536 / std::max<int64_t>(C, 1)), (m + 7) / 8);
+  return std::max<int64_t>(std::max<int64_t>(4, 131072 / std::max<int64_t>(C, 1)), (m + 7) / 8);
 }
 
 // g-wide vectors of T for the power-of-two group sizes 4, 8, 16, 32 (GCC/Clang vector extensions: one or more
@@ -83,9 +84,10 @@ inline void Store(T* p, const V& v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
-// Rows of a row block that stay in L2 while every group reads its columns (≤ 256 KB of a and b).
+// Rows of a row block that stay in L2 while every group reads its columns (≤ 512 KB of a and b): each block
+// adds its accumulators to the chunk's partial cross product once per group.
 int64_t BlockRows(int64_t C, int64_t item_size) {
-  return std::max<int64_t>(8, (128 * 1024) / std::max<int64_t>(C * item_size, 1));
+  return std::max<int64_t>(8, (256 * 1024) / std::max<int64_t>(C * item_size, 1));
 }
 
 // acc (G, g, g+1) += [a − sa]ᵀ [b − sb, 1] over rows [r0, r1): per group, g row vectors in registers.
@@ -110,7 +112,7 @@ void CrossVector(const T* a, const T* sa, const T* b, const T* sb, int64_t C, in
         sums += av;
       }
       for (int i = 0; i < kG; ++i) {
-        for (int j = 0; j < kG; ++j) out[i * (kG + 1) + j] += rows[i][j];
+        Store(out + i * (kG + 1), Load<V>(out + i * (kG + 1)) + rows[i]);
         out[i * (kG + 1) + kG] += sums[i];
       }
     }
