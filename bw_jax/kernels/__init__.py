@@ -17,7 +17,7 @@ The C++ source ships in the package and is compiled on first use with the machin
 else `g++`/`c++`, `-O3 -march=native`, ~5 s) into a cache keyed by the source, the compiler, jaxlib and the
 CPU (`$BW_JAX_KERNEL_CACHE`, default `~/.cache/bw_jax/kernels`). `python -m bw_jax.kernels` builds it ahead
 (the Makefile's setup does). Without a compiler, or with `BW_JAX_CPU_KERNELS=0`, `available()` is False,
-one warning says why, and the layer uses XLA's batched products on the CPU (about 2× slower there; GPU and
+one warning says why, and the layer uses XLA's batched products on the CPU (2–4× slower for the layer; GPU and
 TPU never use these kernels).
 """
 
@@ -118,7 +118,7 @@ def available() -> bool:
     library = ctypes.cdll.LoadLibrary(str(build()))
   except (RuntimeError, OSError) as error:
     _log.warning('bw_jax: the CPU group-product kernels are not available (%s); BatchWhitening on the CPU '
-                 "uses XLA's batched products instead (about 2x slower there; GPU/TPU are unaffected).",
+                 "uses XLA's batched products instead (2-4x slower there; GPU/TPU are unaffected).",
                  str(error).splitlines()[0])
     return False
   for target in _TARGETS.values():
