@@ -102,8 +102,8 @@ def apply_whitening_folded(shifted: jax.Array, centre: jax.Array, whitening: jax
   (m, C), (C,), (G, g, g), optional γ and β (C,) -> (m, C) in S's dtype."""
   groups = whitening.shape[0]
   return per_platform(shifted.shape[1], layout, lambda lay, d, c, s, a: _whiten_in_layout(
-      shifted_to_layout(d, jnp.zeros(d.shape[1:], s.dtype), groups, lay), c, s, a, lay), shifted, centre,
-                      whitening, affine, group_size=whitening.shape[-1])
+      to_layout(d, groups, lay, ones=True), c, s, a, lay), shifted, centre, whitening, affine,
+                      group_size=whitening.shape[-1])
 
 
 def _forward(statistics: StatisticsFn, groups: int, layout: str, x: jax.Array, state: Any, affine: Affine,

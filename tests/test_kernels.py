@@ -162,3 +162,26 @@ def test_export_refuses_the_kernels_and_works_with_them_switched_off(monkeypatch
   exported = jax.export.export(jax.jit(lambda x: bw.whiten(x, 16)), platforms=('cpu',))(x)
   assert 'BwGroup' not in exported.mlir_module()
   np.testing.assert_allclose(exported.call(x), bw.whiten(x, 16), rtol=1e-4, atol=1e-4)
+
+
+def test_the_kernel_layout_crosses_operands_with_and_without_ones_as_numpy():
+  # group_products' 'kernel' layout returns (G, ka, kb) as the other layouts do: sums in the ones row and
+  # column, m in the corner; operands of different samples and shifts take the separate row sum.
+  m, g, channels = 37, 4, 8
+  a, sa, b, sb, _ = operands(m, channels, np.float64, seed=8)
+  blocks = lambda x, s: (x - s).reshape(m, -1, g)
+  with_ones = lambda d: np.concatenate([d, np.ones((m, d.shape[1], 1))], axis=2)
+  expected = {(False, False): (blocks(a, sa), blocks(b, sb)), (True, False): (with_ones(blocks(a, sa)), blocks(b, sb)),
+              (False, True): (blocks(a, sa), with_ones(blocks(b, sb))),
+              (True, True): (with_ones(blocks(a, sa)), with_ones(blocks(b, sb)))}
+  with jax.enable_x64(True):
+    for (a_ones, b_ones), (da, db) in expected.items():
+      left = gp.InPlace(jnp.asarray(a), jnp.asarray(sa), a_ones)
+      right = gp.InPlace(jnp.asarray(b), jnp.asarray(sb), b_ones)
+      got = gp.cross_in_layout(left, right, g, 'kernel', jnp.float64)
+      np.testing.assert_allclose(got, np.einsum('mgi,mgj->gij', da, db), rtol=1e-12, atol=1e-10,
+                                 err_msg=f'ones: a {a_ones}, b {b_ones}')
+    same = gp.InPlace(jnp.asarray(a), jnp.asarray(sa), True)  # the moments' [d, 1]ᵀ[d, 1]
+    np.testing.assert_allclose(gp.cross_in_layout(same, same, g, 'kernel', jnp.float64),
+                               np.einsum('mgi,mgj->gij', with_ones(blocks(a, sa)), with_ones(blocks(a, sa))),
+                               rtol=1e-12, atol=1e-10)

@@ -197,20 +197,15 @@ void TransformVector(const T* a, const T* sa, const T* At, const T* b, const T* 
       V y[kRows];
       const V off = Load<V>(offset + c0);
       for (int k = 0; k < kRows; ++k) y[k] = off;
-      T av[kRows][kG] = {};
-      for (int k = 0; k < rows; ++k) Store(av[k], Load<V>(a + (r + k) * C + c0) - Load<V>(sa + c0));
-      const T* at = At + gi * kG * kG;
-      for (int j = 0; j < kG; ++j) {
-        const V column = Load<V>(at + j * kG);
-        for (int k = 0; k < kRows; ++k) y[k] += av[k][j] * column;
-      }
-      if (kTwo) {
-        T bv[kRows][kG] = {};
-        for (int k = 0; k < rows; ++k) Store(bv[k], Load<V>(b + (r + k) * C + c0) - Load<V>(sb + c0));
-        const T* bt = Bt + gi * kG * kG;
+      for (int term = 0; term < (kTwo ? 2 : 1); ++term) {
+        const T* x = term == 0 ? a : b;
+        const V shift = Load<V>((term == 0 ? sa : sb) + c0);
+        const T* mt = (term == 0 ? At : Bt) + gi * kG * kG;
+        T xv[kRows][kG] = {};  // rows minus the shift, read back one lane at a time as broadcasts
+        for (int k = 0; k < rows; ++k) Store(xv[k], Load<V>(x + (r + k) * C + c0) - shift);
         for (int j = 0; j < kG; ++j) {
-          const V column = Load<V>(bt + j * kG);
-          for (int k = 0; k < kRows; ++k) y[k] += bv[k][j] * column;
+          const V column = Load<V>(mt + j * kG);
+          for (int k = 0; k < kRows; ++k) y[k] += xv[k][j] * column;
         }
       }
       for (int k = 0; k < rows; ++k) Store(out + (r + k) * C + c0, y[k]);
@@ -282,10 +277,9 @@ void TransformRows(const T* a, const T* sa, const T* At, const T* b, const T* sb
   }
 }
 
-ffi::Error CheckShapes(int64_t m, int64_t C, int64_t groups) {
+ffi::Error CheckShapes(int64_t C, int64_t groups) {
   if (groups <= 0 || C % groups != 0)
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "bw_jax group kernels: groups must divide C");
-  (void)m;
   return ffi::Error::Success();
 }
 
@@ -295,7 +289,7 @@ ffi::Error GroupCross(ffi::ThreadPool pool, ffi::Buffer<dt> a, ffi::Buffer<dt> s
   using T = ffi::NativeType<dt>;
   const auto dims = a.dimensions();
   const int64_t m = dims[0], C = dims[1], groups = out->dimensions()[0];
-  if (ffi::Error error = CheckShapes(m, C, groups); error.failure()) return error;
+  if (ffi::Error error = CheckShapes(C, groups); error.failure()) return error;
   const int64_t g = C / groups, size = groups * g * (g + 1), chunk = ChunkRows(m, C);
   const int64_t num_chunks = std::max<int64_t>(1, (m + chunk - 1) / chunk);
   std::vector<T> partial(num_chunks * size, T(0));
@@ -310,34 +304,35 @@ ffi::Error GroupCross(ffi::ThreadPool pool, ffi::Buffer<dt> a, ffi::Buffer<dt> s
   return ffi::Error::Success();
 }
 
+// out = (a − sa) Aᵀ [+ (b − sb) Bᵀ] + offset over all rows; b, sb, Bt are null for one term.
+template <typename T, bool kTwo>
+ffi::Error RunTransform(ffi::ThreadPool& pool, const ffi::AnyBuffer::Dimensions& dims, int64_t groups,
+                        const T* a, const T* sa, const T* At, const T* b, const T* sb, const T* Bt,
+                        const T* offset, T* out) {
+  const int64_t m = dims[0], C = dims[1];
+  if (ffi::Error error = CheckShapes(C, groups); error.failure()) return error;
+  ParallelChunks(pool, m, ChunkRows(m, C), [&](int64_t r0, int64_t r1, int64_t) {
+    TransformRows<T, kTwo>(a, sa, At, b, sb, Bt, offset, C, groups, C / groups, r0, r1, out);
+  });
+  return ffi::Error::Success();
+}
+
 template <ffi::DataType dt>
 ffi::Error GroupTransform(ffi::ThreadPool pool, ffi::Buffer<dt> a, ffi::Buffer<dt> sa, ffi::Buffer<dt> At,
                           ffi::Buffer<dt> offset, ffi::ResultBuffer<dt> out) {
-  using T = ffi::NativeType<dt>;
-  const auto dims = a.dimensions();
-  const int64_t m = dims[0], C = dims[1], groups = At.dimensions()[0];
-  if (ffi::Error error = CheckShapes(m, C, groups); error.failure()) return error;
-  ParallelChunks(pool, m, ChunkRows(m, C), [&](int64_t r0, int64_t r1, int64_t) {
-    TransformRows<T, false>(a.typed_data(), sa.typed_data(), At.typed_data(), nullptr, nullptr, nullptr,
-                            offset.typed_data(), C, groups, C / groups, r0, r1, out->typed_data());
-  });
-  return ffi::Error::Success();
+  return RunTransform<ffi::NativeType<dt>, false>(pool, a.dimensions(), At.dimensions()[0], a.typed_data(),
+                                                  sa.typed_data(), At.typed_data(), nullptr, nullptr, nullptr,
+                                                  offset.typed_data(), out->typed_data());
 }
 
 template <ffi::DataType dt>
 ffi::Error GroupTransform2(ffi::ThreadPool pool, ffi::Buffer<dt> a, ffi::Buffer<dt> sa, ffi::Buffer<dt> At,
                            ffi::Buffer<dt> b, ffi::Buffer<dt> sb, ffi::Buffer<dt> Bt, ffi::Buffer<dt> offset,
                            ffi::ResultBuffer<dt> out) {
-  using T = ffi::NativeType<dt>;
-  const auto dims = a.dimensions();
-  const int64_t m = dims[0], C = dims[1], groups = At.dimensions()[0];
-  if (ffi::Error error = CheckShapes(m, C, groups); error.failure()) return error;
-  ParallelChunks(pool, m, ChunkRows(m, C), [&](int64_t r0, int64_t r1, int64_t) {
-    TransformRows<T, true>(a.typed_data(), sa.typed_data(), At.typed_data(), b.typed_data(), sb.typed_data(),
-                           Bt.typed_data(), offset.typed_data(), C, groups, C / groups, r0, r1,
-                           out->typed_data());
-  });
-  return ffi::Error::Success();
+  return RunTransform<ffi::NativeType<dt>, true>(pool, a.dimensions(), At.dimensions()[0], a.typed_data(),
+                                                 sa.typed_data(), At.typed_data(), b.typed_data(),
+                                                 sb.typed_data(), Bt.typed_data(), offset.typed_data(),
+                                                 out->typed_data());
 }
 
 }  // namespace
