@@ -16,7 +16,7 @@ from typing import Any
 import flax
 import jax
 
-from bw_jax import group_products
+from bw_jax import group_products, whitening_matrices
 from bw_jax.runtime import configure_cpu_dispatch
 
 configure_cpu_dispatch()  # Why: bw_jax/runtime.py; it also times each call in the calling thread.
@@ -69,7 +69,7 @@ def format_table(cells: list[tuple[str, ...]], markdown: bool, text_columns: int
 
 
 # A pseudo-layout for `forced_layout`: XLA's products as the CPU picks them without the kernels (dense for
-# C ≤ 64, batched above), i.e. the layer as it ran before bw_jax/kernels.
+# C ≤ 64, batched above) and LAPACK's Cholesky trials, i.e. the layer as it ran before bw_jax/kernels.
 XLA_PRODUCTS = 'xla'
 LAYOUT_CHOICES = (*group_products.LAYOUTS, XLA_PRODUCTS)
 
@@ -78,12 +78,15 @@ LAYOUT_CHOICES = (*group_products.LAYOUTS, XLA_PRODUCTS)
 def forced_layout(layout: str | None):
   """Within it, BW layers traced take `layout` for their group products on every platform (None: as chosen;
   XLA_PRODUCTS: `group_products.xla_cpu_layout`)."""
-  saved = group_products.cpu_layout, group_products.accelerator_layout
+  saved = (group_products.cpu_layout, group_products.accelerator_layout,
+           whitening_matrices.cholesky_kernel_applies)
   if layout == XLA_PRODUCTS:
     group_products.cpu_layout = lambda channels, group_size=None: group_products.xla_cpu_layout(channels)
+    whitening_matrices.cholesky_kernel_applies = lambda group_size: False
   elif layout is not None:
     group_products.cpu_layout = group_products.accelerator_layout = lambda channels, group_size=None: layout
   try:
     yield
   finally:
-    group_products.cpu_layout, group_products.accelerator_layout = saved
+    (group_products.cpu_layout, group_products.accelerator_layout,
+     whitening_matrices.cholesky_kernel_applies) = saved

@@ -432,7 +432,7 @@ def training_statistics(
   if running_whitening:
     covs.append(jax.lax.stop_gradient(new_cov))
   whitenings, fell_back = whitening_matrix_with_fallbacks(jnp.concatenate(covs), method, epsilon,
-                                                          newton_iterations)
+                                                          newton_iterations, differentiable_groups=groups)
   if method == 'pca':
     whitenings = align_row_signs(whitenings, jnp.tile(ra_whitening, (len(covs), 1, 1)))
   finite = jnp.all(jnp.isfinite(batch_mean)) & jnp.all(jnp.isfinite(batch_cov))

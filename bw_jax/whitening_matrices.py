@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bw_jax import spectral
+from bw_jax import kernels, spectral
 from bw_jax.checks import check_choice
 from bw_jax.dtypes import accumulation_dtype
 
@@ -20,6 +20,12 @@ METHODS = ('cholesky', 'zca', 'pca', 'newton')
 # Fallback ridge, relative to the mean eigenvalue tr(Σ)/g: large enough to dominate float32 round-off in
 # Σ (~g·1e-7 relative), small enough to leave a well-conditioned group almost untouched.
 FALLBACK_RIDGE = 1e-3
+
+# The Cholesky kernel's lanes hold 16 groups' (g, g) matrices at once (16·g² values, in L1 up to g = 32); past
+# that LAPACK's blocked factorisation of one matrix at a time wins. `whitening_matrix_with_fallbacks` on
+# 2304 channels, kernel against LAPACK: g = 16 0.08 / 0.26 ms, 32 0.24 / 0.40, 64 0.77 / 0.66, 128 3.4 / 1.5
+# (BENCHMARKS.md, #16).
+CHOLESKY_KERNEL_MAX_GROUP_SIZE = 32
 
 
 def _eye_like(cov: jax.Array) -> jax.Array:
@@ -79,6 +85,13 @@ def newton_whitening(cov: jax.Array, iterations: int = 5, *, unroll: bool | None
   return z * jax.lax.rsqrt(trace)
 
 
+def cholesky_kernel_applies(group_size: int) -> bool:
+  """Whether a CPU computes Cholesky's trials with the `bw_jax.kernels` kernel (lane-parallel over groups;
+  where the kernels are built and for g ≤ CHOLESKY_KERNEL_MAX_GROUP_SIZE) rather than with LAPACK and XLA's
+  triangular solve."""
+  return group_size <= CHOLESKY_KERNEL_MAX_GROUP_SIZE and kernels.available()
+
+
 def per_platform(accelerator_choice: bool | None, cpu: Callable[[], Any], accelerator: Callable[[], Any]) -> Any:
   """`accelerator()` if accelerator_choice, `cpu()` if False; None: decided per platform at lowering
   (`jax.lax.platform_dependent`, so that an export for cuda/tpu from a CPU host gets the accelerator form)."""
@@ -95,20 +108,36 @@ def _whitening_fn(method: str, newton_iterations: int, unroll: bool | None = Non
   return {'cholesky': cholesky_whitening, 'zca': zca_whitening, 'pca': pca_whitening}[method]
 
 
-def _is_usable(whitening: jax.Array, ridge: jax.Array) -> jax.Array:
+def _is_usable(whitening: jax.Array, ridge: jax.Array, cov: jax.Array | None = None) -> jax.Array:
   """Per group: finite, and no larger than the ridge allows. (G, g, g), (G,) -> (G,) bool.
 
   For every method ‖S‖₂ ≤ λ_min(Σ + ridge·I)^{-1/2} ≤ ridge^{-1/2}; a factorisation that round-off drove
   through a near-zero pivot or eigenvalue breaks this bound (factor 2 of slack) or is NaN.
+
+  With `cov` (the factorised Σ + ridge·I; Cholesky's S = L⁻¹ only), also every pivot L_jj² = 1/S_jj² must
+  stand above its own round-off, `cholesky_pivot_floor`: a pivot below it is noise whose sign decides
+  whether a factorisation fails, so that two implementations (LAPACK, the CPU kernel) would disagree.
   """
   finite = jnp.all(jnp.isfinite(whitening), axis=(-2, -1))
   largest = jnp.max(jnp.abs(jnp.where(jnp.isfinite(whitening), whitening, 0.0)), axis=(-2, -1))
-  return finite & (largest <= 2.0 * jax.lax.rsqrt(ridge))
+  usable = finite & (largest <= 2.0 * jax.lax.rsqrt(ridge))
+  if cov is None:
+    return usable
+  pivots = 1.0 / jnp.square(jnp.diagonal(whitening, axis1=-2, axis2=-1))
+  return usable & jnp.all(pivots > cholesky_pivot_floor(jnp.diagonal(cov, axis1=-2, axis2=-1)), axis=-1)
+
+
+def cholesky_pivot_floor(diagonal: jax.Array) -> jax.Array:
+  """The round-off of Cholesky's pivots of a (…, g, g) matrix with this (…, g) diagonal: L_jj² is a_jj less
+  up to g squares, computed with relative error ≲ (g + 1)·eps·a_jj (Higham, Accuracy and Stability of
+  Numerical Algorithms, Thm. 10.3). The CPU kernel (`bw_jax/kernels/cholesky.cc`) applies the same floor."""
+  g = diagonal.shape[-1]
+  return (g + 1) * jnp.finfo(diagonal.dtype).eps * diagonal
 
 
 def whitening_matrix_with_fallbacks(
     cov: jax.Array, method: str = 'cholesky', epsilon: float = 1e-5, newton_iterations: int = 5, *,
-    accelerator_form: bool | None = None,
+    accelerator_form: bool | None = None, differentiable_groups: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """S for Σ + ε·I, per group, never NaN for a finite Σ; and which groups needed a fallback.
 
@@ -118,13 +147,17 @@ def whitening_matrix_with_fallbacks(
   the gradient is then attached to the chosen matrix — from the chosen S alone for Cholesky, by
   factorising the chosen matrix once more for the other methods.
 
-  On a CPU the retry runs only when some group needs it (`lax.cond`); on accelerators, where a conditional
-  may wait for its predicate on the host, the retry always runs and is selected per group, and Newton's
-  loop is unrolled. Both forms give the same result (`accelerator_form`: None decides per platform at
-  lowering, True/False force one, for tests).
+  On a CPU the retry runs only when some group needs it (`lax.cond`), and Cholesky's two trials are one call
+  of the CPU kernel where it applies (`cholesky_kernel_applies`); on accelerators, where a conditional may
+  wait for its predicate on the host, the retry always runs and is selected per group, and Newton's loop is
+  unrolled. The forms give the same result up to rounding, and the same fallbacks (`accelerator_form`: None
+  decides per platform at lowering, True/False force one, for tests).
 
   Args:
     cov: (G, g, g) covariance (no ridge); symmetrised here.
+    differentiable_groups: only the first this many groups get a derivative (default: all); the others'
+      S is returned under stop_gradient, and the backward pass does no work for them. For callers that
+      factorise covariances that need no gradient in the same batched call (`training_statistics`).
   Returns:
     S (G, g, g) in the statistics dtype and fell_back (G,) bool.
   """
@@ -135,26 +168,47 @@ def whitening_matrix_with_fallbacks(
   exact = jnp.full(cov.shape[:1], epsilon, cov.dtype)
   relative = epsilon + FALLBACK_RIDGE * jnp.sum(variances, axis=-1) / g
   exact_cov, relative_cov = _add_ridge(cov, exact), _add_ridge(cov, relative)
-  exact_trial = factorise(jax.lax.stop_gradient(exact_cov))
-  exact_ok = _is_usable(exact_trial, exact)
 
-  def retry():
-    trial = factorise(jax.lax.stop_gradient(relative_cov))
-    return trial, _is_usable(trial, relative)
+  def trials(accelerator: bool):
+    """(exact trial, exact_ok, relative trial, relative_ok), without gradients."""
+    if method == 'cholesky' and not accelerator and cholesky_kernel_applies(g):
+      # Both trials in one CPU kernel call: its S is the exact trial where usable, else the retry.
+      trial, exact_ok, relative_ok = kernels.cholesky_trials(
+          jax.lax.stop_gradient(cov), exact, jax.lax.stop_gradient(relative))
+      return trial, exact_ok, trial, relative_ok
+    pivots_of = lambda c: c if method == 'cholesky' else None
+    exact_trial = factorise(jax.lax.stop_gradient(exact_cov))
+    exact_ok = _is_usable(exact_trial, exact, pivots_of(exact_cov))
 
-  # lax.cond runs one branch: the common case, where every group factorises, pays for no retry. Where no
-  # retry ran, `pick` never reads its result: exact_ok holds for every group.
-  retry_if_needed = lambda: jax.lax.cond(jnp.all(exact_ok), lambda: (exact_trial, exact_ok), retry)
-  relative_trial, relative_ok = per_platform(accelerator_form, retry_if_needed, retry)
+    def retry():
+      trial = factorise(jax.lax.stop_gradient(relative_cov))
+      return trial, _is_usable(trial, relative, pivots_of(relative_cov))
+    if accelerator:
+      return exact_trial, exact_ok, *retry()
+    # lax.cond runs one branch: the common case, where every group factorises, pays for no retry. Where no
+    # retry ran, `pick` never reads its result: exact_ok holds for every group.
+    return exact_trial, exact_ok, *jax.lax.cond(jnp.all(exact_ok), lambda: (exact_trial, exact_ok), retry)
+
+  exact_trial, exact_ok, relative_trial, relative_ok = per_platform(
+      accelerator_form, lambda: trials(False), lambda: trials(True))
+  diagonal = jax.vmap(jnp.diag)(jax.lax.rsqrt(variances + relative[:, None]))
+  usable = exact_ok | relative_ok
+  # Groups past `differentiable_groups` take their trial as it is: no derivative to attach.
+  n = cov.shape[0] if differentiable_groups is None else differentiable_groups
+  head_exact_ok, head_relative_ok = exact_ok[:n, None, None], relative_ok[:n, None, None]
   pick = lambda first, second, otherwise: jnp.where(
-      exact_ok[:, None, None], first, jnp.where(relative_ok[:, None, None], second, otherwise))
-  chosen = pick(exact_cov, relative_cov, _eye_like(cov))
+      head_exact_ok, first[:n], jnp.where(head_relative_ok, second[:n], otherwise[:n]))
+  eye = _eye_like(cov)
+  chosen = pick(exact_cov, relative_cov, eye)
   if method == 'cholesky':
-    chosen_whitening = _cholesky_whitening_given(chosen, pick(exact_trial, relative_trial, _eye_like(cov)))
+    chosen_whitening = _cholesky_whitening_given(chosen, pick(exact_trial, relative_trial, eye))
   else:
     chosen_whitening = factorise(chosen)
-  diagonal = jax.vmap(jnp.diag)(jax.lax.rsqrt(variances + relative[:, None]))
-  whitening = jnp.where((exact_ok | relative_ok)[:, None, None], chosen_whitening, diagonal)
+  whitening = jnp.where(usable[:n, None, None], chosen_whitening, diagonal[:n])
+  if n < cov.shape[0]:
+    trial = jnp.where(exact_ok[n:, None, None], exact_trial[n:], relative_trial[n:])
+    rest = jnp.where(usable[n:, None, None], trial, diagonal[n:])
+    whitening = jnp.concatenate([whitening, jax.lax.stop_gradient(rest)])
   return whitening, ~exact_ok
 
 
@@ -171,9 +225,24 @@ def _cholesky_whitening_given_jvp(primals, tangents):
   # (Φ: lower triangle, halved diagonal) and dS = −S dL S = −Φ(S dΣ Sᵀ) S. Needs S only: no refactorising.
   (cov, s), (dcov, _) = primals, tangents
   s = _cholesky_whitening_given(cov, jax.lax.stop_gradient(s))  # so that this rule differentiates again
-  p = s @ (0.5 * (dcov + jnp.swapaxes(dcov, -1, -2))) @ jnp.swapaxes(s, -1, -2)
+  s_t = jnp.swapaxes(s, -1, -2)
+  p = _small_matmul(_small_matmul(s, 0.5 * (dcov + jnp.swapaxes(dcov, -1, -2))), s_t)
   phi = jnp.tril(p, -1) + 0.5 * _eye_like(p) * p
-  return s, -phi @ s
+  return s, -_small_matmul(phi, s)
+
+
+# Up to this g, `_small_matmul` multiplies by broadcasting and summing (one loop fusion of (G, g, g, g)).
+SMALL_MATMUL_MAX_SIZE = 32
+
+
+def _small_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a @ b for (G, g, g) stacks. For small g as a broadcast product summed over k: its transpose (in the
+  backward pass) is the same kind of loop, where a dot would become Sᵀ(·), a dot contracting its lhs's rows,
+  which XLA's CPU runs ~7× slower than a plain one (75 against 10 µs at 144×16×16, measured) and which XLA's
+  transpose folding brings back whatever the operands' written order."""
+  if a.shape[-1] > SMALL_MATMUL_MAX_SIZE:
+    return a @ b
+  return jnp.sum(a[..., :, :, None] * b[..., None, :, :], axis=-2)
 
 
 def align_row_signs(whitening: jax.Array, reference: jax.Array) -> jax.Array:

@@ -1,5 +1,6 @@
-"""The CPU kernels of BatchWhitening's group products (`bw_jax/kernels`): values against float64 NumPy,
-derivatives of every order against the jnp reference, and what happens where they cannot be built.
+"""The CPU kernels of BatchWhitening (`bw_jax/kernels`): the group products' values against float64 NumPy and
+their derivatives of every order against the jnp reference; the Cholesky trials against NumPy's factor and
+against the XLA path's fallback decisions; and what happens where the kernels cannot be built.
 
 The layer-level tests (closed form against autodiff at 1e-10 for every method, degenerate batches) run in the
 kernel layout wherever g is one of `group_products.KERNEL_GROUP_SIZES` (test_whitening_vjp.py).
@@ -16,6 +17,7 @@ import pytest
 from bw_jax import group_products as gp
 from bw_jax import kernels
 from bw_jax import whitening as bw
+from bw_jax import whitening_matrices
 from subprocess_runs import run_process, subprocess_env
 
 if not kernels.available():  # pragma: no cover - the machines the suite runs on have g++
@@ -160,7 +162,7 @@ def test_export_refuses_the_kernels_and_works_with_them_switched_off(monkeypatch
     jax.export.export(jax.jit(lambda x: bw.whiten(x, 16)), platforms=('cpu',))(x)
   monkeypatch.setattr(kernels, 'available', lambda: False)
   exported = jax.export.export(jax.jit(lambda x: bw.whiten(x, 16)), platforms=('cpu',))(x)
-  assert 'BwGroup' not in exported.mlir_module()
+  assert 'BwGroup' not in exported.mlir_module() and 'BwCholesky' not in exported.mlir_module()
   np.testing.assert_allclose(exported.call(x), bw.whiten(x, 16), rtol=1e-4, atol=1e-4)
 
 
@@ -185,3 +187,80 @@ def test_the_kernel_layout_crosses_operands_with_and_without_ones_as_numpy():
     np.testing.assert_allclose(gp.cross_in_layout(same, same, g, 'kernel', jnp.float64),
                                np.einsum('mgi,mgj->gij', with_ones(blocks(a, sa)), with_ones(blocks(a, sa))),
                                rtol=1e-12, atol=1e-10)
+
+
+def well_conditioned(batch, g, seed=0):
+  """(batch, g, g) sample covariances of 4g + 4 samples (condition numbers ~10)."""
+  a = np.random.default_rng(seed).normal(size=(batch, g, 4 * g + 4))
+  return a @ a.transpose(0, 2, 1) / a.shape[-1]
+
+
+def inverse_factor(cov, ridge):
+  """L⁻¹ of cov + ridge·I per matrix, float64 NumPy."""
+  eye = np.eye(cov.shape[-1])
+  return np.stack([np.linalg.inv(np.linalg.cholesky(c + r * eye)) for c, r in zip(cov.astype(np.float64), ridge)])
+
+
+@pytest.mark.parametrize('dtype, tolerance', [(np.float64, 1e-12), (np.float32, 2e-5)])
+@pytest.mark.parametrize('batch, g', [(144, 16), (5, 3), (17, 8), (3, 1), (20, 32), (16, 12), (33, 6)])
+def test_cholesky_trials_invert_numpys_factor(batch, g, dtype, tolerance):
+  # Batches that fill the kernel's 16 lanes, leave some empty, and cross into a second block of lanes.
+  cov = well_conditioned(batch, g).astype(dtype)
+  exact = np.full(batch, 1e-3, dtype)
+  with jax.enable_x64(True):
+    s, exact_ok, relative_ok = kernels.cholesky_trials(jnp.asarray(cov), jnp.asarray(exact), jnp.asarray(2 * exact))
+    stacked = (jnp.stack([v, v[::-1]]) for v in map(jnp.asarray, (cov, exact, exact)))
+    batched = jax.vmap(kernels.cholesky_trials)(*stacked)  # one kernel call per element
+  assert s.dtype == dtype and np.all(exact_ok) and np.all(relative_ok)
+  expected = inverse_factor(cov, exact)
+  np.testing.assert_allclose(s, expected, rtol=tolerance, atol=tolerance * np.abs(expected).max())
+  assert not np.any(np.triu(np.asarray(s), 1)), 'S = L⁻¹ is lower-triangular'
+  np.testing.assert_array_equal(batched[0][1], s[::-1])
+
+
+def covariances_at_every_fallback(batch=20, g=8, seed=5):
+  """(batch, g, g) float64: healthy groups; groups where ε = 1e-5 drowns in round-off and only the relative ridge
+  factorises: rank-2 at scale 1e12 (3, 9, 17: both lane blocks) and one whose second pivot is positive in any
+  implementation but below its round-off floor (5: 2.4e-4 = two ulps of 1e12; without the floor its S would
+  pass the norm test); a NaN group (11), that nothing saves."""
+  cov = well_conditioned(batch, g, seed)
+  rng = np.random.default_rng(seed + 1)
+  for i in (3, 9, 17):
+    v = rng.normal(size=(g, 2))
+    cov[i] = 1e12 * v @ v.T
+  cov[5] = 1e12 * np.eye(g)
+  cov[5, :2, :2] = [[1e12, 1e12], [1e12, 1e12 + 2 * np.spacing(1e12)]]
+  cov[11] = np.nan
+  return cov
+
+
+def test_cholesky_trials_retry_with_the_relative_ridge_as_the_xla_path_decides(monkeypatch):
+  cov = covariances_at_every_fallback()
+  g = cov.shape[-1]
+  exact = np.full(len(cov), 1e-5)
+  relative = 1e-5 + whitening_matrices.FALLBACK_RIDGE * np.trace(cov, axis1=1, axis2=2) / g
+  with jax.enable_x64(True):
+    s, exact_ok, relative_ok = map(np.asarray, kernels.cholesky_trials(*map(jnp.asarray, (cov, exact, relative))))
+    expected_fell_back = np.isin(np.arange(len(cov)), (3, 5, 9, 11, 17))
+    np.testing.assert_array_equal(exact_ok, ~expected_fell_back)
+    np.testing.assert_array_equal(relative_ok, np.arange(len(cov)) != 11)
+    healthy, retried = ~expected_fell_back, np.isin(np.arange(len(cov)), (3, 5, 9, 17))
+    np.testing.assert_allclose(s[healthy], inverse_factor(cov[healthy], exact[healthy]), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(s[retried], inverse_factor(cov[retried], relative[retried]), rtol=1e-9, atol=1e-15)
+
+    # The layer's S, fallbacks and derivative are the XLA path's (LAPACK and the same pivot floor).
+    weights = jnp.asarray(np.random.default_rng(9).normal(size=cov.shape))
+    def whitening_and_gradient():
+      fn = jax.jit(lambda c: whitening_matrices.whitening_matrix_with_fallbacks(c, 'cholesky', 1e-5,
+                                                                                accelerator_form=False))
+      grad = jax.jit(jax.grad(lambda c: jnp.sum(whitening_matrices.whitening_matrix_with_fallbacks(
+          c, 'cholesky', 1e-5, accelerator_form=False)[0] * weights)))
+      healthy_cov = np.where(np.isnan(cov), np.eye(g), cov)  # a finite derivative needs a finite input
+      return (*fn(jnp.asarray(cov)), grad(jnp.asarray(healthy_cov)))
+    with_kernel = whitening_and_gradient()
+    monkeypatch.setattr(whitening_matrices, 'cholesky_kernel_applies', lambda group_size: False)
+    with_lapack = whitening_and_gradient()
+  np.testing.assert_array_equal(with_kernel[1], expected_fell_back)
+  np.testing.assert_array_equal(with_kernel[1], with_lapack[1])
+  for got, expected in ((with_kernel[0], with_lapack[0]), (with_kernel[2], with_lapack[2])):
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9 * np.nanmax(np.abs(np.asarray(expected))))

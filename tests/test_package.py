@@ -156,7 +156,7 @@ def test_installed_wheel_whitens_a_batch_as_numpy_does(installed):
   code = """
 import bw_jax, jax, numpy as np
 from bw_jax import kernels
-print(bw_jax.__file__, bw_jax.__version__, kernels.SOURCE.is_file(), kernels.available())
+print(bw_jax.__file__, bw_jax.__version__, all(s.is_file() for s in kernels.SOURCES), kernels.available())
 x = np.random.default_rng(0).normal(size=(64, 5)) @ np.triu(np.ones((5, 5)))
 layer = bw_jax.BatchWhitening(use_running_average=False, group_size=None, epsilon=1e-3, use_scale=False,
                               use_bias=False)
@@ -168,7 +168,7 @@ np.save('y.npy', np.asarray(y))
   assert done.returncode == 0, done.stderr
   module_file, version, has_kernel_source, kernels_available = done.stdout.split()
   assert module_file.startswith(installed['venv'] + os.sep), module_file  # Not the checkout's copy.
-  assert has_kernel_source == 'True', 'the wheel must ship the C++ source of the CPU kernels (package-data)'
+  assert has_kernel_source == 'True', 'the wheel must ship the C++ sources of the CPU kernels (package-data)'
   assert kernels_available == str(kernels.available()), done.stderr
   assert os.path.basename(installed['wheel']).startswith(f'bw_jax-{version}-')
   assert version == bw_jax.__version__

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from bw_jax import whitening as bw
+from bw_jax import whitening_matrices
 from test_whitening import correlated, degenerate_batches
 
 # The factorisations each platform must call (jax 0.10.2): cuSOLVER on cuda, XLA's own ops on TPU.
@@ -60,10 +61,17 @@ def test_accelerator_lowering_has_no_conditional_callback_or_float64(method, pla
     assert call in text, f'{call} missing from the {platform} lowering of {method}'
 
 
-def test_cpu_lowering_keeps_the_conditional_retry_and_the_rolled_newton_loop():
+def test_cpu_lowering_keeps_the_conditional_retry_and_the_rolled_newton_loop(monkeypatch):
   # The same check passes on accelerators only because the forms differ: on the CPU both remain.
-  assert 'stablehlo.case' in folded_training_step_text('cholesky', jnp.float32, 'cpu')
   assert 'stablehlo.while' in folded_training_step_text('newton', jnp.float32, 'cpu')
+  # Cholesky's two trials are one kernel call where the CPU kernels are built (the retry inside it), else
+  # LAPACK's factorisation with the conditional retry.
+  text = folded_training_step_text('cholesky', jnp.float32, 'cpu')
+  if whitening_matrices.cholesky_kernel_applies(16):
+    assert 'BwCholeskyTrialsF32' in text and 'stablehlo.case' not in text
+  monkeypatch.setattr(whitening_matrices, 'cholesky_kernel_applies', lambda group_size: False)
+  text = folded_training_step_text('cholesky', jnp.float32, 'cpu')
+  assert 'stablehlo.case' in text and 'BwCholeskyTrials' not in text
 
 
 def covariances_needing_every_path() -> np.ndarray:

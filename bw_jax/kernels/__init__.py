@@ -1,4 +1,5 @@
-"""CPU kernels for BatchWhitening's per-group products, in place on (m, C) (`group_products.cc`).
+"""CPU kernels for BatchWhitening: the per-group products in place on (m, C) (`group_products.cc`) and the
+Cholesky trials of the (G, g, g) statistics (`cholesky.cc`).
 
 On a CPU, XLA runs the layer's per-group products as batched GEMMs on a (G, m, g) transposed copy of the
 activations: every product pays a copy in and a copy out, and the 17-wide GEMMs run far below the machine's
@@ -13,7 +14,12 @@ a, b (m, C); sa, sb, offset (C,); M, A, B (G, g, g); float32 or float64 (one dty
 differentiable to any order: the primal runs the kernel, the tangents are the same products written with
 jnp (XLA), so autodiff and forward mode work as on the XLA layouts; vmap runs the kernel per element.
 
-The C++ source ships in the package and is compiled on first use with the machine's C++ compiler (`$CXX`,
+  cholesky_trials(cov, exact, relative)        S (B, g, g), exact_ok (B,), relative_ok (B,)
+
+is `whitening_matrices`' two Cholesky trials (Σ + ridge·I factorised and inverted, checked usable) for 16
+groups at a time in the SIMD lanes; it runs on stop_gradient'ed covariances and has no derivative.
+
+The C++ sources ship in the package and are compiled on first use with the machine's C++ compiler (`$CXX`,
 else `g++`/`c++`, `-O3 -march=native`, ~5 s) into a cache keyed by the source, the compiler, jaxlib and the
 CPU (`$BW_JAX_KERNEL_CACHE`, default `~/.cache/bw_jax/kernels`). `python -m bw_jax.kernels` builds it ahead
 (the Makefile's setup does). Without a compiler, or with `BW_JAX_CPU_KERNELS=0`, `available()` is False,
@@ -32,15 +38,17 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import jaxlib
 
-SOURCE = Path(__file__).with_name('group_products.cc')
-_TARGETS = {  # FFI target name -> symbol, per dtype
-    (kind, dtype): f'BwGroup{kind}{suffix}'
-    for kind in ('Cross', 'Transform', 'Transform2') for dtype, suffix in (('float32', 'F32'), ('float64', 'F64'))}
+SOURCES = tuple(Path(__file__).with_name(name) for name in ('group_products.cc', 'cholesky.cc'))
+_TARGETS = {  # (kind, dtype) -> FFI target name, the handler's symbol
+    (kind, dtype): f'Bw{kind}{suffix}'
+    for kind in ('GroupCross', 'GroupTransform', 'GroupTransform2', 'CholeskyTrials')
+    for dtype, suffix in (('float32', 'F32'), ('float64', 'F64'))}
 DTYPES = (jnp.float32, jnp.float64)
 DISABLE_ENV = 'BW_JAX_CPU_KERNELS'
 CACHE_ENV = 'BW_JAX_KERNEL_CACHE'
@@ -61,8 +69,8 @@ def compiler() -> str | None:
 
 
 def compile_command(cxx: str, output: Path) -> list[str]:
-  return [cxx, '-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-w', '-I', jax.ffi.include_dir(),
-          str(SOURCE), '-o', str(output)]
+  return [cxx, '-O3', '-march=native', '-fno-math-errno', '-std=c++17', '-shared', '-fPIC', '-w', '-I', jax.ffi.include_dir(),
+          *map(str, SOURCES), '-o', str(output)]
 
 
 def _cpu_description() -> str:
@@ -84,7 +92,7 @@ def cache_dir() -> Path:
 def library_path(cxx: str) -> Path:
   """Where the build for this source, compiler, jaxlib and CPU lives."""
   version = subprocess.run([cxx, '--version'], capture_output=True, text=True, check=False).stdout
-  key = '\0'.join([SOURCE.read_text(), cxx, version, jaxlib.__version__, platform.machine(), _cpu_description()])
+  key = '\0'.join([*(source.read_text() for source in SOURCES), cxx, version, jaxlib.__version__, platform.machine(), _cpu_description()])
   return cache_dir() / f'bw_group_products_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so'
 
 
@@ -104,7 +112,7 @@ def build() -> Path:
     result = subprocess.run(compile_command(cxx, output), capture_output=True, text=True, check=False)
     if result.returncode != 0:
       errors = [line for line in result.stderr.splitlines() if 'error' in line] or result.stderr.splitlines()
-      raise RuntimeError(f'{cxx} could not compile {SOURCE}: {errors[0] if errors else "no message"}')
+      raise RuntimeError(f'{cxx} could not compile {", ".join(map(str, SOURCES))}: {errors[0] if errors else "no message"}')
     os.replace(output, path)
   return path
 
@@ -160,9 +168,12 @@ def _checked(*arrays: jax.Array) -> str:
   return str(dtype)
 
 
-def _call(kind: str, result: jax.ShapeDtypeStruct, *operands: jax.Array) -> jax.Array:
+def _call(kind: str, result: Any, *operands: jax.Array) -> Any:
+  if not available():
+    raise RuntimeError('bw_jax CPU kernels are not available (see the warning above, or BW_JAX_CPU_KERNELS); '
+                       'check bw_jax.kernels.available() before calling them.')
   out = jax.ffi.ffi_call(_TARGETS[kind, _checked(*operands)], result, vmap_method='sequential')(*operands)
-  return _varying_like(out, operands)
+  return jax.tree.map(lambda leaf: _varying_like(leaf, operands), out)
 
 
 def _varying_like(out: jax.Array, operands: tuple[jax.Array, ...]) -> jax.Array:
@@ -185,15 +196,15 @@ def _with_reference_derivatives(kernel: Callable[..., jax.Array], reference: Cal
 
 def _cross_kernel(a, sa, b, sb, *, groups):
   g = a.shape[1] // groups
-  return _call('Cross', jax.ShapeDtypeStruct((groups, g, g + 1), a.dtype), a, sa, b, sb)
+  return _call('GroupCross', jax.ShapeDtypeStruct((groups, g, g + 1), a.dtype), a, sa, b, sb)
 
 
 def _transform_kernel(a, sa, matrices, offset):
-  return _call('Transform', jax.ShapeDtypeStruct(a.shape, a.dtype), a, sa, jnp.swapaxes(matrices, 1, 2), offset)
+  return _call('GroupTransform', jax.ShapeDtypeStruct(a.shape, a.dtype), a, sa, jnp.swapaxes(matrices, 1, 2), offset)
 
 
 def _transform2_kernel(a, sa, a_matrices, b, sb, b_matrices, offset):
-  return _call('Transform2', jax.ShapeDtypeStruct(a.shape, a.dtype), a, sa, jnp.swapaxes(a_matrices, 1, 2), b,
+  return _call('GroupTransform2', jax.ShapeDtypeStruct(a.shape, a.dtype), a, sa, jnp.swapaxes(a_matrices, 1, 2), b,
                sb, jnp.swapaxes(b_matrices, 1, 2), offset)
 
 
@@ -208,3 +219,18 @@ group_transform = _with_reference_derivatives(_transform_kernel, transform_refer
 # (a − sa) Aᵀ + (b − sb) Bᵀ + offset per group, in one pass: (m, C), (C,), (G, g, g), (m, C), (C,), (G, g, g),
 # (C,) -> (m, C).
 group_transform2 = _with_reference_derivatives(_transform2_kernel, transform2_reference)
+
+
+def cholesky_trials(cov: jax.Array, exact: jax.Array, relative: jax.Array,
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`whitening_matrices`' two Cholesky trials in one call (`cholesky.cc`): (B, g, g), (B,), (B,) ->
+  S (B, g, g), exact_ok (B,), relative_ok (B,).
+
+  S = L⁻¹ of cov + exact·I where that is usable (finite, max |S| ≤ 2/√exact), else of cov + relative·I;
+  relative_ok: whether that retry is usable (where no retry ran, exact_ok). cov symmetric (its lower triangle
+  is read). No derivative: the trials run on stop_gradient'ed covariances.
+  """
+  batch, g, _ = cov.shape
+  flags = jax.ShapeDtypeStruct((batch,), jnp.bool_)
+  return _call('CholeskyTrials', (jax.ShapeDtypeStruct(cov.shape, cov.dtype), flags, flags), cov,
+               exact.astype(cov.dtype), relative.astype(cov.dtype))
