@@ -69,8 +69,9 @@ def compiler() -> str | None:
 
 
 def compile_command(cxx: str, output: Path) -> list[str]:
-  return [cxx, '-O3', '-march=native', '-fno-math-errno', '-std=c++17', '-shared', '-fPIC', '-w', '-I', jax.ffi.include_dir(),
-          *map(str, SOURCES), '-o', str(output)]
+  # -fno-math-errno: std::sqrt without errno, so that the Cholesky kernel's lane loops vectorise.
+  return [cxx, '-O3', '-march=native', '-fno-math-errno', '-std=c++17', '-shared', '-fPIC', '-w',
+          '-I', jax.ffi.include_dir(), *map(str, SOURCES), '-o', str(output)]
 
 
 def _cpu_description() -> str:
@@ -92,7 +93,8 @@ def cache_dir() -> Path:
 def library_path(cxx: str) -> Path:
   """Where the build for this source, compiler, jaxlib and CPU lives."""
   version = subprocess.run([cxx, '--version'], capture_output=True, text=True, check=False).stdout
-  key = '\0'.join([*(source.read_text() for source in SOURCES), cxx, version, jaxlib.__version__, platform.machine(), _cpu_description()])
+  key = '\0'.join([*(source.read_text() for source in SOURCES), cxx, version, jaxlib.__version__,
+                   platform.machine(), _cpu_description()])
   return cache_dir() / f'bw_group_products_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so'
 
 
@@ -112,7 +114,8 @@ def build() -> Path:
     result = subprocess.run(compile_command(cxx, output), capture_output=True, text=True, check=False)
     if result.returncode != 0:
       errors = [line for line in result.stderr.splitlines() if 'error' in line] or result.stderr.splitlines()
-      raise RuntimeError(f'{cxx} could not compile {", ".join(map(str, SOURCES))}: {errors[0] if errors else "no message"}')
+      sources = ', '.join(map(str, SOURCES))
+      raise RuntimeError(f'{cxx} could not compile {sources}: {errors[0] if errors else "no message"}')
     os.replace(output, path)
   return path
 
@@ -226,11 +229,11 @@ def cholesky_trials(cov: jax.Array, exact: jax.Array, relative: jax.Array,
   """`whitening_matrices`' two Cholesky trials in one call (`cholesky.cc`): (B, g, g), (B,), (B,) ->
   S (B, g, g), exact_ok (B,), relative_ok (B,).
 
-  S = L⁻¹ of cov + exact·I where that is usable (finite, max |S| ≤ 2/√exact), else of cov + relative·I;
+  S = L⁻¹ of cov + exact·I where that is usable (every pivot above `cholesky_pivot_floor`, S finite,
+  max |S| ≤ 2/√exact: `whitening_matrices._is_usable`), else of cov + relative·I;
   relative_ok: whether that retry is usable (where no retry ran, exact_ok). cov symmetric (its lower triangle
   is read). No derivative: the trials run on stop_gradient'ed covariances.
   """
-  batch, g, _ = cov.shape
-  flags = jax.ShapeDtypeStruct((batch,), jnp.bool_)
+  flags = jax.ShapeDtypeStruct(cov.shape[:1], jnp.bool_)
   return _call('CholeskyTrials', (jax.ShapeDtypeStruct(cov.shape, cov.dtype), flags, flags), cov,
                exact.astype(cov.dtype), relative.astype(cov.dtype))
