@@ -35,8 +35,8 @@ jax.config.update('jax_compilation_cache_dir', os.path.join(REPO, '.pytest_cache
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
 COMPARE_SMOKE = os.path.join(REPO, 'configs', 'sweeps', 'compare_smoke.py')
-STUDY_FILES = ('compare_fashion_mnist.py', 'compare_fashion_mnist_lr.py', 'compare_tiny_imagenet.py',
-               'compare_tiny_imagenet_lr.py', 'compare_imagenet.py')
+STUDY_FILES = ('compare_fashion_mnist.py', 'compare_fashion_mnist_lr.py', 'confirm_fashion_mnist.py',
+               'compare_tiny_imagenet.py', 'compare_tiny_imagenet_lr.py', 'compare_imagenet.py')
 
 
 def smoke_compare(**overrides) -> ml_collections.ConfigDict:
@@ -89,6 +89,22 @@ def test_fashion_mnist_study_has_the_issues_arms():
   assert set(blocks.values()) == {(1, 0, 1), (1, 2, 2), (1, 2, 1), (1, 1, 2), (1, 3, 2), (2, 2, 2)}
   defaults = [v for v in params.values() if (v['model.bw.group_size'], v['model.bw.epsilon']) == (16, 1e-3)]
   assert len(defaults) == 1 and len(config.seeds) >= 5
+
+
+def test_confirmatory_study_is_the_preregistered_one():
+  """The pre-registration: bn against bw_mbconv3 at the pilot's rates, the main job's full length, seeds that
+  neither the exploratory study, its pilot nor the main job used."""
+  config = load_config_file(os.path.join(REPO, 'configs', 'sweeps', 'confirm_fashion_mnist.py'))
+  params = compare.check_compare_config(config)
+  exploratory = load_config_file(os.path.join(REPO, 'configs', 'sweeps', 'compare_fashion_mnist.py'))
+  pilot = load_config_file(os.path.join(REPO, 'configs', 'sweeps', 'compare_fashion_mnist_lr.py'))
+  assert compare.baseline_arm(config) == 'bn' and list(params) == ['bn', 'bw_mbconv3']
+  for label, values in params.items():
+    chosen = compare.arm_params(exploratory)[label]
+    assert values == {key: chosen[key] for key in values}, label  # Blocks and the pilot's learning rate.
+  used = set(exploratory.seeds) | set(pilot.seeds) | {0}
+  assert len(config.seeds) >= 8 and not set(config.seeds) & used
+  assert config.trial_budget.num_train_steps == 7 * (60_000 // 128) and config.train.batch_size == 128
 
 
 def test_bad_compare_files_are_refused_with_every_reason():
