@@ -17,7 +17,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 # The CPU kernels of BatchWhitening's group products (bw_jax/kernels), built now rather than by the first
 # process that needs them (cached per source, compiler and CPU; a no-op afterwards).
 setup: $(STAMP)
-	$(BIN)/python -m bw_jax.kernels
+	$(BIN)/python -m bw_jax.nn.kernels
 
 # Fashion-MNIST, the offline default dataset, from Debian's package when apt-get can install it.
 data:

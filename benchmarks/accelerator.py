@@ -28,13 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bw_jax import train
-from bw_jax.config_validation import base_config
+from bw_jax.train import loop as train
+from bw_jax.train.config.validation import base_config
 from bw_jax.data import default_dataset_config, imagenet
 from bw_jax.data.on_device import normalise_images
-from bw_jax.train_utils import (create_learning_rate_fn, create_model, create_optimizer, memory_report,
+from bw_jax.train.train_utils import (create_learning_rate_fn, create_model, create_optimizer, memory_report,
                                 optimizer_from_rates, optimizer_rates, train_batch_spec)
-from bw_jax.whitening import BatchWhitening
+from bw_jax.nn.whitening import BatchWhitening
 import bw_layer  # benchmarks/bw_layer.py
 from common import environment, format_table, progress  # benchmarks/common.py
 import input_pipeline  # benchmarks/input_pipeline.py
@@ -141,7 +141,7 @@ def layer_rows(sizes: dict) -> list[dict]:
 
 
 def float64_whitening_reference(x: np.ndarray, method: str, epsilon: float) -> np.ndarray:
-  """y = S(Σ + εI)(x − μ) per group of GROUP_SIZE channels, Σ with the 1/(m−1) of bw_jax.whitening."""
+  """y = S(Σ + εI)(x − μ) per group of GROUP_SIZE channels, Σ with the 1/(m−1) of bw_jax.nn.whitening."""
   samples = x.reshape(-1, x.shape[-1]).astype(np.float64)
   centred = samples - samples.mean(0)
   out = np.empty_like(centred)

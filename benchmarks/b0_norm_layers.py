@@ -2,7 +2,7 @@
 blocks, timed alone at its own shape, for MBConv type 0 (BN: expand_bn, depthwise_bn, project_bn) and type 2
 (BW: expand_bw on the block's input, depthwise_bn, depthwise_bw after the depthwise swish).
 
-The layers are built as `bw_jax.efficientnet` builds them (same BN momentum and ε, BW without γ and β, the
+The layers are built as `bw_jax.models.efficientnet` builds them (same BN momentum and ε, BW without γ and β, the
 group size fitted per layer) at the shapes `block_specs` gives for B0 at SIZE×SIZE (stem stride 2), batch
 BATCH. Each distinct (layer, shape) is one jit(value_and_grad) of sum(y²) w.r.t. the input, timed round-robin
 with the others; the table multiplies by how often the shape occurs. The totals say how much of
@@ -18,8 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bw_jax.efficientnet import BN_EPSILON, BN_MOMENTUM, block_specs
-from bw_jax.whitening import BWSettings
+from bw_jax.models.efficientnet import BN_EPSILON, BN_MOMENTUM, block_specs
+from bw_jax.nn.whitening import BWSettings
 from common import environment, format_table, progress, time_round_robin  # benchmarks/common.py
 
 

@@ -26,7 +26,7 @@ from flax import linen as nn
 import jax
 import jax.numpy as jnp
 
-from bw_jax import whitening
+from bw_jax.nn import whitening
 from common import (LAYOUT_CHOICES, environment, forced_layout, format_table, progress,  # benchmarks/common.py
                     time_round_robin)
 
@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help='also time each BW layer with its group products forced into these layouts '
                       '(rows "METHOD [LAYOUT]"; default rows use the per-platform choice; "xla": XLA\'s products '
                       'as the CPU picks them without the kernels, the layer before bw_jax/kernels).')
-  parser.add_argument('--before', metavar='REV', help='also time bw_jax/whitening.py as of git revision REV '
+  parser.add_argument('--before', metavar='REV', help='also time bw_jax/nn/whitening.py as of git revision REV '
                       '(rows "METHOD @REV"), round-robin in the same process.')
   args = parser.parse_args(argv)
   if args.quick:
@@ -63,8 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def whitening_at(revision: str) -> Any:
-  """bw_jax/whitening.py as of a git revision, imported as a separate module (same bw_jax package)."""
-  source = subprocess.run(['git', 'show', f'{revision}:bw_jax/whitening.py'], check=True, capture_output=True,
+  """bw_jax/nn/whitening.py as of a git revision, imported as a separate module (same bw_jax package)."""
+  source = subprocess.run(['git', 'show', f'{revision}:bw_jax/nn/whitening.py'], check=True, capture_output=True,
                           text=True).stdout
   with tempfile.NamedTemporaryFile('w', suffix='.py', delete=False) as f:
     f.write(source)

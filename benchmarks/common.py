@@ -16,10 +16,11 @@ from typing import Any
 import flax
 import jax
 
-from bw_jax import group_products, whitening_matrices
-from bw_jax.runtime import configure_cpu_dispatch
+from bw_jax.nn import group_products
+from bw_jax.nn import matrices as whitening_matrices
+from bw_jax.train.runtime import configure_cpu_dispatch
 
-configure_cpu_dispatch()  # Why: bw_jax/runtime.py; it also times each call in the calling thread.
+configure_cpu_dispatch()  # Why: bw_jax/train/runtime.py; it also times each call in the calling thread.
 
 
 def environment() -> list[str]:

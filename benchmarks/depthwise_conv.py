@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bw_jax import depthwise
+from bw_jax.models import depthwise
 from common import environment, format_table, progress, time_round_robin  # benchmarks/common.py
 
 # (N, H, C, k, s) of EfficientNet-B0's depthwise convolutions at 64×64 input (H = W), one row per stage.

@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 
-from bw_jax import whitening
+from bw_jax.nn import whitening
 from common import environment, format_table, progress, time_round_robin  # benchmarks/common.py
 
 SHAPES = ((32, 8, 8, 64), (32, 16, 16, 32), (32, 4, 4, 240))  # (N, H, W, C)

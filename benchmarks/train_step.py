@@ -17,8 +17,8 @@ import time
 import jax
 import optax
 
-from bw_jax.efficientnet import EfficientNet
-from bw_jax.whitening import BWSettings
+from bw_jax.models.efficientnet import EfficientNet
+from bw_jax.nn.whitening import BWSettings
 from common import XLA_PRODUCTS, environment, forced_layout, format_table, progress  # benchmarks/common.py
 
 # (stem_type, mbconv_type, head_type) and a name for each row.

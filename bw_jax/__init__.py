@@ -3,8 +3,9 @@
     from bw_jax import BatchWhitening, EfficientNet
 
 The names below are imported on first use, so that `import bw_jax` stays cheap: the layer and the model
-need JAX and Flax only; `train_and_evaluate` also loads TensorFlow (the input pipeline). Submodules:
-`whitening` (the layer and its functions), `efficientnet`, `depthwise`, `train`, `data`, `sweep`.
+need JAX and Flax only; `train_and_evaluate` also loads TensorFlow (the input pipeline). Subpackages,
+each importing only the ones listed before it: `nn` (the layer library), `models` (EfficientNet), `data`
+(input pipelines), `train` (configs, the loop, checkpoints), `sweep` (random search and comparisons).
 """
 
 import importlib
@@ -14,22 +15,22 @@ __version__ = '0.1.0'
 
 # Public name -> the module that defines it.
 _EXPORTS = {
-    'BatchWhitening': 'bw_jax.whitening',
-    'BWSettings': 'bw_jax.whitening',
-    'batch_moments': 'bw_jax.whitening',
-    'whitening_matrix': 'bw_jax.whitening',
-    'whiten': 'bw_jax.whitening',
-    'DepthwiseConv': 'bw_jax.depthwise',
-    'EfficientNet': 'bw_jax.efficientnet',
-    'train_and_evaluate': 'bw_jax.train',
+    'BatchWhitening': 'bw_jax.nn.whitening',
+    'BWSettings': 'bw_jax.nn.whitening',
+    'batch_moments': 'bw_jax.nn.whitening',
+    'whitening_matrix': 'bw_jax.nn.whitening',
+    'whiten': 'bw_jax.nn.whitening',
+    'DepthwiseConv': 'bw_jax.models.depthwise',
+    'EfficientNet': 'bw_jax.models.efficientnet',
+    'train_and_evaluate': 'bw_jax.train.loop',
 }
 __all__ = ['__version__', *_EXPORTS]
 
 if TYPE_CHECKING:  # What type checkers and IDEs see; at run time `__getattr__` imports on demand.
-  from bw_jax.depthwise import DepthwiseConv
-  from bw_jax.efficientnet import EfficientNet
-  from bw_jax.train import train_and_evaluate
-  from bw_jax.whitening import BatchWhitening, BWSettings, batch_moments, whiten, whitening_matrix
+  from bw_jax.models.depthwise import DepthwiseConv
+  from bw_jax.models.efficientnet import EfficientNet
+  from bw_jax.train.loop import train_and_evaluate
+  from bw_jax.nn.whitening import BatchWhitening, BWSettings, batch_moments, whiten, whitening_matrix
 
 
 def __getattr__(name: str) -> Any:

@@ -11,7 +11,7 @@ import time
 
 import jax
 import jax.numpy as jnp
-from bw_jax import whitening as bw
+from bw_jax.nn import whitening as bw
 
 
 def correlated_activations(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:

@@ -1,6 +1,6 @@
 """Command line: `python -m bw_jax.main --config=configs/default.py --workdir=DIR [--config.key=value ...]`.
 
-Trains and evaluates (`bw_jax.train.train_and_evaluate`), resuming from the latest checkpoint in
+Trains and evaluates (`bw_jax.train.loop.train_and_evaluate`), resuming from the latest checkpoint in
 `DIR/checkpoints`; writes `DIR/summary.json` and TensorBoard event files in `DIR`.
 
 Multi-host: run the same command on every host; `jax.distributed.initialize` connects the processes
@@ -25,11 +25,11 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from bw_jax import train
-from bw_jax.checkpoints import CheckpointError, latest_checkpoint_step
-from bw_jax.cli_errors import exit_with_error
-from bw_jax.config_files import add_config_root, config_path_in_flags
-from bw_jax.runtime import configure_cpu_dispatch, skip_final_garbage_collection
+from bw_jax.train import loop as train
+from bw_jax.train.checkpoints import CheckpointError, latest_checkpoint_step
+from bw_jax.train.cli_errors import exit_with_error
+from bw_jax.train.config.files import add_config_root, config_path_in_flags
+from bw_jax.train.runtime import configure_cpu_dispatch, skip_final_garbage_collection
 
 FLAGS = flags.FLAGS
 EXIT_INTERRUPTED = 130  # The shell's status for a process stopped by Ctrl-C (128 + SIGINT).
@@ -43,7 +43,7 @@ config_flags.DEFINE_config_file('config', None, 'Training configuration file (co
                                 lock_config=True)
 flags.DEFINE_bool('debug', False, 'Show the traceback of a bad-input error (also: BW_JAX_DEBUG=1).')
 flags.mark_flags_as_required(['config', 'workdir'])
-# Bad input, reported as one line with exit status 2 (bw_jax/cli_errors.py): invalid or changed configs (ValueError),
+# Bad input, reported as one line with exit status 2 (bw_jax/train/cli_errors.py): invalid or changed configs (ValueError),
 # missing or damaged data (DataNotFoundError is a FileNotFoundError), no loadable checkpoint.
 BAD_INPUT = (ValueError, FileNotFoundError, CheckpointError)
 

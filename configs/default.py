@@ -3,13 +3,13 @@
 BW sits in the MBConv blocks (type 2: depthwise → BN) and the head; the stem keeps conv → BN because a
 1-channel image gives stem type 2 a single 3×3 filter to see it through (its BW would whiten one channel).
 Tuned on this machine (README.md, "Training"): groups of 4 channels and ε = 0.1 trained faster than the
-16-channel groups and ε = 1e-3 of bw_jax/config_schema.py, which amplify near-null directions of the covariance
+16-channel groups and ε = 1e-3 of bw_jax/train/config/schema.py, which amplify near-null directions of the covariance
 (condition numbers ~1e8); the short run underfits, so dropout, stochastic depth and crops are off.
 """
 
 import ml_collections
 
-from bw_jax import config_schema
+from bw_jax.train.config import schema as config_schema
 
 
 def get_config() -> ml_collections.ConfigDict:

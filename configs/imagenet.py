@@ -16,9 +16,9 @@ a long run, and lower `--config.batch_size_per_device` if it does not fit.
 
 import ml_collections
 
-from bw_jax import config_schema
+from bw_jax.train.config import schema as config_schema
 from bw_jax.data import default_dataset_config
-from bw_jax.efficientnet import published_resolution
+from bw_jax.models.efficientnet import published_resolution
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -12,7 +12,7 @@ memory before training.
 
 import ml_collections
 
-from bw_jax import config_schema
+from bw_jax.train.config import schema as config_schema
 from bw_jax.data import default_dataset_config
 
 

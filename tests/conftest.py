@@ -2,11 +2,11 @@
 
 import pytest
 
-from bw_jax.runtime import configure_cpu_dispatch, skip_final_garbage_collection
+from bw_jax.train.runtime import configure_cpu_dispatch, skip_final_garbage_collection
 from postgres_server import postgres_binaries, postgres_server
 
-configure_cpu_dispatch()  # Before any test creates the devices; why: bw_jax/runtime.py.
-skip_final_garbage_collection()  # Each pytest process exits ~1.5 s sooner (bw_jax/runtime.py).
+configure_cpu_dispatch()  # Before any test creates the devices; why: bw_jax/train/runtime.py.
+skip_final_garbage_collection()  # Each pytest process exits ~1.5 s sooner (bw_jax/train/runtime.py).
 
 # The modules that take longest (pytest worker seconds from a fresh clone, 2026-11-28: 243, 183, 161, 152,
 # 140, 136, 127, 121) run first: with `--dist loadfile` a worker takes whole modules in collection order, and

@@ -18,7 +18,7 @@ import time
 
 import jax
 
-from bw_jax.runtime import configure_cpu_dispatch, skip_final_garbage_collection
+from bw_jax.train.runtime import configure_cpu_dispatch, skip_final_garbage_collection
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXEC_DYING_WITH_PARENT = os.path.join(REPO, 'tests', 'exec_dying_with_parent.py')
@@ -191,9 +191,9 @@ def main_with_pause(pause_at: int, flags: list[str]) -> None:
   """Runs bw_jax.main with `flags`; when `pause_at` > 0, pauses before logging that step's train metrics."""
   import runpy
 
-  from bw_jax import train_utils
+  from bw_jax.train import train_utils
 
-  if pause_at > 0:  # Before bw_jax.train imports it.
+  if pause_at > 0:  # Before bw_jax.train.loop imports it.
     create_metric_writer = train_utils.create_metric_writer
 
     def pausing_metric_writer(logdir):

@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from bw_jax import train
-from bw_jax.config_validation import base_config
+from bw_jax.train import loop as train
+from bw_jax.train.config.validation import base_config
 from bw_jax.data import default_dataset_config, imagenet
 from bw_jax.data.on_device import normalise_images
-from bw_jax.train_utils import (TrainState, create_learning_rate_fn, create_model, create_optimizer,
+from bw_jax.train.train_utils import (TrainState, create_learning_rate_fn, create_model, create_optimizer,
                                 optimizer_from_rates, optimizer_rates)
 
 pytestmark = pytest.mark.slow  # Traces B0 at 224 px twice (BN and BW everywhere) and lowers each twice.

@@ -1,4 +1,4 @@
-"""bw_jax.checkpoints on a tiny train state (no model, no compile): the resolved config stored with the
+"""bw_jax.train.checkpoints on a tiny train state (no model, no compile): the resolved config stored with the
 checkpoints and compared on resume, and the fallback past a corrupt newest checkpoint."""
 
 import glob
@@ -12,9 +12,9 @@ import optax
 import pytest
 
 
-from bw_jax import checkpoints as ckpt  # noqa: E402
-from bw_jax import train  # noqa: E402
-from bw_jax.train_utils import TrainState  # noqa: E402
+from bw_jax.train import checkpoints as ckpt  # noqa: E402
+from bw_jax.train import loop as train  # noqa: E402
+from bw_jax.train.train_utils import TrainState  # noqa: E402
 from configs import smoke  # noqa: E402
 
 

@@ -20,14 +20,15 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from bw_jax import data, train  # noqa: E402
-from bw_jax.checkpoints import latest_checkpoint_step  # noqa: E402
-from bw_jax.config_files import load_config_file  # noqa: E402
+from bw_jax import data
+from bw_jax.train import loop as train  # noqa: E402
+from bw_jax.train.checkpoints import latest_checkpoint_step  # noqa: E402
+from bw_jax.train.config.files import load_config_file  # noqa: E402
 from bw_jax.sweep import __main__ as sweep_cli  # noqa: E402
 from bw_jax.sweep import compare, compare_report  # noqa: E402
 from bw_jax.sweep.space import check_sweep_config, suggest  # noqa: E402
 from bw_jax.sweep.study import create_storage, default_storage  # noqa: E402
-from bw_jax.train_utils import create_model, create_optimizer  # noqa: E402
+from bw_jax.train.train_utils import create_model, create_optimizer  # noqa: E402
 from subprocess_runs import COMPILATION_CACHE_ENV, start_test_process, wait_for_a_started_trial  # noqa: E402
 
 # Each training run builds new jitted functions; the persistent cache compiles a program once (test_train.py).

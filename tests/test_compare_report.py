@@ -15,7 +15,7 @@ from scipy import stats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from bw_jax.config_files import load_config_file  # noqa: E402
+from bw_jax.train.config.files import load_config_file  # noqa: E402
 from bw_jax.sweep import compare, compare_report, compare_stats  # noqa: E402
 from bw_jax.sweep.space import check_sweep_config  # noqa: E402
 from bw_jax.sweep.study import experiment_record  # noqa: E402

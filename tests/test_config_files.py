@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from bw_jax.config_files import config_path_in_flags, config_root
+from bw_jax.train.config.files import config_path_in_flags, config_root
 from subprocess_runs import REPO, run_process, subprocess_env
 
 
@@ -52,7 +52,7 @@ def test_a_copied_configs_folder_loads_its_own_modules_from_another_directory(tm
     f.write(text.replace('config.model.bw.epsilon = 0.1\n', 'config.model.bw.epsilon = 0.25\n'))
   elsewhere = tmp_path / 'elsewhere'
   elsewhere.mkdir()
-  code = ('import sys; from bw_jax.config_files import load_config_file; '
+  code = ('import sys; from bw_jax.train.config.files import load_config_file; '
           "print(load_config_file(sys.argv[1]).train.model.bw.epsilon); "
           "print(sorted({m.__file__ for n, m in sys.modules.items() if n.startswith('configs.')}))")
   env = {k: v for k, v in subprocess_env().items() if k != 'PYTHONPATH'}  # The checkout is not on the path.

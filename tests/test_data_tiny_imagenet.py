@@ -154,7 +154,7 @@ def test_missing_download_says_where_to_get_it(tmp_path):
 
 def training_config(prepared_config, **values):
   """A training config of the real schema reading the fake download, with `values` set."""
-  from bw_jax import config_schema
+  from bw_jax.train.config import schema as config_schema
   config = config_schema.get_config()
   config.dataset = tiny_imagenet_dataset_config(prepared_config.data_dir)
   for key, value in values.items():
@@ -180,7 +180,7 @@ def test_split_size_counts_the_examples_actually_read(prepared, split):
 
 
 def test_training_length_uses_the_split_actually_read(prepared):
-  from bw_jax import train
+  from bw_jax.train import loop as train
   _, _, config = prepared
   # 'train[:50%]' of 12 images is 6: 3 steps of 2 per epoch, 2.5 epochs -> 7.5 -> 8 steps.
   cfg = training_config(config, batch_size=2, num_epochs=2.5)
@@ -203,7 +203,7 @@ def test_unknown_split_names_the_splits(prepared):
 
 def test_class_count_comes_from_the_prepared_metadata(prepared):
   from bw_jax import data
-  from bw_jax.train_utils import model_num_classes
+  from bw_jax.train.train_utils import model_num_classes
   _, _, config = prepared
   cfg = training_config(config)
   assert data.class_count(cfg.dataset) == len(WNIDS) != tiny_imagenet.NUM_CLASSES
@@ -213,7 +213,7 @@ def test_class_count_comes_from_the_prepared_metadata(prepared):
 
 
 def test_a_head_that_does_not_match_the_data_fails_before_training(prepared, tmp_path):
-  from bw_jax import train
+  from bw_jax.train import loop as train
   _, _, config = prepared
   cfg = training_config(config, batch_size=2, num_train_steps=1)  # Today's code trains it, and quickly.
   cfg.model.num_classes = 200

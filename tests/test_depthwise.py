@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bw_jax import depthwise as dw
+from bw_jax.models import depthwise as dw
 
 # float32 round-off of sums of at most a few hundred O(1) products (k² taps forward, N·Ho·Wo positions for
 # the kernel gradient) stays below ~1e-5; 1e-4 leaves a margin while any wrong tap or offset is O(1).

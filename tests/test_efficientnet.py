@@ -11,9 +11,9 @@ import numpy as np
 import optax
 import pytest
 
-from bw_jax import efficientnet as en
-from bw_jax.depthwise import DepthwiseConv
-from bw_jax.whitening import BWSettings
+from bw_jax.models import efficientnet as en
+from bw_jax.models.depthwise import DepthwiseConv
+from bw_jax.nn.whitening import BWSettings
 
 TINY = dict(width_multiplier=0.25, depth_multiplier=0.1, dropout_rate=0.0, drop_connect_rate=0.0)
 

@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bw_jax import group_products as gp
-from bw_jax import kernels
-from bw_jax import whitening as bw
-from bw_jax import whitening_matrices
+from bw_jax.nn import group_products as gp
+from bw_jax.nn import kernels
+from bw_jax.nn import whitening as bw
+from bw_jax.nn import matrices as whitening_matrices
 from subprocess_runs import run_process, subprocess_env
 
 if not kernels.available():  # pragma: no cover - the machines the suite runs on have g++
@@ -130,7 +130,7 @@ def test_build_is_cached_per_source_compiler_and_cpu(tmp_path, monkeypatch):
 def fallback_run(tmp_path, **env):
   """A fresh process whitening with BatchWhitening on the CPU, with `env` set; returns (stdout, stderr)."""
   script = ('import jax, jax.numpy as jnp, numpy as np\n'
-            'from bw_jax import group_products as gp, kernels, whitening as bw\n'
+            'from bw_jax.nn import group_products as gp, kernels, whitening as bw\n'
             'x = jnp.asarray(np.random.default_rng(0).normal(size=(64, 32)), jnp.float32)\n'
             'y = bw.whiten(x, 16)\n'
             'cov = np.cov(np.asarray(y, np.float64).reshape(64, 2, 16)[:, 0].T)\n'

@@ -19,7 +19,7 @@ from packaging.utils import canonicalize_name
 import pytest
 
 import bw_jax
-from bw_jax import kernels
+from bw_jax.nn import kernels
 from subprocess_runs import COMPILATION_CACHE_ENV, REPO, run_process, subprocess_env
 
 with open(os.path.join(REPO, 'pyproject.toml'), 'rb') as f:
@@ -83,7 +83,10 @@ def test_every_third_party_import_of_the_package_is_a_declared_dependency():
 
 
 def test_public_names_are_those_of_their_modules():
-  from bw_jax import depthwise, efficientnet, train, whitening
+  from bw_jax.models import depthwise
+  from bw_jax.models import efficientnet
+  from bw_jax.train import loop as train
+  from bw_jax.nn import whitening
   for name, module in [('BatchWhitening', whitening), ('BWSettings', whitening), ('whiten', whitening),
                        ('whitening_matrix', whitening), ('batch_moments', whitening),
                        ('DepthwiseConv', depthwise), ('EfficientNet', efficientnet),
@@ -155,7 +158,7 @@ def installed(tmp_path_factory) -> dict[str, str]:
 def test_installed_wheel_whitens_a_batch_as_numpy_does(installed):
   code = """
 import bw_jax, jax, numpy as np
-from bw_jax import kernels
+from bw_jax.nn import kernels
 print(bw_jax.__file__, bw_jax.__version__, all(s.is_file() for s in kernels.SOURCES), kernels.available())
 x = np.random.default_rng(0).normal(size=(64, 5)) @ np.triu(np.ones((5, 5)))
 layer = bw_jax.BatchWhitening(use_running_average=False, group_size=None, epsilon=1e-3, use_scale=False,

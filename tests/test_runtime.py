@@ -1,4 +1,4 @@
-"""bw_jax.runtime in fresh processes: configure_cpu_dispatch (JAX reads the setting when it creates its CPU
+"""bw_jax.train.runtime in fresh processes: configure_cpu_dispatch (JAX reads the setting when it creates its CPU
 client), and the entry points that must call it before anything creates the devices; and
 skip_final_garbage_collection."""
 
@@ -25,7 +25,7 @@ def probe(*args, **kwargs):
 # `python -m MODULE ARGS` with its training replaced by the probe.
 ENTRY_POINT = PROBE + """
 import runpy, sys
-from bw_jax import train
+from bw_jax.train import loop as train
 from bw_jax.sweep import worker
 train.train_and_evaluate = lambda *args: probe() or {'preempted': True, 'step': 0}
 worker.Worker.run = probe
@@ -42,13 +42,13 @@ def run_python(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
                          ids=['default', 'configured'])
 def test_configure_cpu_dispatch_makes_a_call_return_with_its_result(setup, expected):
   """The default case shows that the probe tells asynchronous from synchronous dispatch."""
-  done = run_python('-c', f'from bw_jax.runtime import configure_cpu_dispatch\n{setup}\n{PROBE}\nprobe()')
+  done = run_python('-c', f'from bw_jax.train.runtime import configure_cpu_dispatch\n{setup}\n{PROBE}\nprobe()')
   assert done.returncode == 0, done.stderr
   assert done.stdout.split() == [expected]
 
 
 def test_configure_cpu_dispatch_after_the_devices_exist_raises():
-  done = run_python('-c', 'import jax\nfrom bw_jax.runtime import configure_cpu_dispatch\njax.devices()\n'
+  done = run_python('-c', 'import jax\nfrom bw_jax.train.runtime import configure_cpu_dispatch\njax.devices()\n'
                           'configure_cpu_dispatch()')
   assert done.returncode != 0
   assert 'configure_cpu_dispatch() was called after JAX created its devices' in done.stderr
@@ -70,7 +70,7 @@ def test_entry_points_train_with_synchronous_dispatch(command, tmp_path):
 FREEZE_AT_EXIT = """
 import atexit, gc, sys
 atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0, flush=True))
-from bw_jax.runtime import skip_final_garbage_collection
+from bw_jax.train.runtime import skip_final_garbage_collection
 if sys.argv[1] == 'skip':
   skip_final_garbage_collection()
 print('frozen before exit:', gc.get_freeze_count() > 0, flush=True)

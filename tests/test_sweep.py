@@ -18,9 +18,9 @@ from optuna.trial import TrialState
 import pandas as pd
 import pytest
 
-from bw_jax.checkpoints import latest_checkpoint_step
-from bw_jax.config_files import load_config_file
-from bw_jax.config_validation import validate_config
+from bw_jax.train.checkpoints import latest_checkpoint_step
+from bw_jax.train.config.files import load_config_file
+from bw_jax.train.config.validation import validate_config
 from bw_jax.sweep import __main__ as sweep_cli
 from bw_jax.sweep import promote as sweep_promote
 from bw_jax.sweep import report as sweep_report
@@ -158,7 +158,7 @@ def test_run_refuses_a_warmup_longer_than_the_trial_before_creating_anything(tmp
 
 
 def test_command_line_overrides_are_typed_as_their_keys():
-  from bw_jax.config_files import apply_overrides
+  from bw_jax.train.config.files import apply_overrides
   sweep = load_config_file(SMOKE_SWEEP)
   apply_overrides(sweep, ['train.dataset.data_dir=/data/x', 'train.learning_rate=0.3', 'train.batch_size=32',
                           'train.dataset.augment.flip=false', 'train.model.num_classes=7', 'n_trials=3',
@@ -242,7 +242,7 @@ def test_qmc_sampler_covers_the_space():
 
 
 def test_a_non_finite_loss_is_a_result_and_other_errors_are_crashes():
-  from bw_jax import train  # The error that the worker must recognise, raised by the training loop itself.
+  from bw_jax.train import loop as train  # The error that the worker must recognise, raised by the training loop itself.
   with pytest.raises(train.NonFiniteLossError) as error:
     train.check_finite([(3, {'loss': float('nan')})], load_config_file(SMOKE_SWEEP).train, None)
   assert sweep_worker.is_divergence(error.value)

@@ -20,7 +20,7 @@ import sqlalchemy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from bw_jax.config_files import load_config_file  # noqa: E402
+from bw_jax.train.config.files import load_config_file  # noqa: E402
 from bw_jax.sweep import study as sweep_study  # noqa: E402
 from bw_jax.sweep import worker as sweep_worker  # noqa: E402
 from exec_dying_with_parent import die_with_parent  # noqa: E402

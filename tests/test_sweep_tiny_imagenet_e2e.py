@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from bw_jax.cli_errors import EXIT_USAGE
-from bw_jax.config_files import load_config_file
-from bw_jax.config_validation import validate_config
+from bw_jax.train.cli_errors import EXIT_USAGE
+from bw_jax.train.config.files import load_config_file
+from bw_jax.train.config.validation import validate_config
 from bw_jax.data import tiny_imagenet
 from bw_jax.sweep import __main__ as sweep_cli
 from subprocess_runs import COMPILATION_CACHE_ENV, start_test_process, wait_for_a_started_trial
@@ -31,7 +31,7 @@ TRAIN_PER_CLASS, VAL_PER_CLASS = 8, 4
 SWEEP_FILE = f'''
 import ml_collections
 
-from bw_jax.config_files import load_config_file
+from bw_jax.train.config.files import load_config_file
 
 
 def get_config():

@@ -1,4 +1,4 @@
-"""End-to-end tests of bw_jax.train on the smoke config (tiny BW EfficientNet, 6 steps of 16 images)."""
+"""End-to-end tests of bw_jax.train.loop on the smoke config (tiny BW EfficientNet, 6 steps of 16 images)."""
 
 import contextlib
 import glob
@@ -21,12 +21,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.util.tensor_util import make_ndarray
 
-from bw_jax import train
-from bw_jax.checkpoints import json_config, saved_steps
-from bw_jax.config_validation import validate_config
+from bw_jax.train import loop as train
+from bw_jax.train.checkpoints import json_config, saved_steps
+from bw_jax.train.config.validation import validate_config
 from bw_jax.data import fashion_mnist
 from bw_jax.sweep import worker as sweep_worker
-from bw_jax.train_utils import BWHealthError, create_model
+from bw_jax.train.train_utils import BWHealthError, create_model
 from configs import smoke
 from subprocess_runs import COMPILATION_CACHE_ENV, run_process, subprocess_env
 from test_checkpoints import corrupt

@@ -34,11 +34,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from bw_jax import data, train
-from bw_jax.checkpoints import saved_steps
+from bw_jax import data
+from bw_jax.train import loop as train
+from bw_jax.train.checkpoints import saved_steps
 from bw_jax.data import fashion_mnist, pipeline
 from bw_jax.data.on_device import normalise_images
-from bw_jax.train_utils import create_model, optimizer_rates
+from bw_jax.train.train_utils import create_model, optimizer_rates
 from configs import smoke
 from subprocess_runs import (REPO, TIMEOUT, MainRun, configure_jax, free_port, progress_steps, start_test_process,
                              stop_test_process, subprocess_env, wait_until)
@@ -431,6 +432,6 @@ def test_two_hosts_resume_and_match_one_process(two_hosts):
 
 
 if __name__ == '__main__':
-  from bw_jax.runtime import skip_final_garbage_collection
+  from bw_jax.train.runtime import skip_final_garbage_collection
   skip_final_garbage_collection()
   sharded_steps(sys.argv[1], sys.argv[2])

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from bw_jax.checkpoints import saved_steps
+from bw_jax.train.checkpoints import saved_steps
 from subprocess_runs import MainRun, wait_until
 
 pytestmark = pytest.mark.slow  # Each test trains in a `bw_jax.main` process.

@@ -14,9 +14,10 @@ import optax
 import pytest
 from ml_collections import config_flags
 
-from bw_jax import train, train_utils
-from bw_jax.config_validation import validate_config, with_global_batch_size
-from bw_jax.train_utils import (TrainState, bw_health, create_learning_rate_fn, create_model, create_optimizer,
+from bw_jax.train import loop as train
+from bw_jax.train import train_utils
+from bw_jax.train.config.validation import validate_config, with_global_batch_size
+from bw_jax.train.train_utils import (TrainState, bw_health, create_learning_rate_fn, create_model, create_optimizer,
                                 memory_report, optimizer_from_rates, optimizer_rates, peak_learning_rate,
                                 schedule_problems, train_batch_spec)
 from configs import imagenet, smoke, tiny_imagenet
@@ -144,7 +145,7 @@ def test_schedule_problems_name_a_warmup_or_decay_that_cannot_complete():
 
 
 def test_images_per_second_leave_out_the_first_step_and_its_compile(monkeypatch):
-  from bw_jax import train_utils
+  from bw_jax.train import train_utils
   clock = iter([100.0, 160.0, 162.0, 163.0])  # Start; step 1 done (60 s of compile); step 11; step 21.
   monkeypatch.setattr(train_utils.time, 'perf_counter', lambda: next(clock))
   progress = train_utils.Progress(num_train_steps=31, steps_per_epoch=10, batch_size=8, start_step=0)

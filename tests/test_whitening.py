@@ -6,7 +6,7 @@ from jax.test_util import check_grads
 import numpy as np
 import pytest
 
-from bw_jax import whitening as bw
+from bw_jax.nn import whitening as bw
 
 METHODS = bw.METHODS
 EXACT_METHODS = ('cholesky', 'zca', 'pca')

@@ -73,7 +73,7 @@ def jax_modules():
   from flax import linen as nn
   import jax
 
-  from bw_jax import whitening as bw
+  from bw_jax.nn import whitening as bw
   return jax, nn, bw
 
 

@@ -38,7 +38,7 @@ def run_device_checks() -> dict[str, float]:
   from flax import linen as nn
   import jax
 
-  from bw_jax.whitening import BatchWhitening
+  from bw_jax.nn.whitening import BatchWhitening
 
   assert jax.device_count() == DEVICES, f'expected {DEVICES} devices, got {jax.devices()}'
   results: dict[str, float] = {'devices': jax.device_count()}
@@ -104,7 +104,7 @@ def imagenet_style_train_and_sync(x: np.ndarray) -> dict[str, float]:
   import jax
   import optax
 
-  from bw_jax.whitening import BatchWhitening
+  from bw_jax.nn.whitening import BatchWhitening
 
   class Tiny(nn.Module):
     @nn.compact
@@ -199,6 +199,6 @@ def test_imagenet_example_pmean_of_batch_stats_averages_the_devices_statistics(d
 
 
 if __name__ == '__main__':
-  from bw_jax.runtime import skip_final_garbage_collection
+  from bw_jax.train.runtime import skip_final_garbage_collection
   skip_final_garbage_collection()
   print(json.dumps(run_device_checks()))

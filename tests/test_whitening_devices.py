@@ -61,7 +61,7 @@ def run_checks() -> dict[str, Any]:
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
   import numpy as np
 
-  from bw_jax.whitening import BatchWhitening
+  from bw_jax.nn.whitening import BatchWhitening
 
   devices = jax.devices()
   assert len(devices) == DEVICES, (
@@ -183,6 +183,6 @@ def test_training_step_matches_one_device(results, case, placement):
 
 
 if __name__ == '__main__':
-  from bw_jax.runtime import skip_final_garbage_collection
+  from bw_jax.train.runtime import skip_final_garbage_collection
   skip_final_garbage_collection()
   print(json.dumps(run_checks()))

@@ -14,8 +14,8 @@ from jax._src.lib.mlir import ir, passmanager
 import numpy as np
 import pytest
 
-from bw_jax import whitening as bw
-from bw_jax import whitening_matrices
+from bw_jax.nn import whitening as bw
+from bw_jax.nn import matrices as whitening_matrices
 from test_whitening import correlated, degenerate_batches
 
 # The factorisations each platform must call (jax 0.10.2): cuSOLVER on cuda, XLA's own ops on TPU.

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bw_jax import group_products as gp
-from bw_jax import kernels
-from bw_jax import whitening as bw
-from bw_jax.whitening_vjp import autodiff_backward, whiten_training
+from bw_jax.nn import group_products as gp
+from bw_jax.nn import kernels
+from bw_jax.nn import whitening as bw
+from bw_jax.nn.vjp import autodiff_backward, whiten_training
 from test_whitening import (correlated, degenerate_batches, group_covariances, np_apply, np_moments, np_whitening,
                             train_apply)
 

@@ -32,9 +32,9 @@ except ImportError as error:  # An install without the extra: say what to instal
   raise SystemExit("python -m bw_jax.sweep needs the sweep extra: pip install 'bw_jax[sweep]' "
                    f'({error}).') from None
 
-from bw_jax.cli_errors import exit_with_error
-from bw_jax.config_files import apply_overrides, load_config_file
-from bw_jax.runtime import configure_cpu_dispatch, skip_final_garbage_collection
+from bw_jax.train.cli_errors import exit_with_error
+from bw_jax.train.config.files import apply_overrides, load_config_file
+from bw_jax.train.runtime import configure_cpu_dispatch, skip_final_garbage_collection
 from bw_jax.sweep.compare import (RunSampler, check_compare_config, join_compare_record, machine_record,
                                   sweep_config)
 from bw_jax.sweep.space import check_sweep_config, check_trial_schedules

@@ -2,7 +2,7 @@
 
 A compare file (`configs/sweeps/compare_*.py`) starts from `base_compare_config()` and names *arms*, each a
 label and training-config overrides, and *seeds*: every arm trains once with every seed (`config.seed`, which
-seeds the initialisation, the data order, the augmentation and dropout; bw_jax/train.py). The per-run length
+seeds the initialisation, the data order, the augmentation and dropout; bw_jax/train/loop.py). The per-run length
 (`trial_budget`) is the same for every arm.
 
 How it runs: the file becomes a sweep (`sweep_config`) whose search space is `seed` and every key an arm
@@ -25,7 +25,7 @@ import numpy as np
 import optuna
 
 from bw_jax.checks import is_positive_int
-from bw_jax.config_validation import unknown_keys, validate_config
+from bw_jax.train.config.validation import unknown_keys, validate_config
 from bw_jax.sweep.space import (BUDGET_KEYS, base_sweep_config, config_reference, config_value, flatten_space,
                                 is_config_leaf, trial_config)
 from bw_jax.sweep.study import budget_slot, record_differences

@@ -19,7 +19,7 @@ import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from bw_jax.formatting import format_seconds  # noqa: E402
+from bw_jax.train.formatting import format_seconds  # noqa: E402
 from bw_jax.sweep.compare import SEED_KEY, arm_of  # noqa: E402
 from bw_jax.sweep.compare_stats import (censored_median, holm, paired_difference, steps_to_target,  # noqa: E402
                                         t_interval)

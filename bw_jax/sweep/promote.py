@@ -32,9 +32,9 @@ from typing import Any
 import ml_collections
 import optuna
 
-from bw_jax import config_schema
-from bw_jax.config_files import load_config_file
-from bw_jax.config_validation import validate_config
+from bw_jax.train.config import schema as config_schema
+from bw_jax.train.config.files import load_config_file
+from bw_jax.train.config.validation import validate_config
 from bw_jax.data import default_dataset_config
 from bw_jax.sweep.report import (block_label, block_type_table, budget_text, is_flagged, objective_of,
                                  results_table, space_keys, study_num_classes)
@@ -75,8 +75,8 @@ def trial_schedule_shape(trial: optuna.trial.FrozenTrial, config: ml_collections
   """(warm-up steps, staircase decay period) as fractions of the trial's steps, from the epoch length the
   trial read."""
   from bw_jax.data import dataset_module
-  from bw_jax.train import training_length
-  from bw_jax.train_utils import decay_steps, warmup_steps
+  from bw_jax.train.loop import training_length
+  from bw_jax.train.train_utils import decay_steps, warmup_steps
   examples = trial.user_attrs.get('train_examples') or dataset_module(config.dataset.name).INFO.num_examples[
       config.dataset.train_split.split('[')[0]]  # Studies written before workers recorded the count.
   steps_per_epoch, total = training_length(config, examples)
@@ -211,7 +211,7 @@ def promoted_source(study: optuna.Study, trial: optuna.trial.FrozenTrial, base_p
     lines += ['', *textwrap.wrap(paragraph, 110)]
   lines += ['', 'Written by `python -m bw_jax.sweep promote` (bw_jax/sweep/promote.py defines what it carries).',
             'Run it from any directory:', f'  {command}', '"""', '', 'import ml_collections', '',
-            'from bw_jax import config_schema', 'from bw_jax.data import default_dataset_config', '', '',
+            'from bw_jax.train.config import schema as config_schema', 'from bw_jax.data import default_dataset_config', '', '',
             'def get_config() -> ml_collections.ConfigDict:', '  config = config_schema.get_config()',
             f'  # From the base recipe {os.path.abspath(base_path)}.']
   lines += base_lines(config, set(carried) | set(recipe))

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from bw_jax.formatting import format_seconds  # noqa: E402
+from bw_jax.train.formatting import format_seconds  # noqa: E402
 from bw_jax.sweep.space import BLOCK_KEYS, display_order, flatten_space  # noqa: E402
 from bw_jax.sweep.study import is_retry, is_surplus, original_number  # noqa: E402
 

@@ -16,7 +16,7 @@ import ml_collections
 import optuna
 
 from bw_jax.checks import check_choice, is_positive_int
-from bw_jax.config_validation import base_config, config_reference, unknown_keys, validate_config
+from bw_jax.train.config.validation import base_config, config_reference, unknown_keys, validate_config
 
 SPEC_KINDS = ('categorical', 'float', 'log_float', 'int', 'log_int')
 SPEC_FORMS = ("('categorical', (choice, ...)), ('float' | 'log_float', low, high) or "
@@ -201,8 +201,8 @@ def check_sweep_config(sweep: ml_collections.ConfigDict) -> dict[str, tuple]:
 def schedule_errors(sweep: ml_collections.ConfigDict, flat: dict[str, tuple], num_examples: int) -> list[str]:
   """Where a trial's warm-up or decay cannot complete within the trial budget, the train split having
   `num_examples` examples: the trial config as is, and each value of a searched SCHEDULE_KEYS key on it."""
-  from bw_jax.train import training_length  # JAX: only `run` calls this.
-  from bw_jax.train_utils import schedule_problems
+  from bw_jax.train.loop import training_length  # JAX: only `run` calls this.
+  from bw_jax.train.train_utils import schedule_problems
   train = trial_config(sweep, {})
   cases = [('train (with trial_budget)', {})]
   cases += [(f'search_space.{key} = {value!r}', {key: value})

@@ -26,7 +26,7 @@ from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial, TrialState
 import sqlalchemy
 
-from bw_jax.config_validation import with_global_batch_size
+from bw_jax.train.config.validation import with_global_batch_size
 from bw_jax.sweep.space import OBJECTIVES
 
 # What defines the experiment: a worker whose sweep file differs here from the study's record is refused.

@@ -19,7 +19,7 @@ import ml_collections
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from bw_jax.formatting import format_seconds
+from bw_jax.train.formatting import format_seconds
 from bw_jax.sweep.space import BLOCK_KEYS, config_value, display_order, suggest, trial_config
 from bw_jax.sweep.study import (FINISHED, RetryOnce, budget_done, budget_slot, can_start, default_storage,
                                 finished_count, is_retry, is_surplus, original_number)
@@ -72,9 +72,10 @@ def workdir_lock(workdir: str, owner: str, log: Callable[[str], None], timeout: 
 
 
 def is_divergence(error: BaseException) -> bool:
-  """A non-finite loss (`bw_jax.train.check_finite`) or too many BW fallbacks (`config.bw_max_fallbacks`):
+  """A non-finite loss (`bw_jax.train.loop.check_finite`) or too many BW fallbacks (`config.bw_max_fallbacks`):
   results of the trial's values, not accidents to retry."""
-  from bw_jax import train, train_utils  # Already loaded by the trial that raised `error`.
+  from bw_jax.train import loop as train
+  from bw_jax.train import train_utils  # Already loaded by the trial that raised `error`.
   return isinstance(error, (train.NonFiniteLossError, train_utils.BWHealthError))
 
 
@@ -121,8 +122,8 @@ class Worker:
             eval_history: list | None) -> float:
     """Trains the trial's `config` in `workdir`, which this process holds (`workdir_lock`); `eval_history` is
     the attempt's recorded evals (a retry's are its original's)."""
-    from bw_jax import train  # Imported here: `report` and `promote` need no JAX.
-    from bw_jax.checkpoints import latest_checkpoint_step
+    from bw_jax.train import loop as train  # Imported here: `report` and `promote` need no JAX.
+    from bw_jax.train.checkpoints import latest_checkpoint_step
     trial.set_user_attr('resumed_from_step', latest_checkpoint_step(workdir))
     last_step, metric = train.training_length(config)[1], self.sweep.objective.replace('eval_', '')
 

@@ -6,7 +6,7 @@
 
 Every arm is the main job's model (configs/default.py: EfficientNet-B0 at half width and depth, stride-2 stem,
 no dropout, stochastic depth or crops) with the block types and BW settings below (stem / MBConv / head,
-bw_jax/efficientnet.py; MBConv 0 and head 1 are BatchNorm):
+bw_jax/models/efficientnet.py; MBConv 0 and head 1 are BatchNorm):
   bn         1 / 0 / 1  BatchNorm everywhere: the baseline.
   bw         1 / 2 / 2  the main job: BW in the MBConv blocks and the head, groups of 4 channels, ε = 0.1.
   bw_head1   1 / 2 / 1  the slides' best MBConv placement with the plain head.

@@ -11,9 +11,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bw_jax import kernels, spectral
+from bw_jax.nn import kernels
+from bw_jax.nn import spectral
 from bw_jax.checks import check_choice
-from bw_jax.dtypes import accumulation_dtype
+from bw_jax.nn.dtypes import accumulation_dtype
 
 METHODS = ('cholesky', 'zca', 'pca', 'newton')
 
@@ -86,7 +87,7 @@ def newton_whitening(cov: jax.Array, iterations: int = 5, *, unroll: bool | None
 
 
 def cholesky_kernel_applies(group_size: int) -> bool:
-  """Whether a CPU computes Cholesky's trials with the `bw_jax.kernels` kernel (lane-parallel over groups;
+  """Whether a CPU computes Cholesky's trials with the `bw_jax.nn.kernels` kernel (lane-parallel over groups;
   where the kernels are built and for g ≤ CHOLESKY_KERNEL_MAX_GROUP_SIZE) rather than with LAPACK and XLA's
   triangular solve."""
   return group_size <= CHOLESKY_KERNEL_MAX_GROUP_SIZE and kernels.available()
@@ -130,7 +131,7 @@ def _is_usable(whitening: jax.Array, ridge: jax.Array, cov: jax.Array | None = N
 def cholesky_pivot_floor(diagonal: jax.Array) -> jax.Array:
   """The round-off of Cholesky's pivots of a (…, g, g) matrix with this (…, g) diagonal: L_jj² is a_jj less
   up to g squares, computed with relative error ≲ (g + 1)·eps·a_jj (Higham, Accuracy and Stability of
-  Numerical Algorithms, Thm. 10.3). The CPU kernel (`bw_jax/kernels/cholesky.cc`) applies the same floor."""
+  Numerical Algorithms, Thm. 10.3). The CPU kernel (`bw_jax/nn/kernels/cholesky.cc`) applies the same floor."""
   g = diagonal.shape[-1]
   return (g + 1) * jnp.finfo(diagonal.dtype).eps * diagonal
 

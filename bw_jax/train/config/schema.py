@@ -2,7 +2,7 @@
 what differs (`configs/default.py`, your own files).
 
 It lives in the package, not in `configs/`, so that an installed bw_jax validates configs without the
-repository. `bw_jax.config_validation.validate_config` rejects any key not in this tree, so a misspelt override fails
+repository. `bw_jax.train.config.validation.validate_config` rejects any key not in this tree, so a misspelt override fails
 before anything compiles. Optional values use `FieldReference(None, field_type=...)` so that
 `--config.key=value` still works on the command line.
 """
@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
   model = config.model = ml_collections.ConfigDict()
   model.variant = 'b0'  # 'b0' … 'b7': width, depth and dropout of the reference scaling.
   model.num_classes = FieldReference(None, field_type=int)  # None: the dataset's class count.
-  model.stem_type = 1  # 1: conv → BN; 2: depthwise → BW → conv (bw_jax/efficientnet.py).
+  model.stem_type = 1  # 1: conv → BN; 2: depthwise → BW → conv (bw_jax/models/efficientnet.py).
   model.mbconv_type = 0  # 0: the original MBConv with BN; 1, 2, 3: BW inside the block.
   model.head_type = 1  # 1: conv → BN; 2: BW → conv.
   model.stem_stride = 2  # 2 as published; 1 keeps the resolution of small images.
@@ -73,7 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.bw_max_fallbacks = -1
   config.keep_checkpoints = 2  # How many of the latest checkpoints to keep in workdir/checkpoints.
   # Resuming checks the config against the checkpoints' (workdir/checkpoints/config.json) and stops on any
-  # difference but in bw_jax.checkpoints.SAFE_TO_CHANGE (run length, intervals, data_dir) and the
+  # difference but in bw_jax.train.checkpoints.SAFE_TO_CHANGE (run length, intervals, data_dir) and the
   # comma-separated dotted keys named here, e.g. 'batch_size,learning_rate' to change them on purpose.
   config.resume_allow_changes = ''
   return config

@@ -26,10 +26,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from bw_jax import data
-from bw_jax.checkpoints import Checkpoints, json_config, say
-from bw_jax.config_validation import validate_config, with_global_batch_size
+from bw_jax.train.checkpoints import Checkpoints, json_config, say
+from bw_jax.train.config.validation import validate_config, with_global_batch_size
 from bw_jax.data.on_device import normalise_images, prefetch_to_device, shard_batch
-from bw_jax.train_utils import (Progress, TrainState, bw_health, bw_health_report, bw_totals,
+from bw_jax.train.train_utils import (Progress, TrainState, bw_health, bw_health_report, bw_totals,
                                 create_learning_rate_fn, create_metric_writer, create_model, create_optimizer,
                                 cross_entropy, hyperparameters, memory_report, model_num_classes,
                                 optimizer_from_rates, optimizer_rates, schedule_lengths, schedule_problems,

@@ -22,9 +22,9 @@ from flax import linen as nn
 import jax
 import jax.numpy as jnp
 
-from bw_jax.depthwise import DepthwiseConv
+from bw_jax.models.depthwise import DepthwiseConv
 from bw_jax.checks import check_choice
-from bw_jax.whitening import BWSettings
+from bw_jax.nn.whitening import BWSettings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,7 +233,7 @@ class EfficientNet(nn.Module):
     check_choice('head_type', self.head_type, HEAD_TYPES)
     check_choice('stem_stride', self.stem_stride, (1, 2))
     if not isinstance(self.bw, BWSettings):
-      raise TypeError(f'bw must be a bw_jax.whitening.BWSettings, got {type(self.bw).__name__}; build it '
+      raise TypeError(f'bw must be a bw_jax.nn.whitening.BWSettings, got {type(self.bw).__name__}; build it '
                       f'with BWSettings(**config.bw).')
     super().__post_init__()
 

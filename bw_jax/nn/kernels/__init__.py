@@ -21,7 +21,7 @@ groups at a time in the SIMD lanes; it runs on stop_gradient'ed covariances and 
 
 The C++ sources ship in the package and are compiled on first use with the machine's C++ compiler (`$CXX`,
 else `g++`/`c++`, `-O3 -march=native`, ~5 s) into a cache keyed by the source, the compiler, jaxlib and the
-CPU (`$BW_JAX_KERNEL_CACHE`, default `~/.cache/bw_jax/kernels`). `python -m bw_jax.kernels` builds it ahead
+CPU (`$BW_JAX_KERNEL_CACHE`, default `~/.cache/bw_jax/kernels`). `python -m bw_jax.nn.kernels` builds it ahead
 (the Makefile's setup does). Without a compiler, or with `BW_JAX_CPU_KERNELS=0`, `available()` is False,
 one warning says why, and the layer uses XLA's batched products on the CPU (2–4× slower for the layer; GPU and
 TPU never use these kernels).
@@ -174,7 +174,7 @@ def _checked(*arrays: jax.Array) -> str:
 def _call(kind: str, result: Any, *operands: jax.Array) -> Any:
   if not available():
     raise RuntimeError('bw_jax CPU kernels are not available (see the warning above, or BW_JAX_CPU_KERNELS); '
-                       'check bw_jax.kernels.available() before calling them.')
+                       'check bw_jax.nn.kernels.available() before calling them.')
   out = jax.ffi.ffi_call(_TARGETS[kind, _checked(*operands)], result, vmap_method='sequential')(*operands)
   return jax.tree.map(lambda leaf: _varying_like(leaf, operands), out)
 

@@ -23,7 +23,7 @@ elementwise step between a GEMM in the batched layout and the transpose back (wi
 transpose + step into every consumer of the result, 2× the whole layer at C = 672; the bare transpose is
 still fused into the consumers, as in the autodiff layer: BENCHMARKS.md).
 
-  kernel   (CPU) in place on (m, C), by the C++ kernels of `bw_jax.kernels`: no copies in or out, g-wide
+  kernel   (CPU) in place on (m, C), by the C++ kernels of `bw_jax.nn.kernels`: no copies in or out, g-wide
            vectors in registers. An operand is the `InPlace` samples with their shift (d = x − K is never
            materialised) and an implicit ones column; the fastest layout on the CPU wherever the kernels
            could be built (BENCHMARKS.md).
@@ -40,7 +40,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bw_jax import kernels
+from bw_jax.nn import kernels
 
 LAYOUTS = ('dense', 'batched', 'transposed', 'fused', 'kernel')
 

@@ -1,8 +1,8 @@
-"""`python -m bw_jax.kernels`: builds the CPU kernels now (else the first BatchWhitening on a CPU does)."""
+"""`python -m bw_jax.nn.kernels`: builds the CPU kernels now (else the first BatchWhitening on a CPU does)."""
 
 import sys
 
-from bw_jax import kernels
+from bw_jax.nn import kernels
 
 if __name__ == '__main__':
   if kernels.available():

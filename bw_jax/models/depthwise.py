@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from bw_jax.checks import check_choice
-from bw_jax.dtypes import accumulation_dtype
+from bw_jax.nn.dtypes import accumulation_dtype
 
 IMPLEMENTATIONS = ('auto', 'xla', 'shift')
 

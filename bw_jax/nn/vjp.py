@@ -34,7 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bw_jax.group_products import (cross_in_layout, from_layout, moments_in_layout, per_platform,
+from bw_jax.nn.group_products import (cross_in_layout, from_layout, moments_in_layout, per_platform,
                                    shifted_to_layout, to_layout, transform_in_layout, transform_sum_in_layout)
 
 # (batch mean (C,), batch cov (G, g, g), state) -> ((centring mean (C,), S (G, g, g)), aux). `aux` carries

@@ -1,5 +1,5 @@
 """Pieces of the training loop that are pure enough to test alone: model, optimizer, schedule, loss,
-train state, BW health and the progress line. `bw_jax/train.py` wires them together."""
+train state, BW health and the progress line. `bw_jax/train/loop.py` wires them together."""
 
 import time
 from typing import Any
@@ -13,9 +13,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from bw_jax.efficientnet import EfficientNet
-from bw_jax.formatting import format_seconds
-from bw_jax.whitening import BWSettings
+from bw_jax.models.efficientnet import EfficientNet
+from bw_jax.train.formatting import format_seconds
+from bw_jax.nn.whitening import BWSettings
 
 
 class TrainState(train_state.TrainState):

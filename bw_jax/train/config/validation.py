@@ -1,6 +1,6 @@
 """`validate_config`: reject a misspelt or out-of-range training config before anything compiles.
 
-The allowed keys are those of `bw_jax/config_schema.py` (the one source of truth); the model and BW fields are
+The allowed keys are those of `bw_jax/train/config/schema.py` (the one source of truth); the model and BW fields are
 checked by building `EfficientNet` and `BWSettings`, whose own checks name the allowed values.
 """
 
@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from bw_jax import config_schema
+from bw_jax.train.config import schema as config_schema
 from bw_jax.checks import check_choice, is_positive_int
 from bw_jax.data import dataset_module, default_dataset_config
 from bw_jax.data.pipeline import check_batch_size
@@ -20,7 +20,7 @@ LR_SCHEDULES = ('cosine', 'exponential')
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Every training config key with its default (`bw_jax/config_schema.py`)."""
+  """Every training config key with its default (`bw_jax/train/config/schema.py`)."""
   return config_schema.get_config()
 
 
@@ -116,5 +116,5 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for name in ('width_multiplier', 'depth_multiplier'):
     if config.model[name] is not None:
       _check_range(f'model.{name}', config.model[name], 0.0, float('inf'), low_open=True)
-  from bw_jax.train_utils import create_model  # Builds the model: its checks name the allowed values.
+  from bw_jax.train.train_utils import create_model  # Builds the model: its checks name the allowed values.
   create_model(config, num_classes=1)

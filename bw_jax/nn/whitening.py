@@ -25,12 +25,12 @@ import jax
 import jax.numpy as jnp
 
 from bw_jax.checks import check_choice, is_positive_int
-from bw_jax.dtypes import accumulation_dtype
-from bw_jax.group_products import DENSE_MAX_CHANNELS, group_cross, group_matmul, shifted_moments
-from bw_jax.whitening_matrices import (  # the public names of the factorisations, re-exported
+from bw_jax.nn.dtypes import accumulation_dtype
+from bw_jax.nn.group_products import DENSE_MAX_CHANNELS, group_cross, group_matmul, shifted_moments
+from bw_jax.nn.matrices import (  # the public names of the factorisations, re-exported
     FALLBACK_RIDGE, METHODS, align_row_signs, cholesky_whitening, newton_whitening, pca_whitening,
     whitening_matrix, whitening_matrix_with_fallbacks, zca_whitening)
-from bw_jax.whitening_vjp import apply_whitening_folded, autodiff_backward, autodiff_enabled, whiten_training
+from bw_jax.nn.vjp import apply_whitening_folded, autodiff_backward, autodiff_enabled, whiten_training
 
 STAT_SOURCES = ('batch', 'running')
 

@@ -1,0 +1,12 @@
+"""The training system: config schema and validation (`config/`), the sharded loop (`loop`), checkpoints,
+and the command line's error handling. `train_and_evaluate` is imported on first use, so that reading a
+config does not load the input pipeline."""
+
+import importlib
+from typing import Any
+
+
+def __getattr__(name: str) -> Any:
+  if name != 'train_and_evaluate':
+    raise AttributeError(f"module 'bw_jax.train' has no attribute {name!r}")
+  return importlib.import_module('bw_jax.train.loop').train_and_evaluate
