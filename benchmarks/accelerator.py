@@ -32,8 +32,9 @@ from bw_jax.train import loop as train
 from bw_jax.train.config.validation import base_config
 from bw_jax.data import default_dataset_config, imagenet
 from bw_jax.data.on_device import normalise_images
-from bw_jax.train.train_utils import (create_learning_rate_fn, create_model, create_optimizer, memory_report,
-                                optimizer_from_rates, optimizer_rates, train_batch_spec)
+from bw_jax.train.optim import create_learning_rate_fn, create_optimizer, optimizer_from_rates, optimizer_rates
+from bw_jax.train.reporting import memory_report
+from bw_jax.train.step import create_model, train_batch_spec
 from bw_jax.nn.whitening import BatchWhitening
 import bw_layer  # benchmarks/bw_layer.py
 from common import environment, format_table, progress  # benchmarks/common.py

@@ -191,10 +191,10 @@ def main_with_pause(pause_at: int, flags: list[str]) -> None:
   """Runs bw_jax.main with `flags`; when `pause_at` > 0, pauses before logging that step's train metrics."""
   import runpy
 
-  from bw_jax.train import train_utils
+  from bw_jax.train import reporting
 
   if pause_at > 0:  # Before bw_jax.train.loop imports it.
-    create_metric_writer = train_utils.create_metric_writer
+    create_metric_writer = reporting.create_metric_writer
 
     def pausing_metric_writer(logdir):
       writer = create_metric_writer(logdir)
@@ -207,7 +207,7 @@ def main_with_pause(pause_at: int, flags: list[str]) -> None:
         return write_scalars(step, scalars)
       writer.write_scalars = pause_then_write
       return writer
-    train_utils.create_metric_writer = pausing_metric_writer
+    reporting.create_metric_writer = pausing_metric_writer
   sys.argv = ['bw_jax.main', *flags]
   runpy.run_module('bw_jax.main', run_name='__main__', alter_sys=True)
 

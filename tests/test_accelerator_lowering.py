@@ -15,8 +15,8 @@ from bw_jax.train import loop as train
 from bw_jax.train.config.validation import base_config
 from bw_jax.data import default_dataset_config, imagenet
 from bw_jax.data.on_device import normalise_images
-from bw_jax.train.train_utils import (TrainState, create_learning_rate_fn, create_model, create_optimizer,
-                                optimizer_from_rates, optimizer_rates)
+from bw_jax.train.optim import create_learning_rate_fn, create_optimizer, optimizer_from_rates, optimizer_rates
+from bw_jax.train.step import create_model, TrainState
 
 pytestmark = pytest.mark.slow  # Traces B0 at 224 px twice (BN and BW everywhere) and lowers each twice.
 PLATFORMS = ('cuda', 'tpu')

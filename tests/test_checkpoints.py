@@ -14,7 +14,7 @@ import pytest
 
 from bw_jax.train import checkpoints as ckpt  # noqa: E402
 from bw_jax.train import loop as train  # noqa: E402
-from bw_jax.train.train_utils import TrainState  # noqa: E402
+from bw_jax.train.step import TrainState  # noqa: E402
 from configs import smoke  # noqa: E402
 
 

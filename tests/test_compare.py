@@ -28,7 +28,8 @@ from bw_jax.sweep import __main__ as sweep_cli  # noqa: E402
 from bw_jax.sweep import compare, compare_report  # noqa: E402
 from bw_jax.sweep.space import check_sweep_config, suggest  # noqa: E402
 from bw_jax.sweep.study import create_storage, default_storage  # noqa: E402
-from bw_jax.train.train_utils import create_model, create_optimizer  # noqa: E402
+from bw_jax.train.optim import create_optimizer  # noqa: E402
+from bw_jax.train.step import create_model
 from subprocess_runs import COMPILATION_CACHE_ENV, start_test_process, wait_for_a_started_trial  # noqa: E402
 
 # Each training run builds new jitted functions; the persistent cache compiles a program once (test_train.py).

@@ -203,7 +203,7 @@ def test_unknown_split_names_the_splits(prepared):
 
 def test_class_count_comes_from_the_prepared_metadata(prepared):
   from bw_jax import data
-  from bw_jax.train.train_utils import model_num_classes
+  from bw_jax.train.step import model_num_classes
   _, _, config = prepared
   cfg = training_config(config)
   assert data.class_count(cfg.dataset) == len(WNIDS) != tiny_imagenet.NUM_CLASSES

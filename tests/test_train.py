@@ -26,7 +26,8 @@ from bw_jax.train.checkpoints import json_config, saved_steps
 from bw_jax.train.config.validation import validate_config
 from bw_jax.data import fashion_mnist
 from bw_jax.sweep import worker as sweep_worker
-from bw_jax.train.train_utils import BWHealthError, create_model
+from bw_jax.train.health import BWHealthError
+from bw_jax.train.step import create_model
 from configs import smoke
 from subprocess_runs import COMPILATION_CACHE_ENV, run_process, subprocess_env
 from test_checkpoints import corrupt

@@ -39,7 +39,8 @@ from bw_jax.train import loop as train
 from bw_jax.train.checkpoints import saved_steps
 from bw_jax.data import fashion_mnist, pipeline
 from bw_jax.data.on_device import normalise_images
-from bw_jax.train.train_utils import create_model, optimizer_rates
+from bw_jax.train.optim import optimizer_rates
+from bw_jax.train.step import create_model
 from configs import smoke
 from subprocess_runs import (REPO, TIMEOUT, MainRun, configure_jax, free_port, progress_steps, start_test_process,
                              stop_test_process, subprocess_env, wait_until)

@@ -15,11 +15,13 @@ import pytest
 from ml_collections import config_flags
 
 from bw_jax.train import loop as train
-from bw_jax.train import train_utils
+from bw_jax.train import health as train_health, reporting
 from bw_jax.train.config.validation import validate_config, with_global_batch_size
-from bw_jax.train.train_utils import (TrainState, bw_health, create_learning_rate_fn, create_model, create_optimizer,
-                                memory_report, optimizer_from_rates, optimizer_rates, peak_learning_rate,
-                                schedule_problems, train_batch_spec)
+from bw_jax.train.health import bw_health
+from bw_jax.train.optim import (create_learning_rate_fn, create_optimizer, optimizer_from_rates, optimizer_rates,
+                                peak_learning_rate, schedule_problems)
+from bw_jax.train.reporting import memory_report
+from bw_jax.train.step import create_model, train_batch_spec, TrainState
 from configs import imagenet, smoke, tiny_imagenet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -145,10 +147,9 @@ def test_schedule_problems_name_a_warmup_or_decay_that_cannot_complete():
 
 
 def test_images_per_second_leave_out_the_first_step_and_its_compile(monkeypatch):
-  from bw_jax.train import train_utils
   clock = iter([100.0, 160.0, 162.0, 163.0])  # Start; step 1 done (60 s of compile); step 11; step 21.
-  monkeypatch.setattr(train_utils.time, 'perf_counter', lambda: next(clock))
-  progress = train_utils.Progress(num_train_steps=31, steps_per_epoch=10, batch_size=8, start_step=0)
+  monkeypatch.setattr(reporting.time, 'perf_counter', lambda: next(clock))
+  progress = reporting.Progress(num_train_steps=31, steps_per_epoch=10, batch_size=8, start_step=0)
   assert progress.first_step_done(1) == ('first step done in 0:01:00 (compiling included); images/s count '
                                          'from here')
   metrics = {'loss': 1.0, 'accuracy': 0.5, 'learning_rate': 0.1}
@@ -411,22 +412,22 @@ def fake_bw_stats(fallbacks):
 
 
 def test_bw_health_text_has_the_total_fallbacks_and_the_worst_condition_number():
-  health = train_utils.bw_health(*fake_bw_stats((2, 3)))
-  totals = train_utils.bw_totals(health)
+  health = train_health.bw_health(*fake_bw_stats((2, 3)))
+  totals = train_health.bw_totals(health)
   worst = max(np.linalg.cond(c) for c in fake_bw_stats((0, 0))[0]['stem']['bw']['cov'])  # 50, from NumPy's SVD
   assert totals == (5, pytest.approx(worst, rel=1e-9))
-  text, warning = train_utils.bw_health_report(health, previous_fallbacks=5, max_fallbacks=-1)
+  text, warning = train_health.bw_health_report(health, previous_fallbacks=5, max_fallbacks=-1)
   assert text == 'BW: fallbacks 5, worst condition number 50' and warning is None
 
 
 def test_growing_fallbacks_warn_and_too_many_stop_the_run():
-  health = train_utils.bw_health(*fake_bw_stats((2, 3)))
-  _, warning = train_utils.bw_health_report(health, previous_fallbacks=1, max_fallbacks=-1)
+  health = train_health.bw_health(*fake_bw_stats((2, 3)))
+  _, warning = train_health.bw_health_report(health, previous_fallbacks=1, max_fallbacks=-1)
   assert 'BW fallbacks grew from 1 to 5 since the last eval' in warning and 'model.bw.epsilon' in warning
-  assert train_utils.bw_health_report(health, previous_fallbacks=1, max_fallbacks=5)[1] is not None
-  with pytest.raises(train_utils.BWHealthError, match=r'5 BW fallbacks exceed config.bw_max_fallbacks=4'):
-    train_utils.bw_health_report(health, previous_fallbacks=1, max_fallbacks=4)
+  assert train_health.bw_health_report(health, previous_fallbacks=1, max_fallbacks=5)[1] is not None
+  with pytest.raises(train_health.BWHealthError, match=r'5 BW fallbacks exceed config.bw_max_fallbacks=4'):
+    train_health.bw_health_report(health, previous_fallbacks=1, max_fallbacks=4)
 
 
 def test_a_model_without_bw_reports_nothing():
-  assert train_utils.bw_health_report({}, previous_fallbacks=0, max_fallbacks=0) == ('', None)
+  assert train_health.bw_health_report({}, previous_fallbacks=0, max_fallbacks=0) == ('', None)

@@ -76,7 +76,7 @@ def trial_schedule_shape(trial: optuna.trial.FrozenTrial, config: ml_collections
   trial read."""
   from bw_jax.data import dataset_module
   from bw_jax.train.loop import training_length
-  from bw_jax.train.train_utils import decay_steps, warmup_steps
+  from bw_jax.train.optim import decay_steps, warmup_steps
   examples = trial.user_attrs.get('train_examples') or dataset_module(config.dataset.name).INFO.num_examples[
       config.dataset.train_split.split('[')[0]]  # Studies written before workers recorded the count.
   steps_per_epoch, total = training_length(config, examples)

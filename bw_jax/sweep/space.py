@@ -202,7 +202,7 @@ def schedule_errors(sweep: ml_collections.ConfigDict, flat: dict[str, tuple], nu
   """Where a trial's warm-up or decay cannot complete within the trial budget, the train split having
   `num_examples` examples: the trial config as is, and each value of a searched SCHEDULE_KEYS key on it."""
   from bw_jax.train.loop import training_length  # JAX: only `run` calls this.
-  from bw_jax.train.train_utils import schedule_problems
+  from bw_jax.train.optim import schedule_problems
   train = trial_config(sweep, {})
   cases = [('train (with trial_budget)', {})]
   cases += [(f'search_space.{key} = {value!r}', {key: value})

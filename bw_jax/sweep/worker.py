@@ -75,8 +75,8 @@ def is_divergence(error: BaseException) -> bool:
   """A non-finite loss (`bw_jax.train.loop.check_finite`) or too many BW fallbacks (`config.bw_max_fallbacks`):
   results of the trial's values, not accidents to retry."""
   from bw_jax.train import loop as train
-  from bw_jax.train import train_utils  # Already loaded by the trial that raised `error`.
-  return isinstance(error, (train.NonFiniteLossError, train_utils.BWHealthError))
+  from bw_jax.train import health  # Already loaded by the trial that raised `error`.
+  return isinstance(error, (train.NonFiniteLossError, health.BWHealthError))
 
 
 @dataclasses.dataclass

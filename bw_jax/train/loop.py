@@ -29,60 +29,12 @@ from bw_jax import data
 from bw_jax.train.checkpoints import Checkpoints, json_config, say
 from bw_jax.train.config.validation import validate_config, with_global_batch_size
 from bw_jax.data.on_device import normalise_images, prefetch_to_device, shard_batch
-from bw_jax.train.train_utils import (Progress, TrainState, bw_health, bw_health_report, bw_totals,
-                                create_learning_rate_fn, create_metric_writer, create_model, create_optimizer,
-                                cross_entropy, hyperparameters, memory_report, model_num_classes,
-                                optimizer_from_rates, optimizer_rates, schedule_lengths, schedule_problems,
-                                train_batch_spec, update_ema)
-
-
-def train_step(state: TrainState, batch: dict, dropout_key: jax.Array, rates: dict | None = None, *,
-               model: Any, num_classes: int, label_smoothing: float, ema_decay: float,
-               learning_rate_fn: Callable[[Any], Any] | None = None,
-               optimizer_from_rates: Callable[[dict], tuple[Any, Callable[[Any], Any]]] | None = None,
-               normalise: Callable[[jax.Array], jax.Array] | None = None) -> tuple[TrainState, dict]:
-  """One SGD step on a global batch {'image': (B, S, S, C), 'label': (B,)}; returns scalar metrics.
-
-  `dropout_key` is the run's (`run_dropout_key`); the step's own is `fold_in(dropout_key, state.step)`.
-  The optimizer is `state.tx` with the schedule `learning_rate_fn`; or, given `rates` (`optimizer_rates`:
-  peak learning rate and weight decay), the pair `optimizer_from_rates(rates)` builds from them: the rates
-  are then values rather than constants of the program, so runs that differ only in them (a sweep's
-  learning rates, a comparison's tuned arms) share one compiled step.
-  `normalise` turns the batch's images (uint8 pixels) into the model's input on the device; None: the
-  images are the input already.
-  """
-  tx, learning_rate_fn = (state.tx, learning_rate_fn) if rates is None else optimizer_from_rates(rates)
-  key = jax.random.fold_in(dropout_key, state.step)
-  images = batch['image'] if normalise is None else normalise(batch['image'])
-
-  def loss_fn(params):
-    variables = {'params': params, 'batch_stats': state.batch_stats, 'bw_health': state.bw_health}
-    logits, updates = model.apply(variables, images, train=True, mutable=['batch_stats', 'bw_health'],
-                                  rngs={'dropout': key})
-    loss = jnp.mean(cross_entropy(logits, batch['label'], num_classes, label_smoothing))
-    return loss, (logits, updates)
-
-  (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  metrics = {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
-             'learning_rate': learning_rate_fn(state.step)}
-  # The state keeps its own optimizer (static): the one built from the rates only makes this update.
-  state = state.replace(tx=tx).apply_gradients(grads=grads, batch_stats=updates['batch_stats'],
-                                               bw_health=updates.get('bw_health', {})).replace(tx=state.tx)
-  if ema_decay > 0:
-    state = state.replace(ema_params=update_ema(state.ema_params, state.params, ema_decay))
-  return state, metrics
-
-
-def eval_step(state: TrainState, batch: dict, *, model: Any, num_classes: int, use_ema: bool,
-              normalise: Callable[[jax.Array], jax.Array] | None = None) -> dict:
-  """Masked sums over a padded eval batch: cross-entropy (no smoothing), correct count, example count."""
-  params = state.ema_params if use_ema else state.params
-  images = batch['image'] if normalise is None else normalise(batch['image'])
-  logits = model.apply({'params': params, 'batch_stats': state.batch_stats}, images, train=False)
-  mask = batch['mask']
-  loss = cross_entropy(logits, batch['label'], num_classes, 0.0)
-  correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
-  return {'loss': jnp.sum(loss * mask), 'correct': jnp.sum(correct * mask), 'count': jnp.sum(mask)}
+from bw_jax.train.health import bw_health, bw_health_report, bw_totals
+from bw_jax.train.optim import (create_learning_rate_fn, create_optimizer, optimizer_from_rates, optimizer_rates,
+                                schedule_lengths, schedule_problems)
+from bw_jax.train.reporting import create_metric_writer, hyperparameters, memory_report, Progress
+from bw_jax.train.step import (TrainState, create_model, eval_step, model_num_classes, run_dropout_key,
+                               train_batch_spec, train_step)
 
 
 def evaluate(eval_fn: Any, state: TrainState, config: ml_collections.ConfigDict,
@@ -96,15 +48,6 @@ def evaluate(eval_fn: Any, state: TrainState, config: ml_collections.ConfigDict,
     totals = {k: totals[k] + float(sums[k]) for k in totals}
   count = totals['count']
   return {'loss': totals['loss'] / count, 'accuracy': totals['correct'] / count, 'count': int(count)}
-
-
-def run_dropout_key(seed: int, replicated: jax.sharding.Sharding) -> jax.Array:
-  """The run's dropout key, `fold_in(key(seed), 1)`, as a global array replicated over the mesh.
-
-  An argument of the train step rather than a constant bound into it: every seed of a comparison then runs
-  one compiled train step (persistent cache) instead of compiling its own.
-  """
-  return jax.jit(lambda s: jax.random.fold_in(jax.random.key(s), 1), out_shardings=replicated)(np.int32(seed))
 
 
 def eval_batch_size(config: ml_collections.ConfigDict) -> int:

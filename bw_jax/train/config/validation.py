@@ -116,5 +116,5 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for name in ('width_multiplier', 'depth_multiplier'):
     if config.model[name] is not None:
       _check_range(f'model.{name}', config.model[name], 0.0, float('inf'), low_open=True)
-  from bw_jax.train.train_utils import create_model  # Builds the model: its checks name the allowed values.
+  from bw_jax.train.step import create_model  # Builds the model: its checks name the allowed values.
   create_model(config, num_classes=1)
