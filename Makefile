@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup data train test test-fast bench bench-accelerator clean
+.PHONY: setup data train test test-fast bench bench-accelerator notebook clean
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
@@ -47,6 +47,10 @@ bench: setup
 # On a GPU or TPU machine: train step, BW layer, input pipeline and a float64 check in ≤ 8 minutes (one H100).
 bench-accelerator: setup
 	$(BIN)/python benchmarks/accelerator.py --json accelerator.json
+
+# The Colab notebook, run here and stored with its outputs (figures visible where the repository is browsed).
+notebook: setup data
+	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python colab/execute.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
