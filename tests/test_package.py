@@ -42,44 +42,99 @@ def requirements_txt_pins() -> dict[str, str]:
   return pins
 
 
-def third_party_imports(path: str) -> set[str]:
-  """Top-level names of the non-standard-library modules a Python file imports, anywhere in it."""
+def third_party_imports(path: str, module_level_only: bool = False) -> set[str]:
+  """Top-level names of the non-standard-library modules a Python file imports: with `import` statements
+  anywhere in it (or only those run when it is imported), and by name through bw_jax.extras
+  (`import_extra('clu.metric_writers', ...)`, `import_on_first_use(...)`)."""
   with open(path) as f:
     tree = ast.parse(f.read())
   names = set()
-  for node in ast.walk(tree):
+  nodes = list(ast.walk(tree)) if not module_level_only else module_level_nodes(tree)
+  for node in nodes:
     if isinstance(node, ast.Import):
       names.update(alias.name.split('.')[0] for alias in node.names)
     elif isinstance(node, ast.ImportFrom) and node.level == 0:
       names.add(node.module.split('.')[0])
+    elif (not module_level_only and isinstance(node, ast.Call) and getattr(node.func, 'id', None) in
+          ('import_extra', 'import_on_first_use') and isinstance(node.args[0], ast.Constant)):
+      names.add(node.args[0].value.split('.')[0])
   return {n for n in names if n not in sys.stdlib_module_names and n not in ('bw_jax', '__future__')}
 
 
-def test_every_declared_dependency_has_its_lower_bound_pinned_in_requirements_txt():
-  pins = requirements_txt_pins()
-  declared = {}
-  for requirement in CORE + [r for rs in EXTRAS.values() for r in rs]:
-    if canonicalize_name(requirement.name) == 'bw-jax':
-      continue  # [postgres] includes [sweep].
-    lower = [s.version for s in requirement.specifier if s.operator == '>=']
-    declared[canonicalize_name(requirement.name)] = lower
-  mismatched = {name: (lower, pins.get(name)) for name, lower in declared.items() if lower != [pins.get(name)]}
-  assert not mismatched, f'pyproject lower bound vs requirements.txt pin: {mismatched}'
-  assert set(pins) - set(declared) == PINNED_ONLY
+def module_level_nodes(tree: ast.Module) -> list[ast.AST]:
+  """The nodes Python runs when it imports the module: everything but the bodies of functions."""
+  nodes, todo = [], list(tree.body)
+  while todo:
+    node = todo.pop()
+    nodes.append(node)
+    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+      todo.extend(ast.iter_child_nodes(node))
+  return nodes
 
 
-def test_every_third_party_import_of_the_package_is_a_declared_dependency():
-  distributions = importlib.metadata.packages_distributions()
-  core = {canonicalize_name(r.name) for r in CORE}
-  sweep = core | {canonicalize_name(r.name) for r in EXTRAS['sweep']}
+def distribution_names(module: str) -> set[str]:
+  return {canonicalize_name(d) for d in importlib.metadata.packages_distributions().get(module, [module])}
+
+
+def declared(*parts: str) -> set[str]:
+  """Distribution names of the core dependencies and of the extras `parts` (their own extras included)."""
+  requirements = CORE + [r for part in parts for r in EXTRAS[part]]
+  names = {canonicalize_name(r.name) for r in requirements}
+  for r in requirements:
+    names |= declared(*r.extras) if canonicalize_name(r.name) == 'bw-jax' else set()
+  return names - {'bw-jax'}
+
+
+# Which extra each part of the package needs; the layer, the model and the rest need the core alone.
+PART_EXTRAS = {'train': ('train',), 'data': ('train',), 'main.py': ('train',), 'sweep': ('sweep',)}
+
+
+def part_of(path: str) -> str:
+  return os.path.relpath(path, os.path.join(REPO, 'bw_jax')).split(os.sep)[0]
+
+
+def test_every_third_party_import_of_the_package_is_declared_by_its_part():
   undeclared = {}
   for path in glob.glob(os.path.join(REPO, 'bw_jax', '**', '*.py'), recursive=True):
-    allowed = sweep if os.sep + 'sweep' + os.sep in path else core
+    allowed = declared(*PART_EXTRAS.get(part_of(path), ()))
     for module in third_party_imports(path):
-      names = {canonicalize_name(d) for d in distributions.get(module, [module])}
-      if not names & allowed:
+      if not distribution_names(module) & allowed:
         undeclared[os.path.relpath(path, REPO)] = module
   assert not undeclared
+
+
+def required_modules(package_init: str) -> set[str]:
+  """Top-level names of the modules a package's `require(part, extra, (modules...))` checks."""
+  with open(package_init) as f:
+    calls = [node for node in ast.walk(ast.parse(f.read()))
+             if isinstance(node, ast.Call) and getattr(node.func, 'id', None) == 'require']
+  call, = calls
+  return {element.value.split('.')[0] for element in call.args[2].elts}
+
+
+@pytest.mark.parametrize('package', ['train', 'data', 'sweep'])
+def test_an_optional_package_checks_every_package_its_modules_import_when_imported(package):
+  # What its modules import as they are imported: each must be core, or checked by the package's
+  # `require` first (one line naming the extra rather than a ModuleNotFoundError from one module).
+  checked = required_modules(os.path.join(REPO, 'bw_jax', package, '__init__.py'))
+  core = {canonicalize_name(r.name) for r in CORE}
+  paths = glob.glob(os.path.join(REPO, 'bw_jax', package, '**', '*.py'), recursive=True)
+  if package == 'train':
+    paths.append(os.path.join(REPO, 'bw_jax', 'main.py'))  # It imports bw_jax.train first.
+  unchecked = {}
+  for path in paths:
+    for module in third_party_imports(path, module_level_only=True) - checked:
+      if not distribution_names(module) & core:
+        unchecked[os.path.relpath(path, REPO)] = module
+  assert not unchecked
+  for module in checked:  # And `require` checks nothing its extra does not install.
+    assert distribution_names(module) & declared(*PART_EXTRAS[package]), module
+
+
+def test_the_core_install_is_jax_flax_and_numpy():
+  # The layer and the model need nothing else (the test above); the training system comes with [train].
+  assert {canonicalize_name(r.name) for r in CORE} == {'jax', 'jaxlib', 'flax', 'numpy'}
+  assert {canonicalize_name(r.name) for r in EXTRAS['train']} >= {'tensorflow-cpu', 'clu', 'ml-collections'}
 
 
 def test_public_names_are_those_of_their_modules():
@@ -110,11 +165,6 @@ def test_import_bw_jax_loads_no_framework_until_a_name_is_used():
   assert done.stdout.splitlines() == ['[]', "['jax', 'flax']"]
 
 
-def test_sweep_without_optuna_names_the_extra_to_install():
-  done = run_python("import sys\nsys.modules['optuna'] = None  # As if not installed.\n"
-                    "import runpy\nrunpy.run_module('bw_jax.sweep', run_name='__main__')")
-  assert done.returncode == 1
-  assert "python -m bw_jax.sweep needs the sweep extra: pip install 'bw_jax[sweep]'" in done.stderr
 
 
 # ----------------------------------------------------------------------------------------------------------
