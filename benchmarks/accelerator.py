@@ -97,7 +97,10 @@ def device_memory_limit() -> int | None:
 
 
 def peak_estimate(compiled: Any) -> int:
+  """XLA's peak-memory estimate of a compiled program in bytes; 0 where the backend gives no analysis."""
   m = compiled.memory_analysis()
+  if m is None:
+    return 0
   return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
 
 

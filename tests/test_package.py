@@ -7,7 +7,6 @@ import glob
 import importlib.metadata
 import json
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -20,6 +19,7 @@ import pytest
 
 import bw_jax
 from bw_jax.nn import kernels
+from installs import PIP, build_wheel, check_run, site_packages
 from subprocess_runs import COMPILATION_CACHE_ENV, REPO, run_process, subprocess_env
 
 with open(os.path.join(REPO, 'pyproject.toml'), 'rb') as f:
@@ -165,8 +165,6 @@ def test_import_bw_jax_loads_no_framework_until_a_name_is_used():
   assert done.stdout.splitlines() == ['[]', "['jax', 'flax']"]
 
 
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The wheel, installed outside the checkout
 
@@ -174,29 +172,19 @@ def test_import_bw_jax_loads_no_framework_until_a_name_is_used():
 @pytest.fixture(scope='module')
 def installed(tmp_path_factory) -> dict[str, str]:
   """A wheel built from a copy of the checkout's package files, installed into a new virtual environment
-  that also sees this environment's site-packages (the dependencies; their .pth files, such as an editable
-  bw_jax's, are not run) and nothing of the checkout. No network: --no-index, --no-deps."""
+  that also sees this environment's site-packages (the dependencies, the [train] extra's included; their .pth
+  files, such as an editable bw_jax's, are not run) and nothing of the checkout. No network: --no-index,
+  --no-deps. The core install alone: test_install_environments.py."""
   root = tmp_path_factory.mktemp('installed')
-  source, dist, venv, cwd = (str(root / name) for name in ('source', 'dist', 'venv', 'elsewhere'))
-  shutil.copytree(os.path.join(REPO, 'bw_jax'), os.path.join(source, 'bw_jax'),
-                  ignore=shutil.ignore_patterns('__pycache__'))
-  for name in ('pyproject.toml', 'README.md'):
-    shutil.copy(os.path.join(REPO, name), source)
+  venv, cwd = str(root / 'venv'), str(root / 'elsewhere')
   os.makedirs(cwd)
-  pip = [sys.executable, '-m', 'pip', '--disable-pip-version-check', '--no-input']
-  steps = [[*pip, 'wheel', '--no-deps', '--no-build-isolation', '--no-index', '--wheel-dir', dist, source],
-           [sys.executable, '-m', 'venv', '--without-pip', venv]]
-  for step in steps:
-    done = run_process(step, timeout=300)
-    assert done.returncode == 0, f'{step}:\n{done.stdout}\n{done.stderr}'
-  wheel, = glob.glob(os.path.join(dist, 'bw_jax-*.whl'))
+  wheel = build_wheel(str(root))
+  check_run([sys.executable, '-m', 'venv', '--without-pip', venv])
   python = os.path.join(venv, 'bin', 'python')
-  done = run_process([*pip, '--python', python, 'install', '--no-deps', '--no-index', '--ignore-installed', wheel],
-                     timeout=300)
-  assert done.returncode == 0, done.stdout + done.stderr
-  site_packages = run_python('import sysconfig; print(sysconfig.get_paths()["purelib"])', python, cwd)
+  check_run([sys.executable, *PIP, '--python', python, 'install', '--no-deps', '--no-index', '--ignore-installed',
+             wheel])
   ours = {sysconfig.get_paths()['purelib'], sysconfig.get_paths()['platlib']}
-  with open(os.path.join(site_packages.stdout.strip(), 'dependencies.pth'), 'w') as f:
+  with open(os.path.join(site_packages(python), 'dependencies.pth'), 'w') as f:
     f.write('\n'.join(sorted(ours)) + '\n')
   env = {k: v for k, v in subprocess_env().items() if k != 'PYTHONPATH'}
   # The test suite's persistent compilation cache (tests/test_train.py): the smoke programs compile once.
