@@ -79,7 +79,3 @@ def import_on_first_use(module: str, load: Callable[[], types.ModuleType]) -> ty
   """
   return _ModuleOnFirstUse(module, load)
 
-
-def is_loaded(module: types.ModuleType) -> bool:
-  """False for a stand-in of `import_on_first_use` whose module has not been imported yet."""
-  return not isinstance(module, _ModuleOnFirstUse) or '_module' in module.__dict__
