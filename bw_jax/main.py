@@ -19,6 +19,13 @@ import os
 import sys
 from typing import Any, Mapping
 
+from bw_jax.extras import MissingExtraError
+
+try:
+  import bw_jax.train  # noqa: F401  Checks the [train] extra before the imports below need it.
+except MissingExtraError as error:  # `python -m bw_jax.main` without it: that one line, no traceback.
+  raise SystemExit(f'error: {error}') from None
+
 from absl import app
 from absl import flags
 from absl import logging

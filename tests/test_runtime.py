@@ -54,6 +54,22 @@ def test_configure_cpu_dispatch_after_the_devices_exist_raises():
   assert 'configure_cpu_dispatch() was called after JAX created its devices' in done.stderr
 
 
+def test_configure_cpu_dispatch_does_nothing_with_a_jax_without_the_option():
+  # A newer JAX may drop the option or the private module that tells whether the devices exist.
+  done = run_python('-c', """
+import sys, jax
+from bw_jax.train import runtime
+sys.modules['jax._src.xla_bridge'] = None
+print(runtime.backends_exist())
+def read(name):
+  raise AttributeError(f'Unrecognized config option: {name}')
+jax.config.read, jax.config.update = read, lambda *args: print('updated', args)
+runtime.configure_cpu_dispatch()
+print('returned')""")
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.split() == ['False', 'returned']
+
+
 @pytest.mark.slow  # Each imports TensorFlow and builds the model: ~20 s on 2 busy cores.
 @pytest.mark.parametrize('command', [
     ['bw_jax.main', f'--config={os.path.join(REPO, "configs", "smoke.py")}', '--workdir={out}'],

@@ -25,12 +25,7 @@ import sys
 from typing import Sequence
 
 import jax
-
-try:
-  import optuna
-except ImportError as error:  # An install without the extra: say what to install rather than a traceback.
-  raise SystemExit("python -m bw_jax.sweep needs the sweep extra: pip install 'bw_jax[sweep]' "
-                   f'({error}).') from None
+import optuna  # Without the [sweep] extra, bw_jax/sweep/__init__.py has already said what to install.
 
 from bw_jax.train.cli_errors import exit_with_error
 from bw_jax.train.config.files import apply_overrides, load_config_file

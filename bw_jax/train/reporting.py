@@ -1,15 +1,28 @@
 """What a run shows: the console progress line, TensorBoard's writer and hyperparameters, and the
 compiled step's memory."""
 
+from __future__ import annotations
+
 import time
+import types
 from typing import Any
 
-from clu import metric_writers
 import flax
 import jax
 import ml_collections
 
+from bw_jax.data import tf_imports
+from bw_jax.extras import import_extra, import_on_first_use
 from bw_jax.train.formatting import format_seconds
+
+
+def _clu_metric_writers() -> types.ModuleType:
+  tf_imports.tensorflow()  # clu writes through TensorFlow: hide the GPUs from it first.
+  return import_extra('clu.metric_writers', __name__, 'train')
+
+
+# Imported by the first writer: a train step (and memory_report) needs neither clu nor TensorFlow.
+metric_writers = import_on_first_use('clu.metric_writers', _clu_metric_writers)
 
 
 class Progress:
