@@ -35,6 +35,7 @@ from bw_jax.train.optim import (create_learning_rate_fn, create_optimizer, optim
 from bw_jax.train.reporting import create_metric_writer, hyperparameters, memory_report, Progress
 from bw_jax.train.step import (TrainState, create_model, eval_step, model_num_classes, run_dropout_key,
                                train_batch_spec, train_step)
+from bw_jax.train.workdir import hold_workdir, make_workdir
 
 
 def evaluate(eval_fn: Any, state: TrainState, config: ml_collections.ConfigDict,
@@ -275,8 +276,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           f'{config.dataset.eval_split!r}: {eval_examples} examples', flush=True)
     for problem in schedule_problems(config, steps_per_epoch, num_train_steps):
       print(f'Warning: {problem}', flush=True)
-  os.makedirs(workdir, exist_ok=True)
+  make_workdir(workdir)
+  with hold_workdir(workdir):  # One run at a time: from its first write there to its summary.
+    return train_in_workdir(config, workdir, on_eval, start_time=start_time, num_examples=num_examples,
+                            num_classes=num_classes, steps_per_epoch=steps_per_epoch,
+                            num_train_steps=num_train_steps, eval_every=eval_every)
 
+
+def train_in_workdir(config: ml_collections.ConfigDict, workdir: str,
+                     on_eval: Callable[[int, dict[str, float]], None] | None, *, start_time: float,
+                     num_examples: int, num_classes: int, steps_per_epoch: int, num_train_steps: int,
+                     eval_every: int) -> dict[str, Any]:
+  """`train_and_evaluate` once the data is counted and this process holds `workdir` (`hold_workdir`)."""
   # Before compiling anything: creating the manager is the hosts' first collective (Orbax syncs them), and
   # gloo (CPU) gives up on a host that joins its first collective over 30 s late, as one compiling longer can.
   checkpoints = Checkpoints(os.path.join(os.path.abspath(workdir), 'checkpoints'), config)
