@@ -27,7 +27,7 @@ from ml_collections import config_flags
 
 from bw_jax.train import loop as train
 from bw_jax.train.checkpoints import CheckpointError, CheckpointSaveError, latest_checkpoint_step
-from bw_jax.train.cli_errors import (EXIT_FAILURE, EXIT_INTERRUPTED, debugging, exit_with_error,
+from bw_jax.train.cli_errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_PREEMPTED, debugging, exit_with_error,
                                      exiting_within_grace)
 from bw_jax.train.config.files import add_config_root, config_path_in_flags
 from bw_jax.train.health import BWHealthError
@@ -102,6 +102,15 @@ def parse_flags(argv: list[str]) -> list[str]:
     exit_with_error(e, argv, prefix='bad --config override: ')
 
 
+def stop_message(summary: dict[str, Any]) -> str:
+  """What a run stopped by a signal says; the checkpoint of its step is saved."""
+  if summary['signal'] == 'SIGINT':
+    return (f"Stopped by Ctrl-C (SIGINT) at step {summary['step']}; its checkpoint is saved: rerun the same "
+            'command to resume.')
+  return (f"Stopped by SIGTERM at step {summary['step']}; its checkpoint is saved: rerun the same command to "
+          f'resume (exit status {EXIT_PREEMPTED}).')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}; settings go in --config.key=value.')
@@ -123,17 +132,14 @@ def main(argv):
     kept = f'the checkpoint of step {step} is kept' if step is not None else 'no checkpoint was written'
     print(f'Ctrl-C again: stopped at once without saving; {kept}.', flush=True)
     sys.exit(EXIT_INTERRUPTED)
+  if summary.get('preempted'):  # Every host: a scheduler requeues a job whose processes fail.
+    if jax.process_index() == 0:
+      print(stop_message(summary), flush=True)
+    sys.exit(EXIT_INTERRUPTED if summary['signal'] == 'SIGINT' else EXIT_PREEMPTED)
   if jax.process_index() == 0:
-    if summary.get('signal') == 'SIGINT':
-      print(f"Stopped by Ctrl-C (SIGINT) at step {summary['step']}; its checkpoint is saved: rerun the same "
-            'command to resume.', flush=True)
-      sys.exit(EXIT_INTERRUPTED)
-    if summary.get('preempted'):
-      print(f"Stopped by SIGTERM at step {summary['step']}; rerun the same command to resume.")
-    else:
-      print(f"eval_accuracy {summary['eval_accuracy']:.4f} after {summary['step']} steps\n"
-            f"Summary: {os.path.join(FLAGS.workdir, 'summary.json')}\n"
-            f'TensorBoard: tensorboard --logdir {FLAGS.workdir}')
+    print(f"eval_accuracy {summary['eval_accuracy']:.4f} after {summary['step']} steps\n"
+          f"Summary: {os.path.join(FLAGS.workdir, 'summary.json')}\n"
+          f'TensorBoard: tensorboard --logdir {FLAGS.workdir}')
 
 
 if __name__ == '__main__':

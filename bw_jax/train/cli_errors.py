@@ -13,6 +13,7 @@ from typing import Callable, NoReturn, Sequence
 EXIT_FAILURE = 1  # The run failed: it diverged, or a file could not be written (a full disk).
 EXIT_USAGE = 2  # As argparse and most Unix tools: the command line or its inputs were wrong.
 EXIT_INTERRUPTED = 130  # The shell's status for a process stopped by Ctrl-C (128 + SIGINT).
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, what a scheduler expects of a job it stopped: saved, rerun to resume.
 # A process whose exit is held up by threads that never finish (a checkpoint writer blocked after its save
 # failed; Python waits for every non-daemon thread at exit) ends this many seconds after deciding to exit.
 EXIT_GRACE_SECONDS = 10.0
