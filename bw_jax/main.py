@@ -25,6 +25,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from bw_jax.nn.kernels import KernelBuildError
 from bw_jax.train import loop as train
 from bw_jax.train.checkpoints import CheckpointError, CheckpointSaveError, latest_checkpoint_step
 from bw_jax.train.cli_errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_PREEMPTED, debugging, exit_with_error,
@@ -48,9 +49,9 @@ flags.mark_flags_as_required(['config', 'workdir'])
 # (ValueError), missing or damaged data (DataNotFoundError is a FileNotFoundError), no loadable checkpoint, a
 # workdir that is a file, not writable or in use by another run (WorkdirError is a ValueError).
 BAD_INPUT = (ValueError, FileNotFoundError, CheckpointError)
-# A run that failed, exit status 1: it diverged (its values' result: rerunning does not help), or a file
-# could not be written (a full disk, a checkpoint that could not be saved).
-RUN_FAILURES = (train.NonFiniteLossError, BWHealthError, CheckpointSaveError, OSError)
+# A run that failed, exit status 1: it diverged (its values' result: rerunning does not help), a file could
+# not be written (a full disk, a checkpoint that could not be saved), the machine's C++ compiler fails.
+RUN_FAILURES = (train.NonFiniteLossError, BWHealthError, CheckpointSaveError, OSError, KernelBuildError)
 
 
 def quiet_library_info(record: std_logging.LogRecord) -> bool:
