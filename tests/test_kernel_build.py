@@ -64,8 +64,8 @@ def test_the_kernel_tests_fail_rather_than_skip_when_the_compiler_fails(tmp_path
 
 
 def test_training_with_a_failing_compiler_stops_in_one_line(tmp_path):
-  done = run_process([sys.executable, '-m', 'bw_jax.main', '--config=configs/smoke.py', f'--workdir={tmp_path / "run"}'],
-                     env=broken_compiler(tmp_path), cwd=REPO, timeout=600)
+  done = run_process([sys.executable, '-m', 'bw_jax.main', '--config=configs/smoke.py',
+                      f'--workdir={tmp_path / "run"}'], env=broken_compiler(tmp_path), cwd=REPO, timeout=600)
   lines = done.stderr.strip().splitlines()
   assert done.returncode == 1 and 'Traceback' not in done.stderr, done.stderr[-3000:]
   assert lines[-1].startswith('error: the CPU kernels do not build with ') and 'Compiling' not in done.stdout

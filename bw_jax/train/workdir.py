@@ -23,12 +23,12 @@ import datetime
 import errno
 import fcntl
 import json
-import logging
 import os
 import socket
 import time
 from typing import Iterator, TextIO
 
+from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
@@ -114,10 +114,9 @@ class WorkdirLock:
       file.close()
       raise WorkdirInUseError(in_use_message(workdir, record)) from None
     except OSError as e:
-      if e.errno not in UNLOCKABLE:
-        file.close()
-        raise
       file.close()
+      if e.errno not in UNLOCKABLE:
+        raise
       logging.warning('The file system of %s cannot lock files (%s): nothing stops a second run from using '
                       'this workdir at the same time.', workdir, e.strerror)
       return cls(None)
@@ -135,7 +134,7 @@ class WorkdirLock:
 
 
 def read_record(file: TextIO) -> str:
-  """The holder's record; it may be a moment from written yet (the holder truncates, then writes)."""
+  """The holder's record, waiting a moment for it to be complete: the holder truncates the file, then writes."""
   for _ in range(20):
     file.seek(0)
     record = file.read()
