@@ -12,7 +12,8 @@ import sys
 import pytest
 
 from bw_jax.train import workdir as run_workdir
-from subprocess_runs import COMPILATION_CACHE_ENV, REPO, start_test_process, stop_test_process, subprocess_env
+from subprocess_runs import (COMPILATION_CACHE_ENV, REPO, free_port, start_test_process, stop_test_process,
+                             subprocess_env)
 
 # A process that takes the workdir's lock: prints 'owner' and holds it until its stdin closes, or prints the
 # refusal and exits 2.
@@ -26,6 +27,21 @@ except WorkdirInUseError as e:
   sys.exit(2)
 print('owner', flush=True)
 sys.stdin.read()
+'''
+# A host of a two-process jax.distributed job (gloo on CPU) that holds the workdir for a moment: prints 'held', or
+# the refusal and exits 2.
+HOST = '''
+import sys
+import jax
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from bw_jax.train.workdir import WorkdirError, hold_workdir
+try:
+  with hold_workdir(sys.argv[3]):
+    print('held', flush=True)
+except WorkdirError as e:
+  print('refused', e, flush=True)
+  sys.exit(2)
 '''
 LOCK_ROUNDS = 8
 MAIN_ROUNDS = 2
@@ -125,3 +141,37 @@ def test_two_runs_started_at_once_on_one_workdir_one_refused_none_hangs(tmp_path
     assert re.search(owner_pattern(winner), last) and 'Traceback' not in stderr, stderr[-3000:]
     assert 'Compiling' not in stdout
     assert 'eval_accuracy' in outputs[winner][0]
+
+
+def gloo_missing() -> str:
+  """Why two processes on CPU cannot run collectives here ('' when they can)."""
+  from jax._src.lib import _jax  # What jax_cpu_collectives_implementation='gloo' uses.
+  return '' if hasattr(_jax, 'make_gloo_tcp_collectives') else 'this jaxlib has no gloo CPU collectives'
+
+
+def two_hosts_holding(workdir) -> list[tuple[int, str]]:
+  """(exit status, last line of stdout: gloo prints before it) of the two hosts of a job that holds `workdir`."""
+  address = f'localhost:{free_port()}'
+  hosts = [start_test_process([sys.executable, '-c', HOST, address, str(i), str(workdir)], cwd=REPO,
+                              env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  try:
+    outputs = [host.communicate(timeout=TIMEOUT) for host in hosts]
+  finally:
+    for host in hosts:
+      stop_test_process(host)
+  return [(host.returncode, (out.strip().splitlines() or [''])[-1]) for host, (out, _) in zip(hosts, outputs)]
+
+
+@pytest.mark.slow  # Two jax.distributed processes.
+def test_on_two_hosts_process_0_holds_the_workdir_and_both_refuse_together(tmp_path):
+  if gloo_missing():
+    pytest.skip(gloo_missing())
+  assert two_hosts_holding(tmp_path) == [(0, 'held')] * 2
+  lock = run_workdir.WorkdirLock.take(str(tmp_path))  # This process is the other run now.
+  try:
+    done = two_hosts_holding(tmp_path)
+  finally:
+    lock.release()
+  assert [status for status, _ in done] == [2, 2] and done[0][1] == done[1][1], done
+  assert re.search(owner_pattern(os.getpid()), done[1][1]), done
