@@ -5,6 +5,8 @@ process, with a kernel cache of its own and a compiler that fails on purpose whe
 import os
 import sys
 
+import pytest
+
 from bw_jax.nn import kernels
 from subprocess_runs import REPO, run_process, subprocess_env
 
@@ -54,6 +56,7 @@ def test_switched_off_setup_succeeds_without_a_warning(tmp_path):
   assert 'kernels are not available' not in done.stderr
 
 
+@pytest.mark.slow  # A pytest session of its own.
 def test_the_kernel_tests_fail_rather_than_skip_when_the_compiler_fails(tmp_path):
   done = run_process([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', *KERNEL_TESTS],
                      env=broken_compiler(tmp_path), cwd=REPO, timeout=600)
@@ -63,6 +66,7 @@ def test_the_kernel_tests_fail_rather_than_skip_when_the_compiler_fails(tmp_path
   assert not os.listdir(tmp_path / 'cache'), 'a failed build leaves nothing in the cache'
 
 
+@pytest.mark.slow  # Starts bw_jax.main, which loads TensorFlow.
 def test_training_with_a_failing_compiler_stops_in_one_line(tmp_path):
   done = run_process([sys.executable, '-m', 'bw_jax.main', '--config=configs/smoke.py',
                       f'--workdir={tmp_path / "run"}'], env=broken_compiler(tmp_path), cwd=REPO, timeout=600)
