@@ -29,12 +29,14 @@ from bw_jax import data
 from bw_jax.train.checkpoints import Checkpoints, json_config, say
 from bw_jax.train.config.validation import validate_config, with_global_batch_size
 from bw_jax.data.on_device import normalise_images, prefetch_to_device, shard_batch
-from bw_jax.train.health import bw_health, bw_health_report, bw_totals
+from bw_jax.train.health import BWHealthError, bw_health, bw_health_report, bw_totals
 from bw_jax.train.optim import (create_learning_rate_fn, create_optimizer, optimizer_from_rates, optimizer_rates,
                                 schedule_lengths, schedule_problems)
-from bw_jax.train.reporting import create_metric_writer, hyperparameters, memory_report, Progress
+from bw_jax.train.reporting import (create_metric_writer, divergence_summary, hyperparameters, memory_report,
+                                    Progress, write_summary)
 from bw_jax.train.step import (TrainState, create_model, eval_step, model_num_classes, run_dropout_key,
                                train_batch_spec, train_step)
+from bw_jax.train.workdir import hold_workdir, make_workdir
 
 
 def evaluate(eval_fn: Any, state: TrainState, config: ml_collections.ConfigDict,
@@ -206,7 +208,11 @@ class PreemptionNotice:
 
 
 class NonFiniteLossError(RuntimeError):
-  """The training loss went NaN or infinite (the message says at which step and what to change)."""
+  """The training loss went NaN or infinite at step `step` (the message says what to change)."""
+
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step
 
 
 def non_finite_error(what: str, step: int, config: ml_collections.ConfigDict,
@@ -216,7 +222,7 @@ def non_finite_error(what: str, step: int, config: ml_collections.ConfigDict,
   return NonFiniteLossError(
       f'{what} at step {step}; {kept}. Lower config.learning_rate (now {config.learning_rate}), lengthen '
       f'config.warmup_epochs (now {config.warmup_epochs}) or raise config.model.bw.epsilon (now '
-      f'{config.model.bw.epsilon}) if a BW layer went singular.')
+      f'{config.model.bw.epsilon}) if a BW layer went singular.', step)
 
 
 def check_finite(window: list[tuple[int, dict]], config: ml_collections.ConfigDict,
@@ -275,8 +281,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           f'{config.dataset.eval_split!r}: {eval_examples} examples', flush=True)
     for problem in schedule_problems(config, steps_per_epoch, num_train_steps):
       print(f'Warning: {problem}', flush=True)
-  os.makedirs(workdir, exist_ok=True)
+  make_workdir(workdir)
+  with hold_workdir(workdir):  # One run at a time: from its first write there to its summary.
+    return train_in_workdir(config, workdir, on_eval, start_time=start_time, num_examples=num_examples,
+                            num_classes=num_classes, steps_per_epoch=steps_per_epoch,
+                            num_train_steps=num_train_steps, eval_every=eval_every)
 
+
+def train_in_workdir(config: ml_collections.ConfigDict, workdir: str,
+                     on_eval: Callable[[int, dict[str, float]], None] | None, *, start_time: float,
+                     num_examples: int, num_classes: int, steps_per_epoch: int, num_train_steps: int,
+                     eval_every: int) -> dict[str, Any]:
+  """`train_and_evaluate` once the data is counted and this process holds `workdir` (`hold_workdir`)."""
   # Before compiling anything: creating the manager is the hosts' first collective (Orbax syncs them), and
   # gloo (CPU) gives up on a host that joins its first collective over 30 s late, as one compiling longer can.
   checkpoints = Checkpoints(os.path.join(os.path.abspath(workdir), 'checkpoints'), config)
@@ -381,6 +397,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       excluded += time.perf_counter() - paused
     if not eval_metrics:  # Resumed at the last step (killed before its eval): nothing trains, still evaluate.
       eval_metrics = evaluate_and_report(int(state.step))
+  except (NonFiniteLossError, BWHealthError) as e:  # A result of the config's values: summary.json says so.
+    write_summary(workdir, divergence_summary(e, getattr(e, 'step', None) or int(state.step), config))
+    raise
   finally:
     preemption.close()  # First: a failing close below must not leave this run's handler installed.
     try:
@@ -401,7 +420,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       'num_classes': num_classes, 'train_examples': num_examples,
       'config': config.to_dict(),
   }
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-      json.dump(summary, f, indent=2)
+  write_summary(workdir, summary)
   return summary

@@ -3,6 +3,8 @@ compiled step's memory."""
 
 from __future__ import annotations
 
+import json
+import os
 import time
 import types
 from typing import Any
@@ -80,3 +82,19 @@ def memory_report(compiled: Any) -> str:
            'code': analysis.generated_code_size_in_bytes}
   sizes['peak estimate'] = sizes['arguments'] + sizes['outputs'] - sizes['aliased'] + sizes['temporaries']
   return 'train step memory per device: ' + ', '.join(f'{k} {v / 2**30:.3f} GiB' for k, v in sizes.items())
+
+
+def write_summary(workdir: str, summary: dict[str, Any]) -> None:
+  """`workdir/summary.json` (process 0), replaced whole: a reader never sees half of one."""
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, 'summary.json')
+    with open(path + '.tmp', 'w') as f:
+      json.dump(summary, f, indent=2)
+    os.replace(path + '.tmp', path)
+
+
+def divergence_summary(error: Exception, step: int, config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The summary of a run stopped by its loss going non-finite or by too many BW fallbacks (`error`) at
+  `step`: {'diverged': True, 'step', 'error': the error's class, 'reason': its message, 'config'}."""
+  return {'diverged': True, 'step': step, 'error': type(error).__name__, 'reason': str(error),
+          'config': config.to_dict()}
