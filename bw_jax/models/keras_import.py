@@ -74,7 +74,8 @@ def keras_variant(weights: LayerWeights) -> str:
                      '… B7).')
   blocks, head = len(block_prefixes(weights)), weights['top_conv'][0].shape[-1]
   for name, v in VARIANTS.items():
-    if sum(round_repeats(s.repeats, v.depth) for s in STAGES) == blocks and round_filters(HEAD_CHANNELS, v.width) == head:
+    count = sum(round_repeats(stage.repeats, v.depth) for stage in STAGES)
+    if count == blocks and round_filters(HEAD_CHANNELS, v.width) == head:
       return name
   raise ValueError(f'A Keras EfficientNet with {blocks} blocks and a {head}-channel head is none of B0–B7 '
                    f'({", ".join(VARIANTS)}).')
