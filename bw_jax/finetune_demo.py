@@ -36,9 +36,11 @@ COLUMNS = (('eval_accuracy', 'eval accuracy'), ('eval_loss', 'eval loss'),
 
 
 def smoke_sized(config: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
-  """`config` with configs/smoke.py's tiny model, batch and eval slice, for `steps` steps."""
+  """`config` with configs/smoke.py's tiny model, batch and eval slice, for `steps` steps without warm-up
+  (the configs warm up over epochs: a few steps would barely move the weights)."""
   config.model.width_multiplier, config.model.depth_multiplier = 0.25, 0.1
   config.batch_size, config.eval_batch_size, config.num_train_steps = 16, 500, steps
+  config.warmup_epochs = 0.0
   config.dataset.eval_split = 'test[:1000]'
   config.init_calibration_batches = min(config.init_calibration_batches, 3)
   return config

@@ -18,7 +18,7 @@ from bw_jax.models import pretrained
 from bw_jax.models import efficientnet as en
 from bw_jax.nn.whitening import BWSettings
 from bw_jax.train.config.validation import validate_config
-from bw_jax.train.init_from import check_source
+from bw_jax.train.init_from import check_source, load_source
 from configs import smoke
 from subprocess_runs import COMPILATION_CACHE_ENV, REPO, run_process, subprocess_env
 
@@ -62,6 +62,11 @@ def test_the_finetune_demo_and_the_convert_command(tmp_path, monkeypatch):
   bn, before, calibrated, tuned, scratch = (metrics for _, metrics in rows)
   # The conversion to these placements is exact in evaluation; calibration compensates all but the BW before
   # squeeze-excite, approximately.
+  images = next(finetune_demo.eval_batches(finetune_demo.demo_configs(workdir, smoke=True)['bn']))['image']
+  evaluate = lambda record: np.asarray(record.model.apply(record.variables, images, train=False))  # normalised
+  bn_logits = evaluate(load_source(os.path.join(workdir, 'bn')))
+  converted_logits = evaluate(pretrained.load(os.path.join(workdir, 'uncalibrated')))
+  assert np.max(np.abs(converted_logits - bn_logits)) <= 1e-5 * np.max(np.abs(bn_logits))
   assert before['eval_loss'] == pytest.approx(bn['eval_loss'], rel=1e-4)
   assert calibrated['eval_loss'] == pytest.approx(bn['eval_loss'], rel=1e-2)
   # Training mode whitens with each batch's S: before calibration the convolutions expect S = I, after it the
