@@ -187,8 +187,11 @@ def test_every_combination_equals_a_hand_composition_of_its_blocks_and_folds_exa
   train_logits, _ = model.apply(variables, images, train=True, mutable=['batch_stats'])
   assert eval_logits.shape == (8, 5) and eval_logits.dtype == jnp.float32
   assert relative_error(eval_logits, reference.logits(model, variables, images, train=False)) < 1e-5
-  # Training whitens with S of each batch's covariance: float32 moments and factorisations, ~1e-6 apart.
-  assert relative_error(train_logits, reference.logits(model, variables, images, train=True)) < 1e-4
+  # Training whitens with S of each batch's covariance; the last blocks see 8 images of 2×2 or 1×1 pixels, so
+  # float32 round-off in their moments and factorisations is amplified by the groups' condition numbers:
+  # 1.4e-4 apart at most here (stem 1, MBConv 2), where the model run in float64 is 3.5e-8 from the reference.
+  # A wrong convention (1/m for 1/(m − 1), ε misplaced) moves the logits by percents.
+  assert relative_error(train_logits, reference.logits(model, variables, images, train=True)) < 1e-3
   folded_model, folded_variables = fold_for_inference(model, variables)
   assert relative_error(folded_model.apply(folded_variables, images, train=False), eval_logits) < 1e-5
 
