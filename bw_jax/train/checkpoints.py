@@ -24,10 +24,12 @@ import orbax.checkpoint as ocp
 from bw_jax.train.cli_errors import os_reason
 
 # Keys a resumed run may change without mixing two runs: how long it trains and how often it logs,
-# evaluates and saves; where the data lives. `config.resume_allow_changes` names more, on purpose.
+# evaluates and saves; where the data lives; where a fresh run would have started from (a resumed run starts
+# from its checkpoint). `config.resume_allow_changes` names more, on purpose.
 SAFE_TO_CHANGE = ('num_train_steps', 'num_epochs', 'log_every_steps', 'eval_every_steps',
                   'checkpoint_every_steps', 'keep_checkpoints', 'eval_batch_size', 'dataset.data_dir',
-                  'bw_max_fallbacks', 'resume_allow_changes', 'print_memory')
+                  'bw_max_fallbacks', 'resume_allow_changes', 'print_memory', 'init_from',
+                  'init_calibration_batches')
 CONFIG_FILE = 'config.json'
 
 

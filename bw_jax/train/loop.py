@@ -30,6 +30,7 @@ from bw_jax.train.checkpoints import Checkpoints, json_config, say
 from bw_jax.train.config.validation import validate_config, with_global_batch_size
 from bw_jax.data.on_device import normalise_images, prefetch_to_device, shard_batch
 from bw_jax.train.health import BWHealthError, bw_health, bw_health_report, bw_totals
+from bw_jax.train.init_from import start_from
 from bw_jax.train.optim import (create_learning_rate_fn, create_optimizer, optimizer_from_rates, optimizer_rates,
                                 schedule_lengths, schedule_problems)
 from bw_jax.train.reporting import (create_metric_writer, divergence_summary, hyperparameters, memory_report,
@@ -98,6 +99,7 @@ CPU_INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 1}
 KEYS_OUTSIDE_PROGRAMS = ('seed', 'learning_rate', 'weight_decay', 'num_train_steps', 'num_epochs',
                          'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
                          'eval_batch_size', 'bw_max_fallbacks', 'resume_allow_changes', 'print_memory',
+                         'init_from', 'init_calibration_batches',
                          'dataset.data_dir', 'dataset.train_split', 'dataset.eval_split', 'dataset.shuffle_buffer',
                          'dataset.augment')
 PROGRAMS_KEPT = 4  # Sets of programs a process keeps for its next runs (a sweep worker's next trials).
@@ -301,6 +303,8 @@ def train_in_workdir(config: ml_collections.ConfigDict, workdir: str,
   train_fn, eval_fn = programs.train_step, programs.eval_step
   state = checkpoints.restore_latest(programs.init(np.int32(config.seed)))
   start_step = int(state.step)
+  if config.init_from and start_step == 0:  # A fresh run starts from the trained network; a resumed one not.
+    state = start_from(config, state, programs.model, replicated, data_sharding)
   dropout_key, rates = run_dropout_key(config.seed, replicated), optimizer_rates(config)
   if config.print_memory:  # Compiles the step once more, ahead of training: off by default.
     size = config.dataset.image_size

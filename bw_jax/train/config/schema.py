@@ -62,6 +62,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.ema_decay = 0.0  # Exponential moving average of the weights, used for eval; 0 turns it off.
 
   config.seed = 0  # Parameters, dropout and the data order.
+  # Start a fresh run from a trained network (a resumed run ignores it): a Keras EfficientNet .h5 file, a folder
+  # written by `python -m bw_jax.convert`, or a run's workdir; BN placements this model puts BW in are converted
+  # (bw_jax/train/init_from.py). '': the seed's initialisation.
+  config.init_from = ''
+  config.init_calibration_batches = 20  # Train-split batches that calibrate BN and BW statistics after init_from.
   config.half_precision = False  # bfloat16 activations; parameters and statistics stay float32.
   config.print_memory = False  # Print the compiled train step's memory analysis before training.
 

@@ -110,6 +110,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check_range('label_smoothing', config.label_smoothing, 0.0, 1.0, high_open=True)
   _check_range('ema_decay', config.ema_decay, 0.0, 1.0, high_open=True)
   _check_range('dataset.image_size', config.dataset.image_size, 1, float('inf'))
+  _check_range('init_calibration_batches', config.init_calibration_batches, 0, float('inf'))
+  if config.init_from:
+    from bw_jax.train.init_from import check_source  # Loads the models' conversion code only when used.
+    check_source(config.init_from)
   if config.model.dropout_rate is not None:
     _check_range('model.dropout_rate', config.model.dropout_rate, 0.0, 1.0, high_open=True)
   _check_range('model.drop_connect_rate', config.model.drop_connect_rate, 0.0, 1.0, high_open=True)
