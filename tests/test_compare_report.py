@@ -196,6 +196,15 @@ def test_conclusion_without_a_significant_difference(tmp_path):
   assert 'significantly better' not in conclusion and 'Holm' not in conclusion
 
 
+def test_conclusion_of_a_single_comparison_needs_no_correction(tmp_path):
+  """One arm against the baseline (a confirmatory study): Holm's adjustment of one p-value is that p-value."""
+  compare_report.write_report(made_up_study(arms=ARMS[:2]), str(tmp_path))
+  conclusion = open(tmp_path / 'summary.md').read().split('## Conclusion')[1].split('##')[0]
+  assert '`better` is significantly better' in conclusion
+  assert 'One comparison: no correction for multiple comparisons is needed.' in conclusion
+  assert 'comparisons,' not in conclusion
+
+
 def test_conclusion_before_the_baseline_has_a_run(tmp_path):
   study = made_up_study()
   record = study.user_attrs['compare']

@@ -166,6 +166,8 @@ def conclusion(arms: pd.DataFrame, differences: pd.DataFrame, baseline: str, alp
   if significant.empty:
     text.append(f'No arm differs from `{baseline}` at the {alpha} level: with these seeds the data cannot '
                 'tell them apart, which is not the same as showing they are equal.')
+  elif tests == 1:  # Holm's adjustment of a single p-value is that p-value.
+    text.append('One comparison: no correction for multiple comparisons is needed.')
   else:
     survivors = significant[significant.p_holm < alpha]
     names = ', '.join(f'`{a}`' for a in survivors.arm)
