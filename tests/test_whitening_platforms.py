@@ -3,7 +3,8 @@
 On accelerators the fallback retry is always computed and selected (no conditional that could wait on its
 predicate) and Newton's loop is unrolled; the CPU keeps `lax.cond` and the rolled loop. The lowered text
 still holds `jax.lax.platform_dependent`'s switches on a constant platform index, which XLA folds; the
-checks below fold them first (MLIR inline + canonicalize) and then look for what must not remain.
+checks below fold them first (MLIR inline + canonicalize, then unused functions dropped) and then look for what
+must not remain.
 """
 
 import re
