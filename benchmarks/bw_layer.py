@@ -17,8 +17,13 @@ Progress goes to stderr, the table to stdout.
 """
 
 import argparse
-import importlib.util
+import importlib
+import io
+from pathlib import Path
+import re
 import subprocess
+import sys
+import tarfile
 import tempfile
 from typing import Any, Callable
 
@@ -52,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help='also time each BW layer with its group products forced into these layouts '
                       '(rows "METHOD [LAYOUT]"; default rows use the per-platform choice; "xla": XLA\'s products '
                       'as the CPU picks them without the kernels, the layer before bw_jax/kernels).')
-  parser.add_argument('--before', metavar='REV', help='also time bw_jax/nn/whitening.py as of git revision REV '
+  parser.add_argument('--before', metavar='REV', help='also time the bw_jax layer as of git revision REV '
                       '(rows "METHOD @REV"), round-robin in the same process.')
   args = parser.parse_args(argv)
   if args.quick:
@@ -63,15 +68,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def whitening_at(revision: str) -> Any:
-  """bw_jax/nn/whitening.py as of a git revision, imported as a separate module (same bw_jax package)."""
-  source = subprocess.run(['git', 'show', f'{revision}:bw_jax/nn/whitening.py'], check=True, capture_output=True,
-                          text=True).stdout
-  with tempfile.NamedTemporaryFile('w', suffix='.py', delete=False) as f:
-    f.write(source)
-  spec = importlib.util.spec_from_file_location(f'whitening_at_{revision}', f.name)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  """The whitening module of bw_jax as of a git revision, from a copy of that revision's whole package
+  imported under its own name (`bw_jax_at_REV`, its imports of bw_jax rewritten), so that the layer as it
+  was runs beside today's in one process whatever the modules around it became.
+
+  The CPU kernels register their XLA targets by name, once per process: the two revisions must carry the
+  same kernel sources (checked), else one layer would run the other's kernels.
+  """
+  name = 'bw_jax_at_' + ''.join(c if c.isalnum() else '_' for c in revision)
+  root = Path(tempfile.mkdtemp(prefix=f'{name}_'))
+  archive = subprocess.run(['git', 'archive', revision, 'bw_jax'], check=True, capture_output=True).stdout
+  tarfile.open(fileobj=io.BytesIO(archive)).extractall(root, filter='data')
+  package = root / name
+  (root / 'bw_jax').rename(package)
+  here = Path(whitening.__file__).parents[1]  # today's bw_jax/
+  for source in here.rglob('*.cc'):
+    old = next(package.rglob(source.name), None)
+    if old is not None and old.read_text() != source.read_text():
+      raise SystemExit(f'--before {revision}: its {source.name} differs from today\'s; the kernels are registered '
+                       f'by name once per process, so compare revisions with the same kernel sources.')
+  for module in package.rglob('*.py'):  # imports, and module names in strings (lazy imports)
+    text = re.sub(r'\b(from|import)\s+bw_jax\b', rf'\1 {name}', module.read_text())
+    module.write_text(re.sub(r'([\'"])bw_jax\.', rf'\1{name}.', text))
+  sys.path.insert(0, str(root))
+  for relative in ('nn/whitening.py', 'whitening.py'):  # where the module lived changed over time
+    if (package / relative).exists():
+      return importlib.import_module(f'{name}.{relative[:-3].replace("/", ".")}')
+  raise SystemExit(f'--before {revision}: no bw_jax/nn/whitening.py or bw_jax/whitening.py there.')
 
 
 def layers_for(channels: int, methods: list[str], group_sizes: list[int], before: str | None = None,

@@ -5,6 +5,7 @@ Imported by its siblings as `from common import ...` (scripts run from the repos
 """
 
 import contextlib
+import dataclasses
 import os
 import platform
 import statistics
@@ -15,6 +16,7 @@ from typing import Any
 
 import flax
 import jax
+import jax.numpy as jnp
 import jaxlib
 
 from bw_jax.nn import group_products
@@ -70,25 +72,53 @@ def format_table(cells: list[tuple[str, ...]], markdown: bool, text_columns: int
                              for i, (cell, w) in enumerate(zip(row, widths))) for row in cells)
 
 
-# A pseudo-layout for `forced_layout`: XLA's products as the CPU picks them without the kernels (dense for
-# C ≤ 64, batched above) and LAPACK's Cholesky trials, i.e. the layer as it ran before bw_jax/kernels.
+@dataclasses.dataclass(frozen=True)
+class Fused(group_products.Layout):
+  """An experiment: the products in place on (m, G, g [+1]), broadcast multiply and reduce over the g inputs in
+  one loop fusion. Fast alone, but inside the layer XLA duplicates each operand's elementwise producers into
+  the (m, G, g, g) loop, 7–15× slower than `batched` for the whole layer (BENCHMARKS.md)."""
+
+  name = 'fused'
+
+  def operand(self, a, groups, *, ones=False):
+    a = a.reshape(a.shape[0], groups, -1)
+    return jnp.concatenate([a, jnp.ones((*a.shape[:2], 1), a.dtype)], axis=2) if ones else a
+
+  def back(self, a):
+    return a.reshape(a.shape[0], -1)
+
+  def cross(self, a, b, g, accumulate=jnp.float32, channels=None):
+    return jnp.sum(a.astype(accumulate)[..., :, None] * b.astype(accumulate)[..., None, :], axis=0)
+
+  def transform(self, a, matrices):
+    return jnp.sum(a.astype(matrices.dtype)[..., None, :] * matrices, axis=-1)
+
+
+# The layouts `forced_layout` takes by name: the library's, this file's experiments, and a pseudo-layout:
+# XLA's products as the CPU picks them without the kernels (dense for C ≤ 64, batched above) and LAPACK's
+# Cholesky trials, i.e. the layer as it ran before bw_jax/kernels.
+EXPERIMENTS = {layout.name: layout for layout in (Fused(),)}
 XLA_PRODUCTS = 'xla'
-LAYOUT_CHOICES = (*group_products.LAYOUTS, XLA_PRODUCTS)
+LAYOUT_CHOICES = (*group_products.LAYOUTS, *EXPERIMENTS, XLA_PRODUCTS)
 
 
 @contextlib.contextmanager
 def forced_layout(layout: str | None):
   """Within it, BW layers traced take `layout` for their group products on every platform (None: as chosen;
-  XLA_PRODUCTS: `group_products.xla_cpu_layout`)."""
+  XLA_PRODUCTS: `group_products.xla_cpu_layout`). The layer keeps its traces, so JAX's caches are cleared
+  on the way in and out."""
   saved = (group_products.cpu_layout, group_products.accelerator_layout,
            whitening_matrices.cholesky_kernel_applies)
   if layout == XLA_PRODUCTS:
     group_products.cpu_layout = lambda channels, group_size=None: group_products.xla_cpu_layout(channels)
     whitening_matrices.cholesky_kernel_applies = lambda group_size: False
   elif layout is not None:
-    group_products.cpu_layout = group_products.accelerator_layout = lambda channels, group_size=None: layout
+    chosen = {**group_products.LAYOUTS, **EXPERIMENTS}[layout]
+    group_products.cpu_layout = group_products.accelerator_layout = lambda channels, group_size=None: chosen
+  jax.clear_caches()
   try:
     yield
   finally:
     (group_products.cpu_layout, group_products.accelerator_layout,
      whitening_matrices.cholesky_kernel_applies) = saved
+    jax.clear_caches()

@@ -1,8 +1,8 @@
 """BatchWhitening called eagerly (a notebook's way): one compiled program per shape against op-by-op dispatch.
 
-A training-mode call of the layer on concrete arrays runs `whitening._whiten_batch_compiled` (one jitted
-program per shape and settings); before, the same call dispatched its ~100 operations one by one
-(`whitening._whiten_batch` called on concrete arrays, timed here as the reference). Both are timed after a
+A training-mode call of the layer on concrete arrays runs `vjp.whiten_training` as one jitted program per
+shape and settings; without it, the same call dispatches its ~100 operations one by one (the same function
+under `jax.disable_jit()`, timed here as the reference). Both are timed after a
 first call (compiles excluded), round-robin, so that the ratio comes from the same moments; the first call
 of each (compiles included) is reported too. Run from the repository root:
 
@@ -18,7 +18,8 @@ import time
 import jax
 import numpy as np
 
-from bw_jax.nn import whitening
+from bw_jax.nn.statistics import TrainingStatistics
+from bw_jax.nn.vjp import whiten_training
 from common import environment, format_table, progress, time_round_robin  # benchmarks/common.py
 
 SHAPES = ((32, 8, 8, 64), (32, 16, 16, 32), (32, 4, 4, 240))  # (N, H, W, C)
@@ -39,11 +40,13 @@ def main() -> None:
     groups = channels // GROUP_SIZE
     eye = np.tile(np.eye(GROUP_SIZE, dtype=np.float32), (groups, 1, 1))
     running = (np.zeros(channels, np.float32), eye, eye)
-    settings = dict(groups=groups, method='cholesky', epsilon=1e-3, newton_iterations=5, momentum=0.99,
-                    center_with='batch', whiten_with='batch', running_whitening=True)
-    compiled = lambda: jax.block_until_ready(
-        whitening._whiten_batch_compiled(x, running, None, None, autodiff=False, **settings))
-    op_by_op = lambda: jax.block_until_ready(whitening._whiten_batch(x, running, None, None, **settings))
+    statistics = TrainingStatistics(method='cholesky', epsilon=1e-3, newton_iterations=5, momentum=0.99,
+                                    center_with='batch', whiten_with='batch', running_whitening=True)
+    compiled = lambda: jax.block_until_ready(whiten_training(x, groups, statistics, running))
+
+    def op_by_op():
+      with jax.disable_jit():
+        return jax.block_until_ready(whiten_training(x, groups, statistics, running))
     firsts = []
     for call in (compiled, op_by_op):
       start = time.perf_counter()

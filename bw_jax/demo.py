@@ -41,7 +41,8 @@ def compare_methods(x: jax.Array, group_size: int) -> None:
 
 
 def running_statistics_converge(x_shape: tuple[int, ...], group_size: int, steps: int = 30) -> None:
-  module = bw.BatchWhitening(group_size=group_size, momentum=0.8, use_scale=False, use_bias=False)
+  module = bw.BatchWhitening(group_size=group_size, momentum=0.8, use_scale=False, use_bias=False,
+                             track_health=True)
   key = jax.random.key(1)
   variables = module.init(key, jnp.zeros(x_shape), use_running_average=False)
 

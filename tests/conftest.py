@@ -20,6 +20,21 @@ def pytest_collection_modifyitems(items):
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # Stable: the order within a module stays.
 
 
+@pytest.fixture
+def patch_layer(monkeypatch):
+  """`monkeypatch.setattr` for what BatchWhitening reads while it is traced (which kernels and layouts it
+  uses): the layer's compiled function keeps its traces, so JAX's caches are cleared after each change and
+  again after the change is undone."""
+  import jax
+
+  def setattr(target, name, value):
+    monkeypatch.setattr(target, name, value)
+    jax.clear_caches()
+  yield setattr
+  monkeypatch.undo()
+  jax.clear_caches()
+
+
 @pytest.fixture(scope='module')
 def postgres_url():
   """The URL of a PostgreSQL server of its own (tests/postgres_server.py); stopped at the module's end."""

@@ -122,7 +122,8 @@ def layers_holding(stats, name: str) -> set[str]:
 @pytest.mark.parametrize('stem_type, mbconv_type, head_type',
                          list(itertools.product(en.STEM_TYPES, en.MBCONV_TYPES, en.HEAD_TYPES)))
 def test_bw_sits_exactly_where_the_seed_draws_it(stem_type, mbconv_type, head_type):
-  model = en.EfficientNet(num_classes=10, stem_type=stem_type, mbconv_type=mbconv_type, head_type=head_type)
+  model = en.EfficientNet(num_classes=10, stem_type=stem_type, mbconv_type=mbconv_type, head_type=head_type,
+                          bw=BWSettings(track_health=True))
   variables = shapes_of(model, 64)
   bw, bn = expected_norm_layers(stem_type, mbconv_type, head_type, en.block_specs(1.0, 1.0, 0.2))
   assert layers_holding(variables['batch_stats'], 'cov') == bw
@@ -166,6 +167,14 @@ def relative_error(actual, expected) -> float:
   """max |actual − expected| over max |expected|: logits compared at the scale of the largest one."""
   expected = np.asarray(expected, np.float64)
   return float(np.max(np.abs(np.asarray(actual, np.float64) - expected)) / np.max(np.abs(expected)))
+
+
+def test_bw_health_counters_are_kept_only_when_asked_for():
+  # BatchNorm's two collections by default (code written for BatchNorm iterates over them); the training
+  # loop asks for the counters (bw_jax.train.step.create_model).
+  assert set(shapes_of(en.EfficientNet(num_classes=10, mbconv_type=2, **TINY), 32)) == {'params', 'batch_stats'}
+  asked = shapes_of(en.EfficientNet(num_classes=10, mbconv_type=2, bw=BWSettings(track_health=True), **TINY), 32)
+  assert set(asked) == {'params', 'batch_stats', 'bw_health'}
 
 
 @pytest.mark.slow  # Runs 16 networks (eagerly: ~75 CPU-s here, most of it the first two).

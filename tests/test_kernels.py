@@ -112,10 +112,10 @@ def test_mixed_or_unsupported_dtypes_name_what_the_kernels_take():
 
 
 def test_the_cpu_picks_the_kernels_for_vectorised_group_sizes_and_xla_otherwise(monkeypatch):
-  assert [gp.cpu_layout(c, g) for c, g in ((32, 16), (1152, 16), (24, 8), (24, 12), (40, 10), (27, 9), (240, 3),
+  assert [gp.cpu_layout(c, g).name for c, g in ((32, 16), (1152, 16), (24, 8), (24, 12), (40, 10), (27, 9), (240, 3),
                                            (128, 64))] == ['kernel'] * 5 + ['dense', 'batched', 'batched']
   monkeypatch.setattr(kernels, 'available', lambda: False)
-  assert [gp.cpu_layout(c, 16) for c in (32, 64, 96, 1152)] == ['dense', 'dense', 'batched', 'batched']
+  assert [gp.cpu_layout(c, 16).name for c in (32, 64, 96, 1152)] == ['dense', 'dense', 'batched', 'batched']
 
 
 def test_build_is_cached_per_source_compiler_and_cpu(tmp_path, monkeypatch):
@@ -134,7 +134,7 @@ def fallback_run(tmp_path, **env):
             'x = jnp.asarray(np.random.default_rng(0).normal(size=(64, 32)), jnp.float32)\n'
             'y = bw.whiten(x, 16)\n'
             'cov = np.cov(np.asarray(y, np.float64).reshape(64, 2, 16)[:, 0].T)\n'
-            'print(kernels.available(), gp.cpu_layout(32, 16), round(float(np.abs(cov - np.eye(16)).max()), 3))\n')
+            'print(kernels.available(), gp.cpu_layout(32, 16).name, round(float(np.abs(cov - np.eye(16)).max()), 3))\n')
   environment = subprocess_env({kernels.CACHE_ENV: str(tmp_path / 'cache'), **env})
   result = run_process([sys.executable, '-c', script], env=environment, timeout=120)
   assert result.returncode == 0, result.stderr
@@ -155,12 +155,12 @@ def test_without_the_kernels_the_layer_uses_xla_and_says_why(tmp_path, env, says
     assert len(warnings) == 1 and says in warnings[0] and "XLA's batched products" in warnings[0], stderr
 
 
-def test_export_refuses_the_kernels_and_works_with_them_switched_off(monkeypatch):
+def test_export_refuses_the_kernels_and_works_with_them_switched_off(patch_layer):
   # docs/design.md §5: jax.export needs BW_JAX_CPU_KERNELS=0 (its custom calls carry no compatibility promise).
   x = jnp.asarray(np.random.default_rng(7).normal(size=(64, 32)), jnp.float32)
   with pytest.raises(ValueError, match='custom calls whose targets have no compatibility guarantees'):
     jax.export.export(jax.jit(lambda x: bw.whiten(x, 16)), platforms=('cpu',))(x)
-  monkeypatch.setattr(kernels, 'available', lambda: False)
+  patch_layer(kernels, 'available', lambda: False)
   exported = jax.export.export(jax.jit(lambda x: bw.whiten(x, 16)), platforms=('cpu',))(x)
   assert 'BwGroup' not in exported.mlir_module() and 'BwCholesky' not in exported.mlir_module()
   np.testing.assert_allclose(exported.call(x), bw.whiten(x, 16), rtol=1e-4, atol=1e-4)
@@ -180,11 +180,11 @@ def test_the_kernel_layout_crosses_operands_with_and_without_ones_as_numpy():
     for (a_ones, b_ones), (da, db) in expected.items():
       left = gp.InPlace(jnp.asarray(a), jnp.asarray(sa), a_ones)
       right = gp.InPlace(jnp.asarray(b), jnp.asarray(sb), b_ones)
-      got = gp.cross_in_layout(left, right, g, 'kernel', jnp.float64)
+      got = gp.KERNEL.cross(left, right, g, jnp.float64)
       np.testing.assert_allclose(got, np.einsum('mgi,mgj->gij', da, db), rtol=1e-12, atol=1e-10,
                                  err_msg=f'ones: a {a_ones}, b {b_ones}')
     same = gp.InPlace(jnp.asarray(a), jnp.asarray(sa), True)  # the moments' [d, 1]ᵀ[d, 1]
-    np.testing.assert_allclose(gp.cross_in_layout(same, same, g, 'kernel', jnp.float64),
+    np.testing.assert_allclose(gp.KERNEL.cross(same, same, g, jnp.float64),
                                np.einsum('mgi,mgj->gij', with_ones(blocks(a, sa)), with_ones(blocks(a, sa))),
                                rtol=1e-12, atol=1e-10)
 

@@ -6,6 +6,7 @@ from jax.test_util import check_grads
 import numpy as np
 import pytest
 
+from bw_jax.nn import vjp
 from bw_jax.nn import whitening as bw
 
 METHODS = bw.METHODS
@@ -33,12 +34,20 @@ def np_moments(x: np.ndarray, g: int) -> tuple[np.ndarray, np.ndarray]:
   return mean, cov / (samples.shape[0] - 1)
 
 
-def np_whitening(cov: np.ndarray, method: str, eps: float) -> np.ndarray:
-  """S of the seed for each group: L⁻¹, UΛ^{-1/2}Uᵀ or Λ^{-1/2}Uᵀ of Σ + εI."""
+def np_whitening(cov: np.ndarray, method: str, eps: float, newton_iterations: int = 5) -> np.ndarray:
+  """S of the seed for each group: L⁻¹, UΛ^{-1/2}Uᵀ or Λ^{-1/2}Uᵀ of Σ + εI, or IterNorm's T Newton–Schulz
+  steps on (Σ + εI)/tr in their coupled form (docs/design.md §1.3)."""
   out = []
   for c in cov + eps * np.eye(cov.shape[-1]):
     if method == 'cholesky':
       out.append(np.linalg.inv(np.linalg.cholesky(c)))
+    elif method == 'newton':
+      trace, eye = np.trace(c), np.eye(len(c))
+      y, z = c / trace, eye
+      for _ in range(newton_iterations):
+        t = 0.5 * (3.0 * eye - z @ y)
+        y, z = y @ t, t @ z
+      out.append(z / np.sqrt(trace))
     else:
       w, u = np.linalg.eigh(c)
       out.append(u @ np.diag(w ** -0.5) @ u.T if method == 'zca' else np.diag(w ** -0.5) @ u.T)
@@ -247,7 +256,10 @@ def test_init_in_training_mode_changes_no_statistic():
   np.testing.assert_array_equal(stats['mean'], np.zeros(6))
   np.testing.assert_array_equal(stats['cov'], np.broadcast_to(np.eye(2), (3, 2, 2)))
   np.testing.assert_array_equal(stats['whitening'], np.broadcast_to(np.eye(2), (3, 2, 2)))
-  assert variables['bw_health'] == {'fallbacks': 0.0, 'skipped_updates': 0.0}
+  assert set(variables) == {'params', 'batch_stats'}  # the counters only when asked for
+  counters = bw.BatchWhitening(group_size=2, track_health=True).init(jax.random.key(0), x,
+                                                                      use_running_average=False)['bw_health']
+  assert counters == {'fallbacks': 0.0, 'skipped_updates': 0.0}
 
 
 def test_affine_scale_and_bias_apply_per_channel_after_whitening():
@@ -267,8 +279,8 @@ def test_eager_calls_run_one_compiled_program_per_shape_with_the_traced_layer_s_
   module = bw.BatchWhitening(group_size=3, momentum=0.5)
   x = correlated(34, (16, 6)).astype(np.float32)
   variables = module.init(jax.random.key(0), x, use_running_average=False)
-  compiled, whiten_compiled = bw._whiten_batch_compiled, bw._whiten_compiled
-  compiled.clear_cache(), whiten_compiled.clear_cache()
+  compiled = vjp._compiled_whiten_training
+  compiled.clear_cache()
   eager = [train_apply(module, variables, x + shift) for shift in (0.0, 1.0)]  # one shape, twice
   assert compiled._cache_size() == 1
   for shift, (y, updates) in zip((0.0, 1.0), eager):
@@ -280,7 +292,8 @@ def test_eager_calls_run_one_compiled_program_per_shape_with_the_traced_layer_s_
     train_apply(module, variables, x)
   assert compiled._cache_size() == 2
   np.testing.assert_allclose(bw.whiten(x, 3), jax.jit(lambda x: bw.whiten(x, 3))(x), rtol=1e-6, atol=1e-6)
-  assert whiten_compiled._cache_size() == 1
+  bw.whiten(x + 1.0, 3)
+  assert compiled._cache_size() == 3  # whiten's settings: one more program
 
 
 def test_eval_runs_no_factorisation():
@@ -384,11 +397,28 @@ def degenerate_batches() -> dict[str, np.ndarray]:
   }
 
 
+def np_training_step(x: np.ndarray, method: str, eps: float, momentum: float) -> tuple[np.ndarray, ...]:
+  """float64 NumPy of a first training step from (0, I) on (m, C) samples in one group, where Σ + εI needs
+  no fallback: y, and the running mean, cov and whitening it leaves (PCA's rows signed as the stored S = I)."""
+  aligned = lambda s: match_row_signs(s, np.broadcast_to(np.eye(s.shape[-1]), s.shape)) if method == 'pca' else s
+  mean, cov = np_moments(x, x.shape[-1])
+  running_cov = momentum * np.eye(x.shape[-1]) + (1 - momentum) * cov
+  return (np_apply(x, mean, aligned(np_whitening(cov, method, eps))), (1 - momentum) * mean, running_cov,
+          aligned(np_whitening(running_cov, method, eps)))
+
+
+# Known answers: an all-zero batch is whitened to 0 (x − μ = 0) with a zero gradient, and a batch scaled by
+# 1e6 to what its unscaled self is whitened to (S(s²Σ + εI)·s = S(Σ + ε/s²·I): the ridge shrinks to 1e-17)
+# and by 1e-6 to what ε then dominates; none needs a fallback.
+KNOWN_ANSWERS = {'all_zero': None, 'scale_1e6': 1e-6, 'scale_1e-6': None}
+
+
 @pytest.mark.parametrize('method', METHODS)
 @pytest.mark.parametrize('case', list(degenerate_batches()))
 def test_degenerate_batches_give_finite_outputs_stats_and_gradients(method, case):
   x = jnp.asarray(degenerate_batches()[case])
-  module = bw.BatchWhitening(group_size=8, method=method, momentum=0.9, epsilon=1e-5)
+  eps, momentum = 1e-5, 0.9
+  module = bw.BatchWhitening(group_size=8, method=method, momentum=momentum, epsilon=eps)
   variables = module.init(jax.random.key(0), x, use_running_average=False)
   y, updates = train_apply(module, variables, x)
   grad = jax.grad(lambda x: jnp.sum(jnp.tanh(train_apply(module, variables, x)[0])))(x)
@@ -398,6 +428,32 @@ def test_degenerate_batches_give_finite_outputs_stats_and_gradients(method, case
     assert np.all(np.isfinite(value)), f'{case}: non-finite running {name}'
   y_eval = module.apply({**variables, **updates}, x, use_running_average=True)
   assert np.all(np.isfinite(y_eval)), f'{case}: non-finite eval output'
+  if case not in KNOWN_ANSWERS:
+    return
+  assert updates['bw_health'] == {'fallbacks': 0.0, 'skipped_updates': 0.0}
+  x64 = np.asarray(x, np.float64).reshape(-1, 8)
+  y_ref, mean, (cov,), (whitening,) = np_training_step(x64, method, eps, momentum)  # one group
+  # PCA's eigenvectors of a nearly isotropic Σ + εI (ε dominates at scale 1e-6) are not determined in float32:
+  # there, compare what every whitening S has in common, SᵀS = (Σ + εI)⁻¹, so the Gram matrix of y.
+  gram = (lambda a: a @ a.T) if method == 'pca' else (lambda a: a)
+  close = lambda got, expected, what, tolerance=1e-4: np.testing.assert_allclose(
+      gram(np.asarray(got, np.float64).reshape(expected.shape)), gram(expected),
+      atol=tolerance * max(np.abs(gram(expected)).max(), 1e-30), err_msg=f'{case}: {what}')
+  close(y, y_ref, 'y')
+  if KNOWN_ANSWERS[case] is not None:  # the unscaled batch, whitened with the ridge scaled as its covariance
+    close(y, np_training_step(x64 * KNOWN_ANSWERS[case], method, eps * KNOWN_ANSWERS[case] ** 2, momentum)[0],
+          'y against the unscaled batch')
+  stats = updates['batch_stats']
+  # float32 sums of m samples lose ~m·2⁻²⁴ of the samples' size |x| (the mean), of |x|² (the covariance).
+  size = np.abs(x64).max()
+  np.testing.assert_allclose(stats['mean'], mean, rtol=1e-5, atol=1e-6 * size)
+  np.testing.assert_allclose(stats['cov'][0], cov, rtol=1e-5, atol=1e-6 * size ** 2)
+  # PCA's SᵀS = (cov + εI)⁻¹ carries float32 eigh's error times the condition number (~2e-4 at scale 1e6).
+  close(np.asarray(stats['whitening'][0]).T, whitening.T, 'running whitening', 1e-3)
+  close(y_eval, (x64 - mean) @ whitening.T, 'eval output', 1e-3)  # the running S's error, as above
+  if case == 'all_zero':
+    assert not np.any(np.asarray(y)) and not np.any(np.asarray(y_eval)), 'x − μ = 0 must whiten to exactly 0'
+    np.testing.assert_allclose(grad, 0.0, atol=1e-6)  # Σ_i y_i = S Σ_i (x_i − μ) ≡ 0 whatever S: no gradient
 
 
 def test_rank_deficient_group_at_large_scale_falls_back_and_is_counted():
@@ -454,7 +510,6 @@ def test_bad_settings_are_rejected_at_construction(kwargs, message):
 @pytest.mark.parametrize('shape, kwargs, message', [
     ((8, 6), dict(group_size=4), 'group_size=4 does not divide the 6 input channels'),
     ((6,), {}, 'expects (N, ..., C)'),
-    ((1, 6), {}, 'needs at least 2 samples'),
 ])
 def test_bad_input_is_rejected_before_computing(shape, kwargs, message):
   with pytest.raises(ValueError) as error:

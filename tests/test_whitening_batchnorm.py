@@ -268,7 +268,7 @@ def test_use_running_average_merges_and_output_dtype_is_inferred_as_by_batchnorm
 def test_batch_stats_hold_only_float_arrays_and_counters_live_in_bw_health(jax_modules):
   jax, _, bw = jax_modules
   x = inputs(12, (8, 4))
-  layer = bw.BatchWhitening(group_size=2)
+  layer = bw.BatchWhitening(group_size=2, track_health=True)
   variables = layer.init(jax.random.key(0), x, use_running_average=False)
   assert set(variables['batch_stats']) == {'mean', 'cov', 'whitening'}
   assert {leaf.dtype for leaf in jax.tree.leaves(variables['batch_stats'])} == {np.dtype('float32')}
@@ -282,3 +282,149 @@ def test_batch_stats_hold_only_float_arrays_and_counters_live_in_bw_health(jax_m
   bad[0, 0] = np.nan
   _, updates = layer.apply(variables, bad, use_running_average=False, mutable=['batch_stats', 'bw_health'])
   assert updates['bw_health'] == {'fallbacks': 0.0, 'skipped_updates': 1.0}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What flax's BatchNorm tests and its examples/imagenet rely on, run on both layers side by side
+
+
+def test_init_and_training_on_one_sample_work_as_batchnorm_s(jax_modules):
+  # flax's examples initialise with jnp.ones((1, S, S, 3)): a 1×1 last stage holds one sample. Neither layer
+  # can estimate a spread from it: BatchNorm outputs β (x − μ = 0), and so must BW (identity S).
+  jax, nn, bw = jax_modules
+  x = inputs(13, (1, 1, 1, 4))
+  beta = np.linspace(-1.0, 1.0, 4, dtype=np.float32)
+  bias_init = lambda key, shape, dtype: beta.astype(dtype)
+  layer_bw = bw_and_bn(nn, bw, 1, bias_init=bias_init)[0]
+  layer_bn = nn.BatchNorm(epsilon=EPSILON, bias_init=bias_init)  # (ε' = ε(m−1)/m is 0 for one sample)
+  for layer in (layer_bw, layer_bn):
+    y, variables = layer.init_with_output(jax.random.key(0), x, use_running_average=False)
+    np.testing.assert_allclose(y, np.broadcast_to(beta, x.shape), atol=1e-6, err_msg=type(layer).__name__)
+  # Training on one sample, and on a batch whose mask counts one sample, outputs β for it too. Such a batch
+  # carries no covariance: BW leaves its running statistics as they were and counts a skipped update.
+  variables = layer_bw.init(jax.random.key(0), inputs(14, (8, 4)), use_running_average=False)
+  for batch, mask, counted in ((x, None, 0), (inputs(15, (8, 4)), np.arange(8)[:, None] == 3, 3)):
+    y, updates = layer_bw.apply(variables, batch, use_running_average=False, mask=mask,
+                                mutable=['batch_stats', 'bw_health'])
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, 4)[counted], beta, atol=1e-6)
+    for name in ('mean', 'cov', 'whitening'):
+      np.testing.assert_array_equal(updates['batch_stats'][name], variables['batch_stats'][name], err_msg=name)
+    assert updates['bw_health'] == {'fallbacks': 0.0, 'skipped_updates': 1.0}
+
+
+def test_init_returns_batchnorm_s_two_collections_unless_health_is_asked_for(jax_modules):
+  jax, nn, bw = jax_modules
+  x = inputs(16, (8, 4))
+  for layer in (bw.BatchWhitening(group_size=2), nn.BatchNorm()):
+    for train in (False, True):
+      assert set(layer.init(jax.random.key(0), x, use_running_average=not train)) == {'params', 'batch_stats'}
+  asked = {'field': lambda: bw.BatchWhitening(group_size=2, track_health=True).init(
+               jax.random.key(0), x, use_running_average=False),
+           'mutable': lambda: bw.BatchWhitening(group_size=2).init(
+               jax.random.key(0), x, use_running_average=False, mutable=['params', 'batch_stats', 'bw_health'])}
+  for how, init in asked.items():
+    variables = init()
+    assert set(variables) == {'params', 'batch_stats', 'bw_health'}, how
+    assert variables['bw_health'] == {'fallbacks': 0.0, 'skipped_updates': 0.0}, how
+
+
+def test_nan_in_masked_out_samples_never_reaches_the_counted_samples(jax_modules):
+  # flax's masked BatchNorm test puts NaN where the mask is False: the counted samples' outputs and the
+  # running statistics stay finite and equal those of the batch without them.
+  jax, nn, bw = jax_modules
+  x = inputs(17, (6, 2, 2, 4))
+  mask = (np.arange(6) < 4)[:, None, None, None]
+  poisoned = np.where(mask, x, np.float32(np.nan))
+  counted = int(np.broadcast_to(mask, (6, 2, 2, 1)).sum())
+  for fields in (dict(group_size=1), dict(group_size=2)):
+    layer_bw, layer_bn = bw_and_bn(nn, bw, counted)
+    layer_bw = layer_bw.clone(**fields)
+    v_bw = layer_bw.init(jax.random.key(0), x, use_running_average=False)
+    y, updates = train_apply(layer_bw, v_bw, poisoned, mask=mask)
+    y_clean, updates_clean = train_apply(layer_bw, v_bw, x, mask=mask)
+    np.testing.assert_allclose(np.asarray(y)[:4], np.asarray(y_clean)[:4], rtol=1e-6, atol=1e-6)
+    for name, value in updates['batch_stats'].items():
+      np.testing.assert_allclose(value, updates_clean['batch_stats'][name], rtol=1e-6, atol=1e-7, err_msg=name)
+    if fields['group_size'] == 1:  # and equal BatchNorm's, rescaled (BatchNorm takes per-element masks)
+      v_bn = layer_bn.init(jax.random.key(0), x, use_running_average=False)
+      y_bn, _ = train_apply(layer_bn, v_bn, poisoned, mask=np.broadcast_to(mask, x.shape))
+      assert np.all(np.isfinite(np.asarray(y_bn)[:4]))
+      np.testing.assert_allclose(np.asarray(y)[:4], batchnorm_scale(counted) * np.asarray(y_bn)[:4],
+                                 atol=TOLERANCE)
+
+
+def test_multi_init_calls_one_layer_twice_as_batchnorm_s(jax_modules):
+  # flax's BatchNorm multi-init test: one layer (with an axis_name, initialised outside any mapped axis)
+  # applied twice in one call; normalising a normalised batch changes it by ε only.
+  jax, nn, bw = jax_modules
+  x = inputs(18, (8, 4))
+
+  def twice(make_layer):
+    class Twice(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        layer = make_layer(name='norm')
+        y = layer(x)
+        return y, layer(y)
+    return Twice().init_with_output(jax.random.key(0), x)
+
+  m = 8
+  (y1_bw, y2_bw), v_bw = twice(lambda name: bw.BatchWhitening(group_size=2, use_running_average=False,
+                                                               axis_name='batch', epsilon=1e-5, name=name))
+  (y1_bn, y2_bn), _ = twice(lambda name: nn.BatchNorm(use_running_average=False, axis_name='batch', name=name))
+  np.testing.assert_allclose(y2_bn, y1_bn, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(y2_bw, y1_bw, rtol=1e-4, atol=1e-4)
+  mean, cov = np_masked_moments(x, None, 2)
+  np.testing.assert_allclose(y1_bw, np_apply(x, mean, np_cholesky_whitening(cov, 1e-5)), atol=1e-4)
+  assert set(v_bw) == {'params', 'batch_stats'} and m == 8
+
+
+def test_axis_name_under_nn_vmap_reduces_over_the_mapped_axis_as_batchnorm_s(jax_modules):
+  # nn.vmap with an axis_name: each mapped slice sees its own rows, and the layer's statistics are those of
+  # all slices (one psum), as BatchNorm's are.
+  jax, nn, bw = jax_modules
+  x = inputs(19, (4, 6, 3))  # 4 mapped slices of 6 samples, 3 channels
+  m = 24
+
+  def mapped(layer_class, fields):
+    mapped_class = nn.vmap(layer_class, variable_axes={'params': None, 'batch_stats': None},
+                           split_rngs={'params': False}, axis_name='batch')
+    model = mapped_class(axis_name='batch', use_running_average=False, momentum=MOMENTUM, **fields)
+    variables = model.init(jax.random.key(0), x)
+    return model.apply(variables, x, mutable=['batch_stats'])
+
+  y_bw, s_bw = mapped(bw.BatchWhitening, dict(group_size=1, epsilon=EPSILON))
+  y_bn, s_bn = mapped(nn.BatchNorm, dict(epsilon=EPSILON * (m - 1) / m))
+  np.testing.assert_allclose(y_bw, batchnorm_scale(m) * np.asarray(y_bn), atol=TOLERANCE)
+  mean, cov = np_masked_moments(x, None, 1)
+  np.testing.assert_allclose(s_bw['batch_stats']['mean'], (1 - MOMENTUM) * mean, atol=1e-6)
+  np.testing.assert_allclose(s_bn['batch_stats']['mean'], (1 - MOMENTUM) * mean, atol=1e-6)
+  np.testing.assert_allclose(s_bw['batch_stats']['cov'], MOMENTUM + (1 - MOMENTUM) * cov, atol=1e-5)
+
+
+def test_tabulate_with_flops_summarises_a_model_holding_both_layers(jax_modules):
+  # A model summary is a daily tool: nn.tabulate(compute_flops=True, show_repeated=True) must list BW's
+  # variables with their shapes, as it lists BatchNorm's.
+  jax, nn, bw = jax_modules
+  import jax.numpy as jnp
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+      x = nn.BatchNorm(use_running_average=not train)(nn.Dense(8)(x))
+      x = bw.BatchWhitening(group_size=4, use_running_average=not train)(x)
+      return nn.Dense(2)(x)
+
+  x = jnp.asarray(inputs(20, (16, 5)))
+  plain = {'width': 200, 'no_color': True, 'force_terminal': False}
+  for train in (False, True):
+    table = nn.tabulate(Net(), jax.random.key(0), compute_flops=True, show_repeated=True,
+                        console_kwargs=plain)(x, train)
+    rows = {line.split('│')[1].strip(): line for line in table.splitlines() if line.count('│') > 7}
+    assert 'BatchWhitening' in rows['BatchWhitening_0'] and 'BatchNorm' in rows['BatchNorm_0'], table
+    # Every variable with its shape: BW's batch_stats hold C + 2·G·g² = 8 + 2·2·16 = 72 numbers, BN's 2·C.
+    assert 'cov: float32[2,4,4]' in table and 'whitening: float32[2,4,4]' in table, table
+    assert '72 (288 B)' in table and '16 (64 B)' in table and 'Total Parameters: 186 (744 B)' in table, table
+    # FLOPs from XLA's cost analysis (the CPU kernels' custom calls count none of theirs): a number per row.
+    flops = {name: int(rows[name].split('│')[5]) for name in ('BatchWhitening_0', 'BatchNorm_0')}
+    assert min(flops.values()) > 0, table

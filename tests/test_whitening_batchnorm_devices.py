@@ -5,9 +5,14 @@
 (b) flax's examples/imagenet pattern: a `pmap` train step whose per-device `batch_stats` are
     `jax.lax.pmean`ed across devices (`sync_batch_stats`), with a group-whitening model, against the device
     average of float64 NumPy running statistics.
+(c) a small ResNet built as flax's examples/imagenet builds it (norm injected with functools.partial,
+    initialised on one image whose last stage is 1×1), trained a few steps with BW under `pmap` with
+    axis_name and under `jax.jit` on a mesh of Explicit axes; and bw_jax's EfficientNet train step
+    (bw_jax/train/step.py) under the Explicit mesh: parameters and statistics against one device.
 
 Eight devices on a CPU need XLA_FLAGS=--xla_force_host_platform_device_count=8 before JAX is imported, so
-the checks run in a fresh interpreter: this file is also that script, as tests/test_whitening_devices.py.
+the checks run in a fresh interpreter: this file is also that script, as tests/test_whitening_devices.py
+(`python tests/test_whitening_batchnorm_devices.py [efficientnet]`: (a)-(c), or the EfficientNet step alone).
 """
 
 import json
@@ -20,7 +25,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from subprocess_runs import start_test_process
+from subprocess_runs import start_test_process, subprocess_env
 from test_whitening_batchnorm import (EPSILON, MOMENTUM, TOLERANCE, batchnorm_scale, inputs, max_abs_difference,
                                       np_apply, np_cholesky_whitening, np_masked_moments)
 
@@ -93,6 +98,7 @@ def run_device_checks() -> dict[str, float]:
   results['mask_uneven/y'] = max_abs_difference(np_apply(x, mean, np_cholesky_whitening(cov, EPSILON)), y_bw)
 
   results.update(imagenet_style_train_and_sync(x))
+  results.update(resnet_on_devices())
   return results
 
 
@@ -156,25 +162,168 @@ def imagenet_style_train_and_sync(x: np.ndarray) -> dict[str, float]:
   return out
 
 
+def resnet(norm_layer: Any, axis_name: str | None) -> Any:
+  """A 3-stage ResNet of one basic block per stage, as flax's examples/imagenet/models.py builds its ResNets:
+  conv and norm bound once with functools.partial and handed to the blocks."""
+  import functools
+
+  from flax import linen as nn
+  import jax.numpy as jnp
+
+  class ResNetBlock(nn.Module):
+    filters: int
+    conv: Any
+    norm: Any
+    strides: tuple[int, int] = (1, 1)
+
+    @nn.compact
+    def __call__(self, x):
+      y = nn.relu(self.norm()(self.conv(self.filters, (3, 3), self.strides)(x)))
+      y = self.norm(scale_init=nn.initializers.zeros_init())(self.conv(self.filters, (3, 3))(y))
+      if x.shape != y.shape:
+        x = self.norm(name='norm_proj')(self.conv(self.filters, (1, 1), self.strides, name='conv_proj')(x))
+      return nn.relu(x + y)
+
+  class ResNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+      conv = functools.partial(nn.Conv, use_bias=False)
+      norm = functools.partial(norm_layer, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                               axis_name=axis_name)
+      x = nn.relu(norm(name='bn_init')(conv(4, (3, 3), name='conv_init')(x)))
+      for stage in range(3):
+        x = ResNetBlock(4 * 2 ** stage, conv=conv, norm=norm, strides=(2, 2) if stage else (1, 1))(x)
+      return nn.Dense(3)(jnp.mean(x, axis=(1, 2)))
+  return ResNet()
+
+
+def resnet_on_devices() -> dict[str, float]:
+  """Three SGD steps of the ResNet with BW (g = 4) on 8 devices, under pmap and under an explicit mesh,
+  against the same steps on one device with the global batch."""
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import AxisType, PartitionSpec as P
+  import optax
+
+  from bw_jax.nn.whitening import BatchWhitening
+
+  norm = functools.partial(BatchWhitening, group_size=4)
+  rng = np.random.default_rng(5)
+  images = rng.normal(size=(3, 16, 4, 4, 3)).astype(np.float32)  # 3 steps of 16 images: 2 per device
+  labels = rng.integers(0, 3, size=(3, 16))
+  # examples/imagenet/train.py's `initialized`: one image, train=True by default; the last stage is 1×1.
+  variables = jax.jit(resnet(norm, None).init)({'params': jax.random.key(0)}, jnp.ones((1, 4, 4, 3)))
+  out = {'resnet/init_collections': float(set(variables) == {'params', 'batch_stats'})}
+
+  def train_step(model, params, batch_stats, images, labels, axis_name=None):
+    def loss_fn(params):
+      logits, updates = model.apply({'params': params, 'batch_stats': batch_stats}, images,
+                                    mutable=['batch_stats'])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates['batch_stats']
+    grads, batch_stats = jax.grad(loss_fn, has_aux=True)(params)
+    if axis_name is not None:
+      grads = jax.lax.pmean(grads, axis_name)
+    return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads), batch_stats
+
+  def run(step, put_batch=lambda a: a, put_state=lambda tree: tree):
+    params, batch_stats = put_state((variables['params'], variables['batch_stats']))
+    for k in range(3):
+      params, batch_stats = step(params, batch_stats, put_batch(images[k]), put_batch(labels[k]))
+    return params, batch_stats
+
+  single = run(jax.jit(functools.partial(train_step, resnet(norm, None))))
+  per_device = lambda a: a.reshape(DEVICES, -1, *a.shape[1:])
+  pmapped = jax.pmap(functools.partial(train_step, resnet(norm, 'batch'), axis_name='batch'), axis_name='batch',
+                     in_axes=(None, None, 0, 0), out_axes=(None, None))
+  mesh = jax.make_mesh((DEVICES,), ('data',), axis_types=(AxisType.Explicit,))
+  with jax.set_mesh(mesh):
+    explicit = run(jax.jit(functools.partial(train_step, resnet(norm, None))),
+                   lambda a: jax.device_put(a, P('data')), lambda tree: jax.device_put(tree, P()))
+  for placement, result in (('pmap', run(pmapped, per_device)), ('jit_explicit', explicit)):
+    for part, reference, got in zip(('params', 'batch_stats'), single, result):
+      out[f'resnet/{placement}/{part}'] = max(max_abs_difference(a, b) for a, b in zip(
+          jax.tree.leaves(reference), jax.tree.leaves(got)))
+  out['resnet/stats_moved'] = max_abs_difference(variables['batch_stats']['bn_init']['mean'],
+                                                 single[1]['bn_init']['mean'])
+  return out
+
+
+def efficientnet_step_on_explicit_mesh() -> dict[str, float]:
+  """Two steps of bw_jax.train.step.train_step (the smoke config's BW EfficientNet, with dropout and
+  drop-connect) under jax.jit on a mesh of Explicit axes, the batch sharded, against one device."""
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import AxisType, PartitionSpec as P
+  import optax
+
+  from bw_jax.train import step as train_step_module
+  from configs import smoke
+
+  config = smoke.get_config()
+  config.model.dropout_rate, config.model.drop_connect_rate = 0.2, 0.2
+  model = train_step_module.create_model(config, 10)
+  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+  state = train_step_module.TrainState.create(
+      apply_fn=model.apply, params=variables['params'], tx=optax.sgd(0.05), batch_stats=variables['batch_stats'],
+      bw_health=variables['bw_health'], ema_params={})
+  rng = np.random.default_rng(6)
+  batches = [{'image': rng.normal(size=(16, 28, 28, 1)).astype(np.float32), 'label': rng.integers(0, 10, 16),
+              'mask': np.ones(16, np.float32)} for _ in range(2)]
+  step = functools.partial(train_step_module.train_step, model=model, num_classes=10, label_smoothing=0.1,
+                           ema_decay=0.0, learning_rate_fn=optax.constant_schedule(0.05))
+
+  def run(put=lambda tree: tree):
+    compiled, current, losses = jax.jit(step), put(state), []
+    for batch in batches:
+      current, metrics = compiled(current, put(batch), put(jax.random.key(1)))
+      losses.append(metrics['loss'])
+    return current, losses
+
+  single, single_losses = run()
+  mesh = jax.make_mesh((DEVICES,), ('data',), axis_types=(AxisType.Explicit,))
+  with jax.set_mesh(mesh):
+    def put(tree):  # batches sharded on their first axis, the state and keys replicated
+      if isinstance(tree, dict) and 'image' in tree:
+        return jax.device_put(tree, P('data'))
+      return jax.device_put(tree, P())
+    explicit, explicit_losses = run(put)
+  out = {'efficientnet/jit_explicit/loss': max_abs_difference(single_losses, explicit_losses)}
+  for part in ('params', 'batch_stats', 'bw_health'):
+    out[f'efficientnet/jit_explicit/{part}'] = max(max_abs_difference(a, b) for a, b in zip(
+        jax.tree.leaves(getattr(single, part)), jax.tree.leaves(getattr(explicit, part))))
+  out['efficientnet/bw_layers'] = float(len(single.bw_health))
+  return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # (a) axis_name and mask under pmap, (b) the ImageNet example's pmean of batch_stats: 8 devices
 
 
-@pytest.fixture(scope='module')
-def device_results() -> dict[str, float]:
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={DEVICES}', JAX_PLATFORMS='cpu')
+def device_script(*arguments: str) -> dict[str, float]:
+  """This file run as the device script (with `arguments`) on 8 virtual devices: its JSON results."""
+  # This repository's bw_jax first on the path (`subprocess_env`), whatever an installed one says.
+  env = subprocess_env({'XLA_FLAGS': f'--xla_force_host_platform_device_count={DEVICES}'})
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   # A session of its own, killed as a group below, and SIGKILLed by the kernel if pytest itself is killed.
-  process = start_test_process([sys.executable, os.path.abspath(__file__)], cwd=root, env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  process = start_test_process([sys.executable, os.path.abspath(__file__), *arguments], cwd=root, env=env,
+                               text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   try:
-    stdout, stderr = process.communicate(timeout=300)
+    stdout, stderr = process.communicate(timeout=600)
   finally:
     if process.poll() is None:
       os.killpg(process.pid, signal.SIGKILL)
       process.wait()
   assert process.returncode == 0, f'device check script failed:\n{stdout}\n{stderr}'
   return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope='module')
+def device_results() -> dict[str, float]:
+  return device_script()
 
 
 def failures(results: dict[str, float], prefix: str, tolerance: float = TOLERANCE) -> list[str]:
@@ -198,7 +347,27 @@ def test_imagenet_example_pmean_of_batch_stats_averages_the_devices_statistics(d
       failures(device_results, 'pmap_sync/whitening', 1e-4)
 
 
+@pytest.mark.slow  # 8-device script in a new interpreter.
+def test_flax_example_resnet_trains_with_bw_under_pmap_and_an_explicit_mesh_as_on_one_device(device_results):
+  # Initialised as the example does (one image, train=True: a 1×1 last stage), with BatchNorm's collections.
+  assert device_results['resnet/init_collections'] == 1.0
+  assert device_results['resnet/stats_moved'] > 1e-3  # the steps moved the running statistics
+  # Three SGD steps compound float32 round-off of other summation orders through the parameters.
+  assert not failures(device_results, 'resnet/pmap/', 1e-4) + failures(device_results, 'resnet/jit_explicit/', 1e-4)
+
+
+@pytest.mark.slow  # 8-device script compiling two train steps of the smoke model: ~60 s on 2 quiet cores.
+def test_efficientnet_train_step_runs_under_an_explicit_mesh_as_on_one_device():
+  results = device_script('efficientnet')
+  assert results['efficientnet/bw_layers'] > 0  # the smoke model has BW layers (and their counters)
+  # Float32 sums in another order through ~20 layers: the logits of one forward pass differ from one
+  # device's by up to 4e-5 under an Auto mesh and 8e-5 under the Explicit one (of |logits| ≤ 4), the
+  # parameters after two steps by 2e-5 and 7e-5 (of |θ| ≤ 2.7): measured. A wrong statistic moves them by
+  # orders of magnitude more.
+  assert not failures(results, 'efficientnet/jit_explicit/', 5e-4)
+
+
 if __name__ == '__main__':
   from bw_jax.train.runtime import skip_final_garbage_collection
   skip_final_garbage_collection()
-  print(json.dumps(run_device_checks()))
+  print(json.dumps(efficientnet_step_on_explicit_mesh() if sys.argv[1:] == ['efficientnet'] else run_device_checks()))

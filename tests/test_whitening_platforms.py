@@ -3,7 +3,8 @@
 On accelerators the fallback retry is always computed and selected (no conditional that could wait on its
 predicate) and Newton's loop is unrolled; the CPU keeps `lax.cond` and the rolled loop. The lowered text
 still holds `jax.lax.platform_dependent`'s switches on a constant platform index, which XLA folds; the
-checks below fold them first (MLIR inline + canonicalize) and then look for what must not remain.
+checks below fold them first (MLIR inline + canonicalize, then unused functions dropped) and then look for what
+must not remain.
 """
 
 import re
@@ -45,7 +46,7 @@ def folded_training_step_text(method: str, dtype, platform: str, channels: int =
   stablehlo = lowered.compiler_ir('stablehlo')
   with stablehlo.context:
     folded = ir.Module.parse(str(stablehlo))
-    passmanager.PassManager.parse('builtin.module(inline,canonicalize)').run(folded.operation)
+    passmanager.PassManager.parse('builtin.module(inline,canonicalize,symbol-dce)').run(folded.operation)
   return str(folded)
 
 
@@ -61,7 +62,7 @@ def test_accelerator_lowering_has_no_conditional_callback_or_float64(method, pla
     assert call in text, f'{call} missing from the {platform} lowering of {method}'
 
 
-def test_cpu_lowering_keeps_the_conditional_retry_and_the_rolled_newton_loop(monkeypatch):
+def test_cpu_lowering_keeps_the_conditional_retry_and_the_rolled_newton_loop(patch_layer):
   # The same check passes on accelerators only because the forms differ: on the CPU both remain.
   assert 'stablehlo.while' in folded_training_step_text('newton', jnp.float32, 'cpu')
   # Cholesky's two trials are one kernel call where the CPU kernels are built (the retry inside it), else
@@ -69,7 +70,7 @@ def test_cpu_lowering_keeps_the_conditional_retry_and_the_rolled_newton_loop(mon
   text = folded_training_step_text('cholesky', jnp.float32, 'cpu')
   if whitening_matrices.cholesky_kernel_applies(16):
     assert 'BwCholeskyTrialsF32' in text and 'stablehlo.case' not in text
-  monkeypatch.setattr(whitening_matrices, 'cholesky_kernel_applies', lambda group_size: False)
+  patch_layer(whitening_matrices, 'cholesky_kernel_applies', lambda group_size: False)
   text = folded_training_step_text('cholesky', jnp.float32, 'cpu')
   assert 'stablehlo.case' in text and 'BwCholeskyTrials' not in text
 

@@ -4,8 +4,6 @@ References: JAX autodiff of the same forward pass (`autodiff_backward()`), which
 against finite differences, and float64 NumPy formulas.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +12,7 @@ import pytest
 from bw_jax.nn import group_products as gp
 from bw_jax.nn import kernels
 from bw_jax.nn import whitening as bw
+from bw_jax.nn.statistics import BatchStatistics
 from bw_jax.nn.vjp import autodiff_backward, whiten_training
 from test_whitening import (correlated, degenerate_batches, group_covariances, np_apply, np_moments, np_whitening,
                             train_apply)
@@ -139,7 +138,7 @@ def test_one_pass_moments_keep_their_digits_for_a_large_mean():
   mean, cov = np_moments(x, 4)
   x32 = jnp.asarray(x, jnp.float32)
   j_mean, j_cov = bw.batch_moments(x32, 4)
-  naive = np.asarray(gp.group_scatter(x32, 2)) / 4096 - np.stack(
+  naive = np.asarray(gp.group_cross(x32, x32, 2, accumulate=jnp.float32)) / 4096 - np.stack(
       [np.outer(m, m) for m in np.asarray(jnp.mean(x32, 0)).reshape(2, 4)])
   scale = np.abs(cov).max()
   assert np.abs(naive * 4096 / 4095 - cov).max() > 0.1 * scale, 'the naive formula should fail here'
@@ -154,13 +153,17 @@ def test_one_pass_moments_keep_their_digits_for_a_large_mean():
 @pytest.mark.parametrize('channels', [24, 96])
 def test_every_layout_computes_the_numpy_products(layout, channels):
   skip_without_kernels(layout)
+  layout = gp.LAYOUTS[layout]
   rng = np.random.default_rng(5)
   a, b = (rng.normal(size=(40, channels)) for _ in range(2))
   mats = rng.normal(size=(channels // 8, 8, 8))
   blocks = lambda v: v.reshape(40, -1, 8)
   with jax.enable_x64(True):
     cross = gp.group_cross(jnp.asarray(a), jnp.asarray(b), channels // 8, accumulate=jnp.float64, layout=layout)
-    sums = gp.group_sums(jnp.asarray(a), channels // 8, accumulate=jnp.float64, layout=layout)
+    # With a ones column on b: the sums of a per group in the last column.
+    a_in, b_ones = layout.operand(jnp.asarray(a), channels // 8), layout.operand(jnp.asarray(b), channels // 8,
+                                                                               ones=True)
+    sums = layout.cross(a_in, b_ones, 8, jnp.float64, channels=channels)[:, :, 8]
     transform = gp.group_transform([(jnp.asarray(a), jnp.asarray(mats)), (jnp.asarray(b), jnp.asarray(mats))],
                                    layout=layout)
   np.testing.assert_allclose(cross, np.einsum('mgi,mgj->gij', blocks(a), blocks(b)), rtol=1e-12, atol=1e-12)
@@ -169,15 +172,16 @@ def test_every_layout_computes_the_numpy_products(layout, channels):
                              rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize('layout', ['dense', 'batched', 'transposed', 'kernel'])
+@pytest.mark.parametrize('layout', gp.LAYOUTS)
 def test_whitening_with_affine_equals_numpy_and_autodiff_in_every_layout_float64(layout):
   skip_without_kernels(layout)
+  layout = gp.LAYOUTS[layout]
   # γ and β ride in the whitening GEMM's matrix and offset column; their gradients come from the backward
   # pass's cross product. Reference: the float64 NumPy formula, and autodiff for the gradient.
   rng = np.random.default_rng(6)
   x, weights = correlated(77, (40, 24)), rng.normal(size=(40, 24))
   scale, bias = rng.uniform(0.5, 2.0, size=24), rng.normal(size=24)
-  statistics = functools.partial(bw._batch_statistics, method='cholesky', epsilon=1e-3, newton_iterations=5)
+  statistics = BatchStatistics(method='cholesky', epsilon=1e-3)
   with jax.enable_x64(True):
     whiten = lambda x, scale, bias: whiten_training(x, 3, statistics, scale=scale, bias=bias, layout=layout)[0]
     loss = lambda *args: jnp.sum(weights * whiten(*args))
@@ -197,7 +201,7 @@ def test_whitening_with_affine_equals_numpy_and_autodiff_in_every_layout_float64
 
 def test_layout_cost_model_follows_the_measured_table():
   # Without the CPU kernels (test_kernels.py covers the choice with them).
-  assert [gp.xla_cpu_layout(c) for c in (32, 64, 96, 240, 1152)] == ['dense'] * 2 + ['batched'] * 3
+  assert [gp.xla_cpu_layout(c).name for c in (32, 64, 96, 240, 1152)] == ['dense'] * 2 + ['batched'] * 3
 
 
 # bfloat16

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from bw_jax.checks import check_choice
 from bw_jax.nn.dtypes import accumulation_dtype
+from bw_jax.nn.sharding import sample_axes
 
 IMPLEMENTATIONS = ('auto', 'xla', 'shift')
 
@@ -132,8 +133,10 @@ def _kernel_grad(g: jax.Array, x_pad: jax.Array, kernel_size: int, strides: int)
     return jnp.stack([jnp.sum(tap.astype(acc) * g_chunk.astype(acc), axis=(0, 1, 2))
                       for _, tap in _taps(x_chunk, k, strides)])
 
-  chunk = max(1, KERNEL_GRAD_CHUNK_BYTES // (x_pad[0].size * x_pad.dtype.itemsize))
-  if x_pad.size * x_pad.dtype.itemsize <= CHUNKED_KERNEL_GRAD_BYTES or chunk >= n:
+  chunk = max(1, KERNEL_GRAD_CHUNK_BYTES // (math.prod(x_pad.shape[1:]) * x_pad.dtype.itemsize))
+  # Under explicit sharding of the batch each device sums its own images (and chunks of a sharded batch
+  # would be slices JAX refuses): no loop.
+  if x_pad.size * x_pad.dtype.itemsize <= CHUNKED_KERNEL_GRAD_BYTES or chunk >= n or sample_axes(x_pad):
     total = tap_sums(x_pad, g)
   else:
     whole = n - n % chunk  # the n % chunk last images are summed outside the loop

@@ -126,6 +126,35 @@ conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_out', 'uniform')
 
 
+class Dropout(nn.Dropout):
+  """flax's Dropout with its mask drawn sharded as the input is: under explicit sharding flax 0.12 draws a
+  replicated mask, which `lax.select` refuses to pair with a sharded batch. Elsewhere the same random bits
+  and outputs as flax's."""
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array, deterministic: bool | None = None, rng: jax.Array | None = None):
+    deterministic = nn.merge_param('deterministic', self.deterministic, deterministic)
+    if self.rate == 0.0 or deterministic:
+      return inputs
+    if self.rate == 1.0:
+      return jnp.zeros_like(inputs)
+    keep = 1.0 - self.rate
+    rng = self.make_rng(self.rng_collection) if rng is None else rng
+    dropped = {d % inputs.ndim for d in self.broadcast_dims}  # whole along these: the mask has size 1 there
+    shape = tuple(1 if d in dropped else n for d, n in enumerate(inputs.shape))
+    mask = jax.random.bernoulli(rng, keep, shape, out_sharding=mask_sharding(inputs, dropped))
+    return jax.lax.select(jnp.broadcast_to(mask, inputs.shape), inputs / keep, jnp.zeros_like(inputs))
+
+
+def mask_sharding(inputs: jax.Array, dropped: set[int]) -> jax.sharding.PartitionSpec | None:
+  """The input's spec without the `dropped` axes under explicit sharding; None (JAX decides) elsewhere."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not mesh.explicit_axes:
+    return None
+  spec = tuple(jax.typeof(inputs).sharding.spec) + (None,) * inputs.ndim
+  return jax.sharding.PartitionSpec(*(None if d in dropped else spec[d] for d in range(inputs.ndim)))
+
+
 class SqueezeExcite(nn.Module):
   """Channel attention: x · sigmoid(W₂ swish(W₁ mean_hw(x))). x: (N, H, W, C) -> (N, H, W, C)."""
   reduced_channels: int
@@ -218,8 +247,8 @@ class MBConv(nn.Module):
       x = self.norm(name='project_bn')(x)
     if spec.stride == 1 and spec.in_channels == spec.out_channels:
       # Stochastic depth: the residual branch of whole examples dropped with probability rate, rescaled.
-      x = nn.Dropout(rate=spec.drop_connect_rate, broadcast_dims=(1, 2, 3), deterministic=not train,
-                     name='drop_connect')(x) + inputs
+      x = Dropout(rate=spec.drop_connect_rate, broadcast_dims=(1, 2, 3), deterministic=not train,
+                  name='drop_connect')(x) + inputs
     return x
 
 
@@ -319,7 +348,7 @@ class EfficientNet(nn.Module):
       x = whiten(x.shape[-1], name='head_bw')(x)
       x = conv(features=head_channels, kernel_size=(1, 1), use_bias=True, name='head_conv')(x)
     x = jnp.mean(nn.swish(x), axis=(1, 2))
-    x = nn.Dropout(rate=dropout, deterministic=not train)(x)
+    x = Dropout(rate=dropout, deterministic=not train)(x)
     x = nn.Dense(features=self.num_classes, kernel_init=dense_kernel_init, dtype=self.dtype,
                  name='classifier')(x)
     return x.astype(jnp.float32)

@@ -82,7 +82,7 @@ def newton_whitening(cov: jax.Array, iterations: int = 5, *, unroll: bool | None
       yz = step(i, yz)
     return yz[1]
 
-  z = per_platform(unroll, lambda: iterate(False), lambda: iterate(True))
+  z = cpu_or_accelerator_form(unroll, lambda: iterate(False), lambda: iterate(True))
   return z * jax.lax.rsqrt(trace)
 
 
@@ -93,7 +93,8 @@ def cholesky_kernel_applies(group_size: int) -> bool:
   return group_size <= CHOLESKY_KERNEL_MAX_GROUP_SIZE and kernels.available()
 
 
-def per_platform(accelerator_choice: bool | None, cpu: Callable[[], Any], accelerator: Callable[[], Any]) -> Any:
+def cpu_or_accelerator_form(accelerator_choice: bool | None, cpu: Callable[[], Any],
+                            accelerator: Callable[[], Any]) -> Any:
   """`accelerator()` if accelerator_choice, `cpu()` if False; None: decided per platform at lowering
   (`jax.lax.platform_dependent`, so that an export for cuda/tpu from a CPU host gets the accelerator form)."""
   if accelerator_choice is None:
@@ -190,7 +191,7 @@ def whitening_matrix_with_fallbacks(
     # retry ran, `pick` never reads its result: exact_ok holds for every group.
     return exact_trial, exact_ok, *jax.lax.cond(jnp.all(exact_ok), lambda: (exact_trial, exact_ok), retry)
 
-  exact_trial, exact_ok, relative_trial, relative_ok = per_platform(
+  exact_trial, exact_ok, relative_trial, relative_ok = cpu_or_accelerator_form(
       accelerator_form, lambda: trials(False), lambda: trials(True))
   diagonal = jax.vmap(jnp.diag)(jax.lax.rsqrt(variances + relative[:, None]))
   usable = exact_ok | relative_ok

@@ -7,15 +7,15 @@ consecutive channels and, per group (docs/design.md §1):
   y = S (x − μ)          with S(Σ_ε) = L⁻¹ (cholesky), UΛ^{-1/2}Uᵀ (zca), Λ^{-1/2}Uᵀ (pca)
                          or T Newton–Schulz steps towards Σ_ε^{-1/2} (newton, IterNorm)
 
-The pure functions (`batch_moments`, `whitening_matrix`, `apply_whitening`) work without Flax; the Linen
-module `BatchWhitening` is a thin drop-in for `flax.linen.BatchNorm` that keeps running statistics.
-S is computed in `whitening_matrices.py`; the products over the activations in `group_products.py`; a
-training step's backward pass is in closed form (`whitening_vjp.py`, `autodiff_backward()` to compare).
+The pure functions (`batch_moments`, `whitening_matrix`, `apply_whitening`, `whiten`) work without Flax;
+the Linen module `BatchWhitening` is a thin drop-in for `flax.linen.BatchNorm` that keeps running statistics
+(`bw_jax.nn.nnx` has the same layer for Flax NNX). Both hand a training step to one pure function,
+`training_step`: the forward pass and its closed-form backward pass are in `vjp.py`, S in `matrices.py`
+(from the batch moments, by `statistics.py`), the products over the activations in `group_products.py`.
 """
 
 from collections.abc import Callable
 import dataclasses
-import functools
 from typing import Any
 
 from flax import linen as nn
@@ -26,14 +26,15 @@ import jax.numpy as jnp
 
 from bw_jax.checks import check_choice, is_positive_int
 from bw_jax.nn.dtypes import accumulation_dtype
-from bw_jax.nn.group_products import DENSE_MAX_CHANNELS, group_cross, group_matmul, shifted_moments
+from bw_jax.nn.group_products import DENSE_MAX_CHANNELS, per_platform_layout  # the first re-exported
 from bw_jax.nn.matrices import (  # the public names of the factorisations, re-exported
     FALLBACK_RIDGE, METHODS, align_row_signs, cholesky_whitening, newton_whitening, pca_whitening,
     whitening_matrix, whitening_matrix_with_fallbacks, zca_whitening)
-from bw_jax.nn.vjp import apply_whitening_folded, autodiff_backward, autodiff_enabled, whiten_training
+from bw_jax.nn.statistics import BatchStatistics, TrainingStatistics
+from bw_jax.nn.vjp import (  # autodiff_backward re-exported, to compare the closed form with autodiff
+    apply_whitening_folded, autodiff_backward, first_counted_sample, shifted_moments, whiten_training)
 
 STAT_SOURCES = ('batch', 'running')
-
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -81,40 +82,30 @@ def batch_moments(
     axis_name: under `shard_map`/`pmap`, the mapped batch axis: moments are summed over it in a single
       collective and describe the global batch.
     axis_index_groups: optional device subsets to reduce over separately (see `jax.lax.psum`).
-    shift: (C,) a value close to the mean (the running mean), subtracted before the one-pass moments used
-      with `axis_name` to avoid cancellation; never differentiated. Without it: the first included sample
-      (`group_products.shifted_moments`), or 0 with `axis_name`.
+    shift: (C,) a value close to the mean (the running mean) that the one-pass moments are taken about, to
+      avoid cancellation; never differentiated. Without it: the first included sample, or 0 with
+      `axis_name` (a shift must be the same on every device).
     mask: (N, ...) booleans broadcastable to x.shape[:-1]: the samples the moments count (True), as
       BatchNorm's mask but one value for all channels of a sample. m is the number of True samples.
 
   Returns:
     mean (C,) and cov (G, g, g) with the 1/(m−1) normalisation, m counted over all reduced devices;
-    float32 (float64 for float64 input).
+    float32 (float64 for float64 input). Fewer than 2 counted samples estimate no spread: cov is then 0.
   """
   channels = x.shape[-1]
   groups = num_groups(channels, group_size)
-  if axis_name is None and mask is None:  # one pass, shifted by a sample; XLA inserts any collectives.
-    samples = x.reshape(-1, channels)
-    return shifted_moments(samples, groups, samples[0])
-  samples = x.reshape(-1, channels).astype(accumulation_dtype(x.dtype))
-  if mask is None:
-    weights = jnp.ones(samples.shape[:1], samples.dtype)
-  else:
-    weights = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape[:-1]).reshape(-1).astype(samples.dtype)
-  if shift is None:  # the first included sample; under axis_name a shift common to all devices: 0
-    shift = jnp.zeros((channels,), samples.dtype) if axis_name is not None else samples[jnp.argmax(weights)]
-  shift = jax.lax.stop_gradient(shift).astype(samples.dtype)  # its influence on the moments cancels
-  shifted = samples - shift
-  weighted = shifted * weights[:, None]
-  sums = (jnp.sum(weights), jnp.sum(weighted, axis=0), group_cross(weighted, shifted, groups,
-                                                                   accumulate=samples.dtype))
-  if axis_name is not None:
-    sums = jax.lax.psum(sums, axis_name, axis_index_groups=axis_index_groups)
-  count, total, second = sums
-  offset = total / count
-  offset_g = offset.reshape(groups, -1)
-  cov = (second - count * offset_g[:, :, None] * offset_g[:, None, :]) / (count - 1)
-  return offset + shift, cov
+  samples = x.reshape(-1, channels)
+  weights = None if mask is None else jnp.broadcast_to(jnp.asarray(mask, bool), x.shape[:-1]).reshape(-1)
+  dtype = accumulation_dtype(x.dtype)
+  if shift is None:
+    shift = jnp.zeros((channels,), dtype) if axis_name is not None else first_counted_sample(samples, weights)
+  shift = jax.lax.stop_gradient(shift).astype(dtype)  # its influence on the moments cancels
+  reduction = None if axis_name is None else (axis_name, axis_index_groups)
+
+  def moments(layout, samples, shift, weights):
+    _, offset, cov, _ = shifted_moments(layout, samples, groups, shift, weights, reduction)
+    return shift + offset, cov
+  return per_platform_layout(channels, channels // groups, moments, samples, shift, weights)
 
 
 def apply_whitening(x: jax.Array, mean: jax.Array, whitening: jax.Array, scale: jax.Array | None = None,
@@ -126,34 +117,14 @@ def apply_whitening(x: jax.Array, mean: jax.Array, whitening: jax.Array, scale: 
                                 (scale, bias)).reshape(x.shape)
 
 
-def _batch_statistics(mean: jax.Array, cov: jax.Array, state: Any, **settings: Any):
-  """`whiten`'s statistics: the batch mean and S of the batch covariance (see `whiten_training`)."""
-  del state
-  return (mean, whitening_matrix(cov, **settings)), ()
-
-
 def whiten(
     x: jax.Array, group_size: int | None = None, method: str = 'cholesky', epsilon: float = 1e-5,
     newton_iterations: int = 5,
 ) -> jax.Array:
   """Whiten a batch with its own statistics (training-mode BatchWhitening, no affine): (N, ..., C)."""
-  groups = num_groups(x.shape[-1], group_size)
-  if is_traced(x):
-    return _whiten(x, groups=groups, method=method, epsilon=epsilon, newton_iterations=newton_iterations)
-  # Called eagerly: one compiled program, as BatchWhitening's (the same operations, rounded alike).
-  return _whiten_compiled(x, groups=groups, method=method, epsilon=epsilon, newton_iterations=newton_iterations,
-                          autodiff=autodiff_enabled())
-
-
-def _whiten(x: jax.Array, *, groups: int, **settings: Any) -> jax.Array:
-  """`whiten` with G = `groups` and the settings of `whitening_matrix`."""
-  return whiten_training(x, groups, functools.partial(_batch_statistics, **settings))[0]
-
-
-@functools.partial(jax.jit, static_argnames=('groups', 'method', 'epsilon', 'newton_iterations', 'autodiff'))
-def _whiten_compiled(x: jax.Array, *, autodiff: bool, **settings: Any) -> jax.Array:
-  with autodiff_backward(autodiff):
-    return _whiten(x, **settings)
+  check_choice('method', method, METHODS)
+  statistics = BatchStatistics(method=method, epsilon=epsilon, newton_iterations=newton_iterations)
+  return whiten_training(x, num_groups(x.shape[-1], group_size), statistics)[0]
 
 
 def check_bw_settings(settings: Any) -> None:
@@ -172,7 +143,8 @@ def check_bw_settings(settings: Any) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class BWSettings:
-  """The BatchWhitening fields a model gives every BW layer (the config's `bw.*`; same names).
+  """The BatchWhitening fields a model gives every BW layer (the config's `bw.*`; same names), and whether
+  the layers keep their health counters (`track_health`: the training loop asks for them).
 
   Defaults follow EfficientNet's BatchNorm (momentum 0.99, ε 1e-3) with groups of 16 channels.
   """
@@ -184,6 +156,7 @@ class BWSettings:
   center_with: str = 'batch'
   whiten_with: str = 'batch'
   newton_iterations: int = 5
+  track_health: bool = False
 
   def __post_init__(self):
     check_bw_settings(self)
@@ -197,15 +170,19 @@ class BWSettings:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Flax module
+# What the Linen and NNX modules share: the input's layout, the running statistics, a training step
 
 
 HEALTH_COLLECTION = 'bw_health'
 HEALTH_COUNTERS = ('fallbacks', 'skipped_updates')
+RUNNING_STATISTICS = ('mean', 'cov', 'whitening')
 
 
 def feature_axis(ndim: int, axis: int | tuple[int, ...]) -> int:
   """`axis` (an int or a 1-tuple, as BatchNorm takes it) as a non-negative index into an ndim-D input."""
+  if ndim < 2:
+    raise ValueError(f'BatchWhitening expects (N, ..., C) with a batch and a channel axis; got a {ndim}-D '
+                     f'input.')
   axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
   if len(axes) != 1 or not isinstance(axes[0], int) or not -ndim <= axes[0] < ndim:
     raise ValueError(f'BatchWhitening whitens along one feature axis: axis must be an int in [-{ndim}, '
@@ -226,6 +203,54 @@ def sample_mask(mask: Any, shape: tuple[int, ...], axis: int) -> jax.Array:
   return jnp.broadcast_to(samples, tuple(n for i, n in enumerate(shape) if i != axis))
 
 
+def initial_running_statistics(channels: int, groups: int) -> dict[str, jax.Array]:
+  """`batch_stats` before any training step: mean 0 (C,), cov and whitening I (G, g, g), float32."""
+  eye = jnp.tile(jnp.eye(channels // groups, dtype=jnp.float32), (groups, 1, 1))
+  return {'mean': jnp.zeros((channels,), jnp.float32), 'cov': eye, 'whitening': eye}
+
+
+def statistics_of(layer: Any, running_whitening: bool) -> TrainingStatistics:
+  """The `TrainingStatistics` of a BatchWhitening module's fields (Linen or NNX)."""
+  return TrainingStatistics(method=layer.method, epsilon=layer.epsilon, newton_iterations=layer.newton_iterations,
+                            momentum=layer.momentum, center_with=layer.center_with, whiten_with=layer.whiten_with,
+                            running_whitening=running_whitening)
+
+
+def training_step(x: jax.Array, mask: jax.Array | None, running: tuple[jax.Array, ...],
+                  affine: tuple[jax.Array | None, jax.Array | None], groups: int,
+                  statistics: TrainingStatistics, axis_name: Any = None, axis_index_groups: Any = None,
+                  ) -> tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, jax.Array]]:
+  """A training step on channels-last x (N, ..., C) with mask (N, ...) or None: y (after γ and β), the
+  running (mean, cov, whitening) it leaves (the previous ones where the batch is skipped, without
+  gradient), and its health events (fallbacks, skipped updates) as float32 scalars."""
+  # Under axis_name the moments are taken about the running mean: a shift that every device shares.
+  shift = running[0] if axis_name is not None else None
+  y, (*new, fell_back, updated) = whiten_training(
+      x, groups, statistics, running, scale=affine[0], bias=affine[1], mask=mask, shift=shift,
+      axis_name=axis_name, axis_index_groups=axis_index_groups)
+  kept = tuple(jnp.where(updated, jax.lax.stop_gradient(value), old).astype(old.dtype)
+               for value, old in zip(new, running))
+  events = (jnp.sum(fell_back & updated).astype(jnp.float32), (~updated).astype(jnp.float32))
+  return y, kept, events
+
+
+def output_dtype(x: jax.Array, affine: tuple[jax.Array | None, ...], dtype: Any) -> Any:
+  """The output dtype: `dtype`, else inferred from the input and γ, β as BatchNorm's."""
+  return canonicalize_dtype(x, *(p for p in affine if p is not None), dtype=dtype)
+
+
+def names_collection(collection_filter: Any, name: str) -> bool:
+  """Whether a Flax collection filter names `name` itself (the name, or a sequence holding it), rather than
+  admitting every collection (True, or the DenyList that `init` uses by default)."""
+  if isinstance(collection_filter, str):
+    return collection_filter == name
+  return isinstance(collection_filter, (list, tuple, set, frozenset)) and name in collection_filter
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The Linen module
+
+
 class BatchWhitening(nn.Module):
   """Batch Whitening: a drop-in for `flax.linen.BatchNorm` that also decorrelates channels.
 
@@ -235,14 +260,16 @@ class BatchWhitening(nn.Module):
 
     mean (C,) init 0;  cov (G, g, g) init I;  whitening (G, g, g) init I = S(cov) of the updated cov.
 
-  Health counters live in their own collection `'bw_health'` (float32 scalars, exact up to 2²⁴ events),
-  kept only when that collection is mutable (declare it like `batch_stats`); BatchNorm code that never
-  names it works unchanged, without counters:
+  Health counters live in their own collection `'bw_health'` (float32 scalars, exact up to 2²⁴ events), kept
+  only when asked for: `track_health=True`, or `mutable` naming the collection (as `batch_stats` is named).
+  Otherwise `init` returns BatchNorm's two collections and BatchNorm code runs unchanged, without counters:
 
     fallbacks — group factorisations (of the batch S and of the running S) in training steps that needed a
       fallback;
-    skipped_updates — training steps whose batch moments were not finite and were left out (also inputs
-      so large, |x| ≳ 1e18 in float32, that the covariance overflows: such a step outputs zeros).
+    skipped_updates — training steps whose batch was left out of the running statistics: moments not finite
+      (also inputs so large, |x| ≳ 1e18 in float32, that the covariance overflows: such a step outputs
+      zeros), or fewer than 2 counted samples (one sample estimates no covariance: such a step centres and
+      does not scale, S = I, as BatchNorm outputs β for one sample).
 
   A training step updates `stat ← momentum·stat + (1−momentum)·batch_stat` (Flax convention) for mean and
   the unbiased cov (1/(m−1), where BatchNorm's var is 1/m; without ridge), then recomputes `whitening`;
@@ -276,6 +303,7 @@ class BatchWhitening(nn.Module):
     center_with: 'batch' centres training inputs on the batch mean; 'running' on the freshly updated
       running mean (gradients flow through its (1−momentum)·batch part).
     whiten_with: 'batch' or 'running': likewise for the covariance that S is computed from.
+    track_health: keep the `bw_health` counters (created by `init`) whenever that collection is mutable.
   """
 
   use_running_average: bool | None = None
@@ -297,6 +325,7 @@ class BatchWhitening(nn.Module):
   newton_iterations: int = 5
   center_with: str = 'batch'
   whiten_with: str = 'batch'
+  track_health: bool = False
 
   def __post_init__(self):
     check_bw_settings(self)
@@ -319,126 +348,34 @@ class BatchWhitening(nn.Module):
     """
     use_running_average = nn.merge_param('use_running_average', self.use_running_average,
                                          use_running_average)
-    if x.ndim < 2:
-      raise ValueError(f'BatchWhitening expects (N, ..., C) with a batch and a channel axis; got shape '
-                       f'{x.shape}.')
     axis = feature_axis(x.ndim, self.axis)
-    samples_mask = None if mask is None else sample_mask(mask, x.shape, axis)
     x_last = jnp.moveaxis(x, axis, -1)
     channels = x_last.shape[-1]
     groups = num_groups(channels, self.group_size)
-    g = channels // groups
-    stacked_eye = lambda: jnp.tile(jnp.eye(g, dtype=jnp.float32), (groups, 1, 1))
-    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((channels,), jnp.float32))
-    ra_cov = self.variable('batch_stats', 'cov', stacked_eye)
-    ra_whitening = self.variable('batch_stats', 'whitening', stacked_eye)
-    counters = self._health_counters()
+    initial = initial_running_statistics(channels, groups)
+    running = [self.variable('batch_stats', name, lambda name=name: initial[name])
+               for name in RUNNING_STATISTICS]
+    keeps_health = self.is_mutable_collection(HEALTH_COLLECTION) and (
+        self.track_health or names_collection(self.scope.mutable, HEALTH_COLLECTION))
+    counters = [self.variable(HEALTH_COLLECTION, name, lambda: jnp.zeros((), jnp.float32))
+                for name in HEALTH_COUNTERS] if keeps_health else []
     scale = self.param('scale', self.scale_init, (channels,), self.param_dtype) if self.use_scale else None
     bias = self.param('bias', self.bias_init, (channels,), self.param_dtype) if self.use_bias else None
 
     if use_running_average:
-      y = apply_whitening(x_last, ra_mean.value, ra_whitening.value, scale, bias)
+      y = apply_whitening(x_last, running[0].value, running[2].value, scale, bias)
     else:
-      y, (new_mean, new_cov, new_whitening, fell_back, finite) = self._train(
-          x_last, groups, samples_mask, (ra_mean.value, ra_cov.value, ra_whitening.value), (scale, bias))
-      if not self.is_initializing():
-        keep_if_finite = lambda new, old: jnp.where(finite, jax.lax.stop_gradient(new), old).astype(old.dtype)
-        ra_mean.value = keep_if_finite(new_mean, ra_mean.value)
-        ra_cov.value = keep_if_finite(new_cov, ra_cov.value)
-        ra_whitening.value = keep_if_finite(new_whitening, ra_whitening.value)
-        for name, events in zip(HEALTH_COUNTERS, (jnp.sum(fell_back & finite), ~finite)):
-          if name in counters:
-            counters[name].value += events.astype(jnp.float32)
-    dtype = canonicalize_dtype(x, *(p for p in (scale, bias) if p is not None), dtype=self.dtype)
-    return jnp.moveaxis(y, -1, axis).astype(dtype)
-
-  def _train(self, x: jax.Array, groups: int, mask: jax.Array | None, running: tuple[jax.Array, ...],
-             affine: tuple[jax.Array | None, jax.Array | None]) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    """y (after γ and β of `affine`) and `training_statistics`' updates for channels-last x (N, ..., C) and
-    mask (N, ...) or None."""
-    # As in flax's BatchNorm, `init` runs outside shard_map/pmap: the axis may not exist yet.
-    axis_name = None if self.is_initializing() else self.axis_name
-    if axis_name is None and mask is None and x.size // x.shape[-1] < 2:
-      raise ValueError(f'BatchWhitening needs at least 2 samples per batch in training to estimate a '
-                       f'covariance; got {x.size // x.shape[-1]} sample (shape {x.shape}, channels last). '
-                       f'Use a larger batch or use_running_average=True.')
-    settings = dict(method=self.method, epsilon=self.epsilon, newton_iterations=self.newton_iterations,
-                    momentum=self.momentum, center_with=self.center_with, whiten_with=self.whiten_with,
-                    running_whitening=not self.is_initializing() and self.whiten_with == 'batch')
-    if axis_name is None and mask is None:  # the closed-form backward pass (whitening_vjp.py)
-      if is_traced(x, running, affine):
-        return _whiten_batch(x, running, *affine, groups=groups, **settings)
-      # Called eagerly (a notebook, a test): one compiled program per shape and settings instead of ~100
-      # dispatched operations, each compiled on its first shape.
-      return _whiten_batch_compiled(x, running, *affine, groups=groups, autodiff=autodiff_enabled(),
-                                    **settings)
-    statistics = functools.partial(training_statistics, **settings)
-    # per-device (masked) sums and one collective, differentiated by autodiff
-    batch = batch_moments(x, self.group_size, axis_name=axis_name, axis_index_groups=self.axis_index_groups,
-                          shift=running[0] if axis_name is not None else None, mask=mask)
-    (mean, whitening), updates = statistics(*batch, running)
-    return apply_whitening(x, mean, whitening, *affine), updates
-
-  def _health_counters(self) -> dict[str, Any]:
-    """The `bw_health` counter variables, or none when the caller does not keep that collection."""
-    if not self.is_mutable_collection(HEALTH_COLLECTION):
-      return {}
-    return {name: self.variable(HEALTH_COLLECTION, name, lambda: jnp.zeros((), jnp.float32))
-            for name in HEALTH_COUNTERS}
-
-
-def is_traced(*trees: Any) -> bool:
-  """Whether any array of `trees` is being traced into a program (jit, grad, vmap, …): then a layer's
-  operations belong to that program; otherwise they run eagerly, one by one."""
-  return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees))
-
-
-def _whiten_batch(x: jax.Array, running: tuple[jax.Array, ...], scale: jax.Array | None,
-                  bias: jax.Array | None, *, groups: int, **settings: Any):
-  """`BatchWhitening._train` without mask or axis name: `whiten_training` with `training_statistics`."""
-  return whiten_training(x, groups, functools.partial(training_statistics, **settings), running, scale=scale,
-                         bias=bias)
-
-
-@functools.partial(jax.jit, static_argnames=('groups', 'autodiff', 'method', 'epsilon', 'newton_iterations',
-                                             'momentum', 'center_with', 'whiten_with', 'running_whitening'))
-def _whiten_batch_compiled(x, running, scale, bias, *, groups, autodiff, **settings):
-  """`_whiten_batch` as one compiled program, for eager calls; `autodiff`: `autodiff_enabled()` of the caller
-  (read at trace time, so it is part of the cache key)."""
-  with autodiff_backward(autodiff):
-    return _whiten_batch(x, running, scale, bias, groups=groups, **settings)
-
-
-def training_statistics(
-    batch_mean: jax.Array, batch_cov: jax.Array, running: tuple[jax.Array, jax.Array, jax.Array], *,
-    method: str, epsilon: float, newton_iterations: int, momentum: float, center_with: str,
-    whiten_with: str, running_whitening: bool,
-) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, ...]]:
-  """A training step's (μ_c, S) and updated running statistics, from the batch moments: the (C,) and
-  (G, g, g) part of BatchWhitening, which `whiten_training` differentiates by autodiff.
-
-  Args:
-    batch_mean, batch_cov: (C,), (G, g, g) moments of the batch.
-    running: the stored (mean, cov, whitening).
-    running_whitening: also factorise the updated running covariance (for eval), in the same batched call.
-  Returns:
-    (μ_c (C,), S (G, g, g)) and (new mean, new cov, new whitening, fell_back (G or 2G,), finite ()).
-  """
-  ra_mean, ra_cov, ra_whitening = running
-  groups = batch_cov.shape[0]
-  new_mean, new_cov = ema(ra_mean, batch_mean, momentum), ema(ra_cov, batch_cov, momentum)
-  mean = batch_mean if center_with == 'batch' else new_mean
-  covs = [batch_cov if whiten_with == 'batch' else new_cov]
-  if running_whitening:
-    covs.append(jax.lax.stop_gradient(new_cov))
-  whitenings, fell_back = whitening_matrix_with_fallbacks(jnp.concatenate(covs), method, epsilon,
-                                                          newton_iterations, differentiable_groups=groups)
-  if method == 'pca':
-    whitenings = align_row_signs(whitenings, jnp.tile(ra_whitening, (len(covs), 1, 1)))
-  finite = jnp.all(jnp.isfinite(batch_mean)) & jnp.all(jnp.isfinite(batch_cov))
-  return (mean, whitenings[:groups]), (new_mean, new_cov, whitenings[-groups:], fell_back, finite)
-
-
-def ema(running: jax.Array, batch: jax.Array, momentum: float) -> jax.Array:
-  """Flax's running-average convention: momentum·running + (1 − momentum)·batch."""
-  return momentum * running + (1.0 - momentum) * batch
+      # As in flax's BatchNorm, `init` runs outside shard_map/pmap (the axis may not exist yet) and updates
+      # nothing.
+      initializing = self.is_initializing()
+      statistics = statistics_of(self, running_whitening=not initializing and self.whiten_with == 'batch')
+      y, new_running, events = training_step(
+          x_last, None if mask is None else sample_mask(mask, x.shape, axis), tuple(v.value for v in running),
+          (scale, bias), groups, statistics, axis_name=None if initializing else self.axis_name,
+          axis_index_groups=self.axis_index_groups)
+      if not initializing:
+        for variable, value in zip(running, new_running):
+          variable.value = value
+        for counter, count in zip(counters, events):
+          counter.value += count
+    return jnp.moveaxis(y, -1, axis).astype(output_dtype(x, (scale, bias), self.dtype))

@@ -25,9 +25,10 @@ class TrainState(train_state.TrainState):
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int) -> EfficientNet:
-  """The EfficientNet of `config.model` (its `num_classes` when set, else the dataset's)."""
+  """The EfficientNet of `config.model` (its `num_classes` when set, else the dataset's), its BW layers
+  keeping their health counters (the `bw_health` collection)."""
   fields = config.model.to_dict()
-  fields['bw'] = BWSettings(**fields['bw'])
+  fields['bw'] = BWSettings(**fields['bw'], track_health=True)  # the loop reports BW's health counters
   if fields['num_classes'] is None:
     fields['num_classes'] = num_classes
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32

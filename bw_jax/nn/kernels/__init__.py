@@ -43,7 +43,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 import jaxlib
+
+from bw_jax.nn.sharding import rows_spec, sample_axes, summed_sharding
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ('group_products.cc', 'cholesky.cc'))
 _TARGETS = {  # (kind, dtype) -> FFI target name, the handler's symbol
@@ -182,7 +185,7 @@ def _by_group(a: jax.Array, groups: int) -> jax.Array:
 def cross_reference(a, sa, b, sb, *, groups: int) -> jax.Array:
   """group_cross in jnp: (m, C) ×2, (C,) ×2 -> (G, g, g + 1)."""
   d_a, d_b = _by_group(a - sa, groups), _by_group(b - sb, groups)
-  cross = jnp.einsum('mgi,mgj->gij', d_a, d_b)
+  cross = jnp.einsum('mgi,mgj->gij', d_a, d_b, out_sharding=summed_sharding())
   return jnp.concatenate([cross, jnp.sum(d_a, axis=0)[:, :, None]], axis=2)
 
 
@@ -231,18 +234,42 @@ def _with_reference_derivatives(kernel: Callable[..., jax.Array], reference: Cal
   return function
 
 
+def _on_shards(kernel: Callable[..., jax.Array], operands: tuple[jax.Array, ...], rows: tuple[int, ...],
+               summed: bool) -> jax.Array:
+  """kernel(*operands), each device computing it on its own shard of the samples where they are sharded over
+  explicit mesh axes (`jax.shard_map`): the operands at `rows` (m, C) split by rows, the others whole; a
+  `summed` result (a sum over the samples) added over the shards in one psum of its (G, g, g + 1), else the
+  result's rows left where the samples lie. Elsewhere (one device, Auto meshes, inside shard_map or pmap)
+  the kernel itself: a custom call is opaque to XLA's partitioner, which gathers its operands."""
+  axes = next((found for found in (sample_axes(operands[i]) for i in rows) if found), ())
+  if not axes:
+    return kernel(*operands)
+  spec = rows_spec(axes)
+  in_specs = tuple(spec if i in rows else PartitionSpec() for i in range(len(operands)))
+  operands = tuple(jax.sharding.reshard(a, s) for a, s in zip(operands, in_specs))  # no-op when placed so
+
+  def local(*shards: jax.Array) -> jax.Array:
+    out = kernel(*shards)
+    return jax.lax.psum(out, axes) if summed else out
+  return jax.shard_map(local, in_specs=in_specs, out_specs=PartitionSpec() if summed else spec,
+                       axis_names=set(axes))(*operands)
+
+
 def _cross_kernel(a, sa, b, sb, *, groups):
   g = a.shape[1] // groups
-  return _call('GroupCross', jax.ShapeDtypeStruct((groups, g, g + 1), a.dtype), a, sa, b, sb)
+  kernel = lambda a, sa, b, sb: _call('GroupCross', jax.ShapeDtypeStruct((groups, g, g + 1), a.dtype), a, sa, b, sb)
+  return _on_shards(kernel, (a, sa, b, sb), rows=(0, 2), summed=True)
 
 
 def _transform_kernel(a, sa, matrices, offset):
-  return _call('GroupTransform', jax.ShapeDtypeStruct(a.shape, a.dtype), a, sa, jnp.swapaxes(matrices, 1, 2), offset)
+  kernel = lambda a, *rest: _call('GroupTransform', jax.ShapeDtypeStruct(a.shape, a.dtype), a, *rest)
+  return _on_shards(kernel, (a, sa, jnp.swapaxes(matrices, 1, 2), offset), rows=(0,), summed=False)
 
 
 def _transform2_kernel(a, sa, a_matrices, b, sb, b_matrices, offset):
-  return _call('GroupTransform2', jax.ShapeDtypeStruct(a.shape, a.dtype), a, sa, jnp.swapaxes(a_matrices, 1, 2), b,
-               sb, jnp.swapaxes(b_matrices, 1, 2), offset)
+  kernel = lambda a, *rest: _call('GroupTransform2', jax.ShapeDtypeStruct(a.shape, a.dtype), a, *rest)
+  operands = (a, sa, jnp.swapaxes(a_matrices, 1, 2), b, sb, jnp.swapaxes(b_matrices, 1, 2), offset)
+  return _on_shards(kernel, operands, rows=(0, 3), summed=False)
 
 
 def group_cross(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, groups: int) -> jax.Array:
