@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from bw_jax.models.depthwise import DepthwiseConv
 from bw_jax.checks import check_choice
-from bw_jax.nn.group_products import group_matmul, xla_cpu_layout
+from bw_jax.nn.group_products import xla_cpu_layout
 from bw_jax.nn.whitening import BWSettings, fit_group_size
 
 
@@ -185,7 +185,8 @@ class FixedWhitening(nn.Module):
     kernel = self.param('kernel', lambda _, shape: jnp.tile(jnp.eye(g), (groups, 1, 1)), (groups, g, g))
     bias = self.param('bias', nn.initializers.zeros, (channels,))
     samples = x.reshape(-1, channels).astype(jnp.float32)
-    y = group_matmul(samples, kernel, layout=xla_cpu_layout(channels)) + bias
+    layout = xla_cpu_layout(channels)  # Per group y_g = x_g Sᵀ.
+    y = layout.back(layout.transform(layout.operand(samples, groups), kernel)) + bias
     return y.reshape(x.shape).astype(self.dtype)
 
 
