@@ -30,6 +30,7 @@ def saved(tmp_path):
   """checkpoints/3 and checkpoints/6 of the smoke config, the kernel offset by the step."""
   directory = str(tmp_path / 'checkpoints')
   checkpoints = ckpt.Checkpoints(directory, smoke.get_config())
+  checkpoints.restore_latest(tiny_state())  # As a run does: the first records its config.
   for step in (3, 6):
     checkpoints.save(tiny_state(float(step), step))
   checkpoints.close()
@@ -109,7 +110,9 @@ def test_safe_and_allowed_changes_resume_with_a_note(saved, capsys):
     ckpt.Checkpoints(saved, config)
   assert 'num_train_steps: the checkpoints' not in str(error.value)
   config.resume_allow_changes = 'dataset.shuffle_buffer'
-  ckpt.Checkpoints(saved, config).close()
+  checkpoints = ckpt.Checkpoints(saved, config)
+  checkpoints.restore_latest(tiny_state())
+  checkpoints.close()
   out = capsys.readouterr().out
   for key in ('num_train_steps', 'log_every_steps', 'dataset.shuffle_buffer'):
     assert f'{key}: the checkpoints were written with' in out
@@ -119,7 +122,9 @@ def test_safe_and_allowed_changes_resume_with_a_note(saved, capsys):
 
 def test_checkpoints_without_a_stored_config_resume_and_store_it(saved, capsys):
   os.remove(os.path.join(saved, 'config.json'))
-  ckpt.Checkpoints(saved, smoke.get_config()).close()
+  checkpoints = ckpt.Checkpoints(saved, smoke.get_config())
+  assert int(checkpoints.restore_latest(tiny_state()).step) == 6
+  checkpoints.close()
   assert 'no config.json' in capsys.readouterr().out
   with open(os.path.join(saved, 'config.json')) as f:
     assert json.load(f)['batch_size'] == 16
@@ -127,7 +132,30 @@ def test_checkpoints_without_a_stored_config_resume_and_store_it(saved, capsys):
 
 def test_a_fresh_directory_stores_the_config(tmp_path):
   directory = str(tmp_path / 'checkpoints')
-  ckpt.Checkpoints(directory, smoke.get_config()).close()
+  checkpoints = ckpt.Checkpoints(directory, smoke.get_config())
+  assert not os.path.exists(os.path.join(directory, 'config.json'))  # Recorded once the run has a state.
+  checkpoints.restore_latest(tiny_state())
+  checkpoints.close()
   with open(os.path.join(directory, 'config.json')) as f:
     assert json.load(f) == json.loads(json.dumps(smoke.get_config().to_dict()))
   shutil.rmtree(directory)
+
+
+def test_a_checkpoint_of_other_shapes_is_a_mismatch_not_damage_and_the_record_stays(saved):
+  """A state of other shapes than the checkpoints' (a kernel (3, 3) where they hold (2, 3)) with a change
+  allowed on purpose: the restore says which arrays differ and that the checkpoints are intact; nothing is
+  moved aside, and config.json keeps the config that wrote them (a rerun of that config still resumes)."""
+  config = smoke.get_config()
+  config.learning_rate, config.resume_allow_changes = 0.5, 'learning_rate'
+  with open(os.path.join(saved, 'config.json')) as f:
+    record = f.read()
+  checkpoints = ckpt.Checkpoints(saved, config)
+  wider = tiny_state().replace(params={'dense': {'kernel': jnp.zeros((3, 3)), 'bias': jnp.zeros((3,))}})
+  with pytest.raises(ckpt.ConfigMismatchError) as error:
+    checkpoints.restore_latest(wider)
+  message = str(error.value)
+  assert 'params/dense/kernel: the checkpoint holds (2, 3), this run (3, 3)' in message
+  assert 'damaged' not in message and 'Move' not in message
+  assert sorted(os.listdir(saved)) == ['3', '6', 'config.json']
+  with open(os.path.join(saved, 'config.json')) as f:
+    assert f.read() == record

@@ -18,6 +18,7 @@ from absl import logging
 import flax
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 # Keys a resumed run may change without mixing two runs: how long it trains and how often it logs,
@@ -85,6 +86,23 @@ def check_resumed_config(directory: str, stored: dict[str, Any], config: ml_coll
     say(f'Resuming with a changed setting: {difference_line(key, values)}.')
 
 
+def state_shape_differences(stored: Any, target: Any) -> list[str]:
+  """'path: the checkpoint holds (2, 3), this run (3, 3)' for every array whose shape differs between a
+  checkpoint's metadata tree and a target state dict, and a line for each array only one of them has."""
+  shape = lambda leaf: tuple(leaf.shape) if hasattr(leaf, 'shape') else np.shape(leaf)
+  held = {k: shape(v) for k, v in flax.traverse_util.flatten_dict(stored, sep='/').items()}
+  wanted = {k: shape(v) for k, v in flax.traverse_util.flatten_dict(target, sep='/').items()}
+  lines = []
+  for path in sorted(set(held) | set(wanted)):
+    if path not in wanted:
+      lines.append(f'{path}: in the checkpoint, not in this run\'s state')
+    elif path not in held:
+      lines.append(f'{path}: in this run\'s state, not in the checkpoint')
+    elif held[path] != wanted[path]:
+      lines.append(f'{path}: the checkpoint holds {held[path]}, this run {wanted[path]}')
+  return lines
+
+
 def saved_steps(workdir: str) -> list[int]:
   """The steps of the finished checkpoints in `workdir/checkpoints`, ascending (Orbax names them by step;
   its temporary folders, config.json and corrupt-* are other names)."""
@@ -142,9 +160,10 @@ class Checkpoints:
         max_to_keep=config.keep_checkpoints, create=True,
         enable_async_checkpointing=jax.process_count() == 1))
     self.directory = directory
-    self._store_config(config)
+    self._config = config
+    self._check_config(config)
 
-  def _store_config(self, config: ml_collections.ConfigDict) -> None:
+  def _check_config(self, config: ml_collections.ConfigDict) -> None:
     path = os.path.join(self.directory, CONFIG_FILE)
     if self.manager.latest_step() is not None:
       if os.path.exists(path):
@@ -153,9 +172,14 @@ class Checkpoints:
       else:
         say(f'{self.directory} holds checkpoints but no {CONFIG_FILE} (written before configs were stored); '
             'resuming without comparing configs.')
-    if jax.process_index() == 0:  # The config this run trains with; a later resume compares with it.
+
+  def _store_config(self) -> None:
+    """Records the config this run trains with, which a later resume compares with: only once the state
+    is restored (or there was none), so that a failed resume leaves the record of the run that wrote them."""
+    path = os.path.join(self.directory, CONFIG_FILE)
+    if jax.process_index() == 0:
       with open(path + '.tmp', 'w') as f:
-        json.dump(json_config(config), f, indent=2)
+        json.dump(json_config(self._config), f, indent=2)
       os.replace(path + '.tmp', path)
 
   def save(self, state: Any) -> None:
@@ -171,6 +195,7 @@ class Checkpoints:
     quiet_abandoned_read_callbacks()  # Before the reads: a failing one's threads report while it fails.
     failures = []
     for step in sorted(self.manager.all_steps(), reverse=True):
+      self._check_shapes(step, target)
       try:
         restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
       except Exception as e:  # Orbax and TensorStore raise many types for a damaged folder.
@@ -184,13 +209,32 @@ class Checkpoints:
         self.manager.reload()
         say(f'restored the checkpoint of step {step} instead.')
       logging.info('Restored checkpoint of step %d from %s', step, self.directory)
+      self._store_config()
       return flax.serialization.from_state_dict(state, restored)
     if failures:
       raise CheckpointError(
           f'No checkpoint in {self.directory} loads:\n  ' +
           '; '.join(f'step {step}: {reason}' for step, reason in failures) +
           f'\nMove the damaged folders out of {self.directory} to start afresh there, or use another --workdir.')
+    self._store_config()
     return state
+
+  def _check_shapes(self, step: int, target: dict[str, Any]) -> None:
+    """Raises ConfigMismatchError when checkpoint `step` holds arrays of other shapes or another structure
+    than `target`: the config differs in a key that shapes the state, and the checkpoint is intact. A
+    checkpoint whose metadata does not load is left to the restore, which reports it as damaged."""
+    try:
+      stored = self.manager.item_metadata(step).tree
+    except Exception:  # Damaged: the restore that follows says why.
+      return
+    differences = state_shape_differences(stored, target)
+    if differences:
+      shown = differences[:5] + ([f'… and {len(differences) - 5} more'] if len(differences) > 5 else [])
+      raise ConfigMismatchError(
+          f'The checkpoint of step {step} in {self.directory} holds a train state of other shapes than this '
+          'config builds; the checkpoints are intact and nothing was moved:\n  ' + '\n  '.join(shown) +
+          f'\nResume with the config that wrote them ({os.path.join(self.directory, CONFIG_FILE)}), or use '
+          'another --workdir for this config.')
 
   def _move_aside(self, step: int) -> str:
     """Renames the folder of `step` to corrupt-<step>-<time> (process 0; the others see the rename)."""
