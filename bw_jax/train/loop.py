@@ -307,17 +307,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # The eval lines warn when the fallbacks grow.
   fallbacks_seen = bw_totals(bw_health(state.batch_stats, state.bw_health))[0]
 
+  def fetch_window() -> list[tuple[int, dict]]:
+    """The window's metrics on the host (each step's fetched once), checked finite."""
+    window[:] = [(s, jax.device_get(m)) for s, m in window]
+    check_finite(window, config, last_checkpoint)
+    return window
+
   def flush_window() -> dict[str, float]:
-    fetched = [(s, jax.device_get(m)) for s, m in window]
+    """The means over every step since the last log line; starts the next window."""
+    fetched = list(fetch_window())
     window.clear()
-    check_finite(fetched, config, last_checkpoint)
     return {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[0][1]} if fetched else {}
 
   def save() -> None:
     nonlocal last_checkpoint
     # Never checkpoint a state whose loss went non-finite, nor one whose last update did (a step's loss is
-    # taken before its update).
-    flush_window()
+    # taken before its update). The window stays: the next log line shows the mean of all its steps.
+    fetch_window()
     if not all_finite(state.params):
       raise non_finite_error('The parameters became non-finite', int(state.step), config, last_checkpoint)
     checkpoints.save(state)
