@@ -21,6 +21,7 @@ import pytest
 from bw_jax.train.checkpoints import latest_checkpoint_step
 from bw_jax.train.config.files import load_config_file
 from bw_jax.train.config.validation import validate_config
+from bw_jax.train.plan import DataCounts
 from bw_jax.sweep import __main__ as sweep_cli
 from bw_jax.sweep import promote as sweep_promote
 from bw_jax.sweep import report as sweep_report
@@ -108,31 +109,38 @@ def test_values_and_specs_are_checked_against_what_the_code_allows():
     sweep_space.check_sweep_config(config)
   message = str(error.value)
   assert "search_space.optimizer = 'adam': config.optimizer='adam' is not supported; choose one of 'sgd'" in message
-  assert 'search_space.model.mbconv_type = 4: mbconv_type=4 is not supported; choose one of 0, 1, 2, 3' in message
+  assert ('search_space.model.mbconv_type = 4: config.model.mbconv_type=4 is not supported; choose one of 0, 1, '
+          '2, 3') in message
   assert "search_space.model.bw.epsilon: 'log_float' needs low > 0" in message
   assert 'search_space.num_epochs: the training length is the trial budget' in message
   assert "search_space.learning_rate: 'float' takes (low, high)" in message
   assert "search_space.optimizer = 'sgd'" not in message
 
 
+def counts(train_examples: int) -> DataCounts:
+  """A train split of `train_examples` (the schedule's lengths depend on nothing else of the data)."""
+  return DataCounts(train_examples, eval_examples=1_000, num_classes=10)
+
+
 @pytest.mark.parametrize('name, num_examples', [('fashion_mnist', 60_000), ('tiny_imagenet', 100_000),
                                                 ('smoke', 60_000)])
 def test_sweep_files_schedules_complete_within_a_trial(name, num_examples):
   config = load_config_file(os.path.join(REPO, 'configs', 'sweeps', f'{name}.py'))
-  assert sweep_space.schedule_errors(config, sweep_space.check_sweep_config(config), num_examples) == []
+  assert sweep_space.schedule_errors(config, sweep_space.check_sweep_config(config), counts(num_examples)) == []
   # Even on a tenth of the data (an epoch 10× shorter) for the relative tiny_imagenet schedule.
   if name == 'tiny_imagenet':
-    assert sweep_space.schedule_errors(config, sweep_space.check_sweep_config(config), num_examples // 10) == []
+    assert sweep_space.schedule_errors(config, sweep_space.check_sweep_config(config),
+                                       counts(num_examples // 10)) == []
 
 
 def test_searched_schedule_values_are_checked_one_by_one():
   config = smoke_sweep_with(warmup_epochs=('float', 0.0, 0.0001), decay_epochs=('float', 0.001, 1.0))
   space = sweep_space.check_sweep_config(config)
-  errors = sweep_space.schedule_errors(config, space, 60_000)  # 3750 steps of 16 per epoch, 4-step trials.
+  errors = sweep_space.schedule_errors(config, space, counts(60_000))  # 3750 steps of 16 per epoch, 4-step trials.
   assert len(errors) == 1 and errors[0].startswith("search_space.decay_epochs = 1.0: the 'exponential' schedule "
                                                    'decays every 3750 steps')
   config.search_space.warmup_epochs = ('float', 0.0, 0.01)  # 38 steps: longer than the trial.
-  errors = sweep_space.schedule_errors(config, sweep_space.check_sweep_config(config), 60_000)
+  errors = sweep_space.schedule_errors(config, sweep_space.check_sweep_config(config), counts(60_000))
   assert errors[1].startswith('search_space.warmup_epochs = 0.01: the warm-up (warmup_epochs=0.01: 38 steps) '
                               'does not finish within the 4 steps') and len(errors) == 2
 
