@@ -2,14 +2,11 @@
 after a successful restore, a summary of the steps that trained, and bad data refused before anything is
 written (smoke config; the runs share their compiled programs)."""
 
-import contextlib
 import gzip
-import io
 import json
 import os
 import shutil
 
-import jax
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -19,11 +16,7 @@ from bw_jax.data import fashion_mnist
 from bw_jax.train import loop as train
 from bw_jax.train import programs
 from configs import smoke
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-jax.config.update('jax_compilation_cache_dir', os.path.join(REPO, '.pytest_cache', 'jax_compilation'))
-jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+from test_train import train_capturing_console  # Also sets the suite's compilation cache.
 
 
 def scalars(workdir: str) -> dict[str, dict[int, float]]:
@@ -33,20 +26,13 @@ def scalars(workdir: str) -> dict[str, dict[int, float]]:
           for tag in events.Tags()['tensors'] if events.SummaryMetadata(tag).plugin_data.plugin_name == 'scalars'}
 
 
-def train_quietly(config, workdir: str) -> tuple[dict, str]:
-  console = io.StringIO()
-  with contextlib.redirect_stdout(console):
-    summary = train.train_and_evaluate(config, workdir)
-  return summary, console.getvalue()
-
-
 @pytest.fixture(scope='module')
 def six_steps(tmp_path_factory):
   """(workdir, console) of the smoke config's 6 steps: a log line every 2 steps, a checkpoint every 3."""
   workdir = str(tmp_path_factory.mktemp('six_steps'))
   config = smoke.get_config()
   assert (config.log_every_steps, config.checkpoint_every_steps, config.num_train_steps) == (2, 3, 6)
-  return workdir, train_quietly(config, workdir)[1]
+  return workdir, train_capturing_console(config, workdir)[1]
 
 
 @pytest.mark.slow  # Trains the smoke config twice (one compile).
@@ -57,7 +43,7 @@ def test_logged_metrics_are_the_means_of_every_step_since_the_last_log_line(six_
   workdir, console = six_steps
   config = smoke.get_config()
   config.log_every_steps = 1
-  train_quietly(config, str(tmp_path))
+  train_capturing_console(config, str(tmp_path))
   each_step, logged = scalars(str(tmp_path)), scalars(workdir)
   for tag in ('train/loss', 'train/accuracy', 'train/learning_rate'):
     assert sorted(each_step[tag]) == [1, 2, 3, 4, 5, 6] and sorted(logged[tag]) == [2, 4, 6]
@@ -75,7 +61,7 @@ def test_a_rerun_with_fewer_steps_records_the_steps_that_ran(six_steps, tmp_path
   workdir = shutil.copytree(six_steps[0], str(tmp_path / 'run'))
   config = smoke.get_config()
   config.num_train_steps = 3
-  summary, console = train_quietly(config, workdir)
+  summary, console = train_capturing_console(config, workdir)
   with open(os.path.join(workdir, 'summary.json')) as f:
     written = json.load(f)
   assert written['step'] == summary['step'] == 6

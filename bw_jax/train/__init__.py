@@ -1,5 +1,5 @@
-"""The training system: config schema and validation (`config/`), the sharded loop (`loop`), checkpoints,
-and the command line's error handling. `train_and_evaluate` is imported on first use, so that reading a
+"""The training system: the config key table and validation (`config/`), the run's plan (`plan`), its compiled
+programs (`programs`), the sharded loop (`loop`), checkpoints, and the command line's error handling. `train_and_evaluate` is imported on first use, so that reading a
 config does not load the input pipeline."""
 
 import importlib

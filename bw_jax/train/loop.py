@@ -1,6 +1,7 @@
 """Training and evaluation: `train_and_evaluate(config, workdir) -> summary` (docs/design.md §4).
 
-`jax.jit` over a Mesh of all devices: each global batch is sharded on the `data` axis, so BN and BW
+The config is resolved once into a `Plan` (bw_jax/train/plan.py), which the loop reads; the programs it runs
+come from `programs.programs_for(plan)`: `jax.jit` over a Mesh of all devices: each global batch is sharded on the `data` axis, so BN and BW
 statistics are those of the global batch; the train state is replicated. Orbax checkpoints in
 `workdir/checkpoints` hold the whole state; the step is also the data position (batches are a function of
 the step), and dropout keys are `fold_in(seed key, step)`, so a resumed run repeats the uninterrupted one.
