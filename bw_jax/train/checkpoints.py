@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 
 from bw_jax.train.config.rules import Resume
 from bw_jax.train.config.schema import KEY_TABLE, keys_where
+from bw_jax.train.plan import Plan
 
 # Keys a resumed run may change without mixing two runs (the key table's Resume.SAFE): how long it trains and
 # how often it logs, evaluates and saves; where the data lives. `config.resume_allow_changes` names more.
@@ -162,7 +163,7 @@ class Checkpoints:
   run's config in `directory/config.json` (`Plan.record`): a resume with a config that differs beyond
   SAFE_TO_CHANGE and `config.resume_allow_changes` stops here, before anything compiles."""
 
-  def __init__(self, directory: str, plan: Any):
+  def __init__(self, directory: str, plan: Plan):
     # Saved in the background on one process. On several, synchronously: Orbax's background finalisation asks
     # for the preemption sync point with the saved (older) step, which would move process 0's step counter
     # back while JAX's preemption service may be reading it (see train.PreemptionNotice). The state is small
