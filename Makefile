@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup data train test test-fast bench bench-accelerator clean
+.PHONY: setup data train test test-fast bench bench-accelerator device-wheels notebook clean
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
@@ -46,7 +46,20 @@ bench: setup
 
 # On a GPU or TPU machine: train step, BW layer, input pipeline and a float64 check in ≤ 8 minutes (one H100).
 bench-accelerator: setup
-	$(BIN)/python benchmarks/accelerator.py --json accelerator.json
+	$(BIN)/python benchmarks/accelerator.py --out runs/accelerator
+
+# For benchmarks/device_run.sh on a machine without a registry: the pure-Python wheels its image lacks (it has
+# JAX, Flax, Optax, Orbax, absl-py, PyYAML), at requirements.txt's pins, for its Python 3.12 on x86-64.
+DEVICE_WHEELS ?= device_wheels
+DEVICE_WHEEL_PACKAGES := ml-collections
+device-wheels:
+	$(PYTHON) -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+	  --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 --dest $(DEVICE_WHEELS) \
+	  $(foreach package,$(DEVICE_WHEEL_PACKAGES),$$(grep -i '^$(package)==' requirements.txt))
+
+# The Colab notebook, run here and stored with its outputs (figures visible where the repository is browsed).
+notebook: setup data
+	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python colab/execute.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -15,6 +15,7 @@ from typing import Any
 
 import flax
 import jax
+import jaxlib
 
 from bw_jax.nn import group_products
 from bw_jax.nn import matrices as whitening_matrices
@@ -28,7 +29,7 @@ def environment() -> list[str]:
   cpu = next((line.split(':', 1)[1].strip() for line in _lines('/proc/cpuinfo')
               if line.startswith('model name')), platform.processor() or 'unknown')
   device = jax.devices()[0]
-  return [f'jax {jax.__version__}, jaxlib {jax.lib.__version__}, flax {flax.__version__}, '
+  return [f'jax {jax.__version__}, jaxlib {jaxlib.__version__}, flax {flax.__version__}, '
           f'Python {platform.python_version()}',
           f'backend {jax.default_backend()}, device {device.device_kind} ({device}), '
           f'{len(jax.devices())} device(s)',

@@ -3,9 +3,10 @@
     from bw_jax import BatchWhitening, EfficientNet
 
 The names below are imported on first use, so that `import bw_jax` stays cheap: the layer and the model
-need JAX and Flax only; `train_and_evaluate` also loads TensorFlow (the input pipeline). Subpackages,
+need JAX and Flax only (`pip install bw_jax`); `train_and_evaluate` needs the [train] extra. Subpackages,
 each importing only the ones listed before it: `nn` (the layer library), `models` (EfficientNet), `data`
-(input pipelines), `train` (configs, the loop, checkpoints), `sweep` (random search and comparisons).
+(input pipelines) and `train` (configs, the loop, checkpoints) with the [train] extra, `sweep` (random search
+and comparisons) with the [sweep] extra; `extras` says which extra a missing package belongs to.
 """
 
 import importlib

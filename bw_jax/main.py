@@ -19,20 +19,29 @@ import os
 import sys
 from typing import Any, Mapping
 
+from bw_jax.extras import MissingExtraError
+
+try:
+  import bw_jax.train  # noqa: F401  Checks the [train] extra before the imports below need it.
+except MissingExtraError as error:  # `python -m bw_jax.main` without it: that one line, no traceback.
+  raise SystemExit(f'error: {error}') from None
+
 from absl import app
 from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
 
+from bw_jax.nn.kernels import KernelBuildError
 from bw_jax.train import loop as train
-from bw_jax.train.checkpoints import CheckpointError, latest_checkpoint_step
-from bw_jax.train.cli_errors import exit_with_error
+from bw_jax.train.checkpoints import CheckpointError, CheckpointSaveError, latest_checkpoint_step
+from bw_jax.train.cli_errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_PREEMPTED, debugging, exit_with_error,
+                                     exiting_within_grace)
 from bw_jax.train.config.files import add_config_root, config_path_in_flags
+from bw_jax.train.health import BWHealthError
 from bw_jax.train.runtime import configure_cpu_dispatch, skip_final_garbage_collection
 
 FLAGS = flags.FLAGS
-EXIT_INTERRUPTED = 130  # The shell's status for a process stopped by Ctrl-C (128 + SIGINT).
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard logs and summary.json.')
 DISTRIBUTED_MODES = ('env', 'auto', 'off')
 flags.DEFINE_enum('distributed', 'env', DISTRIBUTED_MODES,
@@ -43,9 +52,13 @@ config_flags.DEFINE_config_file('config', None, 'Training configuration file (co
                                 lock_config=True)
 flags.DEFINE_bool('debug', False, 'Show the traceback of a bad-input error (also: BW_JAX_DEBUG=1).')
 flags.mark_flags_as_required(['config', 'workdir'])
-# Bad input, reported as one line with exit status 2 (bw_jax/train/cli_errors.py): invalid or changed configs (ValueError),
-# missing or damaged data (DataNotFoundError is a FileNotFoundError), no loadable checkpoint.
+# Each one line on stderr (bw_jax/train/cli_errors.py). Bad input, exit status 2: invalid or changed configs
+# (ValueError), missing or damaged data (DataNotFoundError is a FileNotFoundError), no loadable checkpoint, a
+# workdir that is a file, not writable or in use by another run (WorkdirError is a ValueError).
 BAD_INPUT = (ValueError, FileNotFoundError, CheckpointError)
+# A run that failed, exit status 1: it diverged (its values' result: rerunning does not help), a file could
+# not be written (a full disk, a checkpoint that could not be saved), the machine's C++ compiler fails.
+RUN_FAILURES = (train.NonFiniteLossError, BWHealthError, CheckpointSaveError, OSError, KernelBuildError)
 
 
 def quiet_library_info(record: std_logging.LogRecord) -> bool:
@@ -53,6 +66,16 @@ def quiet_library_info(record: std_logging.LogRecord) -> bool:
   at start-up which backends it did not find. Their warnings and errors still show."""
   noisy = ('/orbax/' in record.pathname or record.pathname.endswith('xla_bridge.py'))
   return record.levelno >= std_logging.WARNING or not noisy
+
+
+def one_line_library_errors(record: std_logging.LogRecord) -> bool:
+  """Cuts Orbax's error records to their first line, without the tracebacks of its threads (a failed save
+  logs ~330 lines): the failure reaches the main thread, which reports it in one `error:` line. --debug
+  keeps them whole."""
+  if '/orbax/' in record.pathname and record.levelno >= std_logging.ERROR:
+    record.msg, record.args = (record.getMessage().splitlines() or [''])[0][:300], ()
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+  return True
 
 
 def distributed_initialize_args(mode: str, environ: Mapping[str, str]) -> dict[str, Any] | None:
@@ -73,8 +96,12 @@ def distributed_initialize_args(mode: str, environ: Mapping[str, str]) -> dict[s
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, with a bad `--config.key=value` override (which config_flags raises as a bare
-  AttributeError or KeyError, three chained tracebacks) reported as one line."""
+  """absl's parsing, with a missing --config file and a bad `--config.key=value` override (which config_flags
+  raises as tracebacks: an OSError, or a bare AttributeError or KeyError, three chained) reported as one line."""
+  path = config_path_in_flags(argv[1:])
+  if path is not None and not os.path.isfile(path):
+    exit_with_error(ValueError(f'--config={path}: no such file; give a config file such as configs/default.py.'),
+                    argv)
   try:
     return FLAGS(argv)
   except flags.Error as e:
@@ -83,10 +110,21 @@ def parse_flags(argv: list[str]) -> list[str]:
     exit_with_error(e, argv, prefix='bad --config override: ')
 
 
+def stop_message(summary: dict[str, Any]) -> str:
+  """What a run stopped by a signal says; the checkpoint of its step is saved."""
+  if summary['signal'] == 'SIGINT':
+    return (f"Stopped by Ctrl-C (SIGINT) at step {summary['step']}; its checkpoint is saved: rerun the same "
+            'command to resume.')
+  return (f"Stopped by SIGTERM at step {summary['step']}; its checkpoint is saved: rerun the same command to "
+          f'resume (exit status {EXIT_PREEMPTED}).')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}; settings go in --config.key=value.')
   logging.get_absl_handler().addFilter(quiet_library_info)
+  if not debugging(sys.argv):
+    logging.get_absl_handler().addFilter(one_line_library_errors)
   configure_cpu_dispatch()  # Before anything creates the devices.
   initialize_args = distributed_initialize_args(FLAGS.distributed, os.environ)
   if initialize_args is not None:
@@ -95,26 +133,25 @@ def main(argv):
     summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)  # Creates the workdir once the data is found.
   except BAD_INPUT as e:
     exit_with_error(e, sys.argv)
+  except RUN_FAILURES as e:
+    exit_with_error(e, sys.argv, status=EXIT_FAILURE)
   except KeyboardInterrupt:  # A second Ctrl-C (the first one saves and stops).
     step = latest_checkpoint_step(FLAGS.workdir)
     kept = f'the checkpoint of step {step} is kept' if step is not None else 'no checkpoint was written'
     print(f'Ctrl-C again: stopped at once without saving; {kept}.', flush=True)
     sys.exit(EXIT_INTERRUPTED)
+  if summary.get('preempted'):  # Every host: a scheduler requeues a job whose processes fail.
+    if jax.process_index() == 0:
+      print(stop_message(summary), flush=True)
+    sys.exit(EXIT_INTERRUPTED if summary['signal'] == 'SIGINT' else EXIT_PREEMPTED)
   if jax.process_index() == 0:
-    if summary.get('signal') == 'SIGINT':
-      print(f"Stopped by Ctrl-C (SIGINT) at step {summary['step']}; its checkpoint is saved: rerun the same "
-            'command to resume.', flush=True)
-      sys.exit(EXIT_INTERRUPTED)
-    if summary.get('preempted'):
-      print(f"Stopped by SIGTERM at step {summary['step']}; rerun the same command to resume.")
-    else:
-      print(f"eval_accuracy {summary['eval_accuracy']:.4f} after {summary['step']} steps\n"
-            f"Summary: {os.path.join(FLAGS.workdir, 'summary.json')}\n"
-            f'TensorBoard: tensorboard --logdir {FLAGS.workdir}')
+    print(f"eval_accuracy {summary['eval_accuracy']:.4f} after {summary['step']} steps\n"
+          f"Summary: {os.path.join(FLAGS.workdir, 'summary.json')}\n"
+          f'TensorBoard: tensorboard --logdir {FLAGS.workdir}')
 
 
 if __name__ == '__main__':
   skip_final_garbage_collection()
   if (config_path := config_path_in_flags(sys.argv[1:])) is not None:
     add_config_root(config_path)  # Before the flags load it: its `from configs import …` works from anywhere.
-  app.run(main, flags_parser=parse_flags)
+  exiting_within_grace(lambda: app.run(main, flags_parser=parse_flags))

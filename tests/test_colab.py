@@ -75,11 +75,16 @@ def executed(tmp_path_factory):
   return nb
 
 
-def test_notebook_is_stored_without_outputs():
+def test_notebook_is_committed_with_its_outputs():
+  """`make notebook` stores the run: every code cell executed in order, none failed, every figure drawn (the
+  figures are what a reader browsing the repository sees)."""
   nb = nbformat.read(NOTEBOOK, as_version=4)
   nbformat.validate(nb)
   code = [cell for cell in nb.cells if cell.cell_type == 'code']
-  assert code and all(not cell.outputs and cell.execution_count is None for cell in code)
+  assert [cell.execution_count for cell in code] == list(range(1, len(code) + 1)), 'run `make notebook`'
+  assert not [out for cell in code for out in cell.outputs if out.output_type == 'error']
+  for tag in FIGURE_CELLS + ('sweep-plot',):
+    assert has_png(tagged(nb, tag)), f'the committed notebook has no figure in its {tag!r} cell: run `make notebook`'
 
 
 @pytest.mark.slow  # Executes the notebook.

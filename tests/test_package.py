@@ -7,7 +7,6 @@ import glob
 import importlib.metadata
 import json
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -20,6 +19,7 @@ import pytest
 
 import bw_jax
 from bw_jax.nn import kernels
+from installs import PIP, build_wheel, check_run, site_packages
 from subprocess_runs import COMPILATION_CACHE_ENV, REPO, run_process, subprocess_env
 
 with open(os.path.join(REPO, 'pyproject.toml'), 'rb') as f:
@@ -42,12 +42,13 @@ def requirements_txt_pins() -> dict[str, str]:
   return pins
 
 
-def third_party_imports(path: str) -> set[str]:
-  """Top-level names of the non-standard-library modules a Python file imports, anywhere in it."""
+def third_party_imports(path: str, module_level_only: bool = False) -> set[str]:
+  """Top-level names of the non-standard-library modules a Python file imports with `import` statements:
+  anywhere in it, or only those run when it is imported."""
   with open(path) as f:
     tree = ast.parse(f.read())
   names = set()
-  for node in ast.walk(tree):
+  for node in module_level_nodes(tree) if module_level_only else ast.walk(tree):
     if isinstance(node, ast.Import):
       names.update(alias.name.split('.')[0] for alias in node.names)
     elif isinstance(node, ast.ImportFrom) and node.level == 0:
@@ -55,31 +56,93 @@ def third_party_imports(path: str) -> set[str]:
   return {n for n in names if n not in sys.stdlib_module_names and n not in ('bw_jax', '__future__')}
 
 
-def test_every_declared_dependency_has_its_lower_bound_pinned_in_requirements_txt():
-  pins = requirements_txt_pins()
-  declared = {}
-  for requirement in CORE + [r for rs in EXTRAS.values() for r in rs]:
-    if canonicalize_name(requirement.name) == 'bw-jax':
-      continue  # [postgres] includes [sweep].
-    lower = [s.version for s in requirement.specifier if s.operator == '>=']
-    declared[canonicalize_name(requirement.name)] = lower
-  mismatched = {name: (lower, pins.get(name)) for name, lower in declared.items() if lower != [pins.get(name)]}
-  assert not mismatched, f'pyproject lower bound vs requirements.txt pin: {mismatched}'
-  assert set(pins) - set(declared) == PINNED_ONLY
+def imports_naming_their_extra(path: str) -> dict[str, str]:
+  """{top-level module name: extra} of the file's `import_extra(module, part, extra)` calls (bw_jax.extras),
+  which import a package when a function runs and name the extra that installs it."""
+  with open(path) as f:
+    calls = [node for node in ast.walk(ast.parse(f.read()))
+             if isinstance(node, ast.Call) and getattr(node.func, 'id', None) == 'import_extra']
+  assert all(isinstance(a, ast.Constant) for call in calls for a in (call.args[0], call.args[2])), path
+  return {call.args[0].value.split('.')[0]: call.args[2].value for call in calls}
 
 
-def test_every_third_party_import_of_the_package_is_a_declared_dependency():
-  distributions = importlib.metadata.packages_distributions()
-  core = {canonicalize_name(r.name) for r in CORE}
-  sweep = core | {canonicalize_name(r.name) for r in EXTRAS['sweep']}
+def module_level_nodes(tree: ast.Module) -> list[ast.AST]:
+  """The nodes Python runs when it imports the module: everything but the bodies of functions."""
+  nodes, todo = [], list(tree.body)
+  while todo:
+    node = todo.pop()
+    nodes.append(node)
+    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+      todo.extend(ast.iter_child_nodes(node))
+  return nodes
+
+
+def distribution_names(module: str) -> set[str]:
+  return {canonicalize_name(d) for d in importlib.metadata.packages_distributions().get(module, [module])}
+
+
+def declared(*parts: str) -> set[str]:
+  """Distribution names of the core dependencies and of the extras `parts` (their own extras included)."""
+  requirements = CORE + [r for part in parts for r in EXTRAS[part]]
+  names = {canonicalize_name(r.name) for r in requirements}
+  for r in requirements:
+    names |= declared(*r.extras) if canonicalize_name(r.name) == 'bw-jax' else set()
+  return names - {'bw-jax'}
+
+
+# Which extra each part of the package needs; the layer, the model and the rest need the core alone.
+PART_EXTRAS = {'train': ('train',), 'data': ('train',), 'main.py': ('train',), 'sweep': ('sweep',)}
+
+
+def part_of(path: str) -> str:
+  return os.path.relpath(path, os.path.join(REPO, 'bw_jax')).split(os.sep)[0]
+
+
+def test_every_third_party_import_of_the_package_is_declared_by_its_part_or_the_extra_it_names():
   undeclared = {}
   for path in glob.glob(os.path.join(REPO, 'bw_jax', '**', '*.py'), recursive=True):
-    allowed = sweep if os.sep + 'sweep' + os.sep in path else core
-    for module in third_party_imports(path):
-      names = {canonicalize_name(d) for d in distributions.get(module, [module])}
-      if not names & allowed:
+    wanted = [(module, PART_EXTRAS.get(part_of(path), ())) for module in third_party_imports(path)]
+    wanted += [(module, (extra,)) for module, extra in imports_naming_their_extra(path).items()]
+    for module, extras in wanted:
+      if not distribution_names(module) & declared(*extras):
         undeclared[os.path.relpath(path, REPO)] = module
   assert not undeclared
+  assert imports_naming_their_extra(os.path.join(REPO, 'bw_jax', 'data', 'tf_imports.py')) == {
+      'tensorflow': 'train', 'tensorflow_datasets': 'train'}  # What the test reads.
+
+
+def required_modules(package_init: str) -> set[str]:
+  """Top-level names of the modules a package's `require(part, extra, (modules...))` checks."""
+  with open(package_init) as f:
+    calls = [node for node in ast.walk(ast.parse(f.read()))
+             if isinstance(node, ast.Call) and getattr(node.func, 'id', None) == 'require']
+  call, = calls
+  return {element.value.split('.')[0] for element in call.args[2].elts}
+
+
+@pytest.mark.parametrize('package', ['train', 'data', 'sweep'])
+def test_an_optional_package_checks_every_package_its_modules_import_when_imported(package):
+  # What its modules import as they are imported: each must be core, or checked by the package's
+  # `require` first (one line naming the extra rather than a ModuleNotFoundError from one module).
+  checked = required_modules(os.path.join(REPO, 'bw_jax', package, '__init__.py'))
+  core = {canonicalize_name(r.name) for r in CORE}
+  paths = glob.glob(os.path.join(REPO, 'bw_jax', package, '**', '*.py'), recursive=True)
+  if package == 'train':
+    paths.append(os.path.join(REPO, 'bw_jax', 'main.py'))  # It imports bw_jax.train first.
+  unchecked = {}
+  for path in paths:
+    for module in third_party_imports(path, module_level_only=True) - checked:
+      if not distribution_names(module) & core:
+        unchecked[os.path.relpath(path, REPO)] = module
+  assert not unchecked
+  for module in checked:  # And `require` checks nothing its extra does not install.
+    assert distribution_names(module) & declared(*PART_EXTRAS[package]), module
+
+
+def test_the_core_install_is_jax_flax_and_numpy():
+  # The layer and the model need nothing else (the test above); the training system comes with [train].
+  assert {canonicalize_name(r.name) for r in CORE} == {'jax', 'jaxlib', 'flax', 'numpy'}
+  assert {canonicalize_name(r.name) for r in EXTRAS['train']} >= {'tensorflow-cpu', 'clu', 'ml-collections'}
 
 
 def test_public_names_are_those_of_their_modules():
@@ -110,13 +173,6 @@ def test_import_bw_jax_loads_no_framework_until_a_name_is_used():
   assert done.stdout.splitlines() == ['[]', "['jax', 'flax']"]
 
 
-def test_sweep_without_optuna_names_the_extra_to_install():
-  done = run_python("import sys\nsys.modules['optuna'] = None  # As if not installed.\n"
-                    "import runpy\nrunpy.run_module('bw_jax.sweep', run_name='__main__')")
-  assert done.returncode == 1
-  assert "python -m bw_jax.sweep needs the sweep extra: pip install 'bw_jax[sweep]'" in done.stderr
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The wheel, installed outside the checkout
 
@@ -124,29 +180,19 @@ def test_sweep_without_optuna_names_the_extra_to_install():
 @pytest.fixture(scope='module')
 def installed(tmp_path_factory) -> dict[str, str]:
   """A wheel built from a copy of the checkout's package files, installed into a new virtual environment
-  that also sees this environment's site-packages (the dependencies; their .pth files, such as an editable
-  bw_jax's, are not run) and nothing of the checkout. No network: --no-index, --no-deps."""
+  that also sees this environment's site-packages (the dependencies, the [train] extra's included; their .pth
+  files, such as an editable bw_jax's, are not run) and nothing of the checkout. No network: --no-index,
+  --no-deps. The core install alone: test_install_environments.py."""
   root = tmp_path_factory.mktemp('installed')
-  source, dist, venv, cwd = (str(root / name) for name in ('source', 'dist', 'venv', 'elsewhere'))
-  shutil.copytree(os.path.join(REPO, 'bw_jax'), os.path.join(source, 'bw_jax'),
-                  ignore=shutil.ignore_patterns('__pycache__'))
-  for name in ('pyproject.toml', 'README.md'):
-    shutil.copy(os.path.join(REPO, name), source)
+  venv, cwd = str(root / 'venv'), str(root / 'elsewhere')
   os.makedirs(cwd)
-  pip = [sys.executable, '-m', 'pip', '--disable-pip-version-check', '--no-input']
-  steps = [[*pip, 'wheel', '--no-deps', '--no-build-isolation', '--no-index', '--wheel-dir', dist, source],
-           [sys.executable, '-m', 'venv', '--without-pip', venv]]
-  for step in steps:
-    done = run_process(step, timeout=300)
-    assert done.returncode == 0, f'{step}:\n{done.stdout}\n{done.stderr}'
-  wheel, = glob.glob(os.path.join(dist, 'bw_jax-*.whl'))
+  wheel = build_wheel(str(root))
+  check_run([sys.executable, '-m', 'venv', '--without-pip', venv])
   python = os.path.join(venv, 'bin', 'python')
-  done = run_process([*pip, '--python', python, 'install', '--no-deps', '--no-index', '--ignore-installed', wheel],
-                     timeout=300)
-  assert done.returncode == 0, done.stdout + done.stderr
-  site_packages = run_python('import sysconfig; print(sysconfig.get_paths()["purelib"])', python, cwd)
+  check_run([sys.executable, *PIP, '--python', python, 'install', '--no-deps', '--no-index', '--ignore-installed',
+             wheel])
   ours = {sysconfig.get_paths()['purelib'], sysconfig.get_paths()['platlib']}
-  with open(os.path.join(site_packages.stdout.strip(), 'dependencies.pth'), 'w') as f:
+  with open(os.path.join(site_packages(python), 'dependencies.pth'), 'w') as f:
     f.write('\n'.join(sorted(ours)) + '\n')
   env = {k: v for k, v in subprocess_env().items() if k != 'PYTHONPATH'}
   # The test suite's persistent compilation cache (tests/test_train.py): the smoke programs compile once.

@@ -464,6 +464,91 @@ def test_promote_writes_nothing_below_the_quality_floor_and_says_why(sgd_study, 
   assert not os.path.exists(tmp_path / 'out')
 
 
+def formula_schedule(peak: float, warmup: float, total: float, shape: str, period: float = 1.0, rate: float = 1.0):
+  """The learning rate at steps t by its formula, in float64: linear from 0 to `peak` over `warmup` steps, then a
+  cosine to 0 at `total` or a staircase times `rate` every `period` steps."""
+  def at(t):
+    t = np.asarray(t, np.float64)
+    after = np.maximum(t - warmup, 0.0)
+    if shape == 'cosine':
+      decayed = peak * 0.5 * (1 + np.cos(np.pi * np.minimum(after / (total - warmup), 1.0)))
+    else:
+      decayed = peak * rate ** np.floor(after / period)
+    return np.where(t < warmup, peak * t / max(warmup, 1e-12), decayed)
+  return at
+
+
+def promoted_schedule(path, devices: int, num_examples: int):
+  """(the learning rate at steps t, total steps) of the promoted config at `path`, on `devices` devices, as
+  train_and_evaluate builds it from that config."""
+  from bw_jax.train.optim import learning_rate_fn
+  from bw_jax.train.plan import plan_for
+  config = load_config_file(str(path))
+  plan = plan_for(config, DataCounts(num_examples, 1, config.model.num_classes or 1000), devices)
+  schedule = learning_rate_fn(plan.schedule, plan.peak_learning_rate)
+  return (lambda t: np.asarray([schedule(int(step)) for step in np.round(t)], np.float64)), plan.num_train_steps
+
+
+def test_a_promoted_schedule_is_the_trials_shape_at_the_targets_length(sgd_study, tmp_path):
+  """Trial 0 (nesterov, cosine, 8 of its 40 steps of warm-up, 0.1 per 256 images) promoted onto imagenet.py
+  and run on 16 devices (batch 2048, 350 epochs of ImageNet): its rate warms up over 20 % of the run to
+  0.1 · 2048 / 256 = 0.8 and falls along a cosine to 0, as the formula says; at every fraction of the run it
+  is the trial's rate times the ratio of the two peaks."""
+  from bw_jax.data import dataset_module
+  sweep_promote.promote(sgd_study, 1, os.path.join(REPO, 'configs', 'imagenet.py'), str(tmp_path), 'runs')
+  rate, total = promoted_schedule(tmp_path / 'stem1_mbconv0_head1.py', 16,
+                                  dataset_module('imagenet2012').INFO.num_examples['train'])
+  assert total == 350 * (1281167 // 2048)
+  steps = np.linspace(0, total, 81)
+  np.testing.assert_allclose(rate(steps), formula_schedule(0.8, round(0.2 * total), total, 'cosine')(np.round(steps)),
+                             rtol=1e-5, atol=1e-7)
+  trial = formula_schedule(0.1 * 16 / 256, 8, 40, 'cosine')
+  fractions = np.array([0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 0.95])
+  np.testing.assert_allclose(rate(fractions * total) / 0.8, trial(fractions * 40) / (0.1 * 16 / 256), atol=1e-4)
+
+
+@pytest.fixture(scope='module')
+def rmsprop_study():
+  """One RMSProp trial of a sweep whose training config (configs/sweeps/smoke.py's) halves the rate every 4
+  steps without warm-up, with a weight EMA; 40 steps a trial."""
+  sweep = load_config_file(SMOKE_SWEEP)
+  sweep.train.ema_decay, sweep.trial_budget.num_train_steps = 0.999, 40
+  sweep.search_space = ml_collections.ConfigDict({
+      'model': {'stem_type': ('categorical', (1, 2))}, 'learning_rate': ('log_float', 0.001, 0.1),
+      'optimizer': ('categorical', ('rmsprop_tf', 'nesterov'))})
+  healthy = {'eval_loss': 1.0, 'bw_fallbacks': 0, 'train_examples': 60_000}
+  return study_of(sweep, [({'model.stem_type': 1, 'learning_rate': 0.016, 'optimizer': 'rmsprop_tf'}, 0.8, healthy)])
+
+
+def test_an_rmsprop_trial_promoted_onto_an_sgd_base_keeps_its_recipe_and_schedule_shape(rmsprop_study, tmp_path):
+  """Onto configs/default.py (nesterov, cosine; 7 epochs of 468 steps of 128): the promoted run trains with TF's
+  RMSProp, the trial's staircase (halving at every tenth of the run, as the trial's 40 steps halved every 4)
+  and EMA; its first update is TF1 RMSProp's by the formula."""
+  from bw_jax.train.optim import create_optimizer, learning_rate_fn
+  from bw_jax.train.plan import plan_for
+  sweep_promote.promote(rmsprop_study, 1, os.path.join(REPO, 'configs', 'default.py'), str(tmp_path), 'runs')
+  path = tmp_path / 'stem1_mbconv0_head1.py'
+  config = load_config_file(str(path))
+  validate_config(config)
+  assert (config.optimizer, config.learning_rate, config.lr_schedule, config.decay_rate, config.ema_decay) == (
+      'rmsprop_tf', 0.016, 'exponential', 0.5, 0.999)
+  rate, total = promoted_schedule(path, 1, 60_000)
+  assert total == 7 * (60_000 // 128)
+  peak = 0.016 * 128 / 256
+  middles = np.arange(10) / 10 + 0.05  # Of each tenth of the run: away from the steps where the rate halves.
+  np.testing.assert_allclose(rate(middles * total) / peak, 0.5 ** np.arange(10), rtol=1e-6)  # float32 rates.
+  trial = formula_schedule(0.016 * 16 / 256, 0, 40, 'exponential', period=4, rate=0.5)
+  np.testing.assert_allclose(trial(middles * 40) / (0.016 * 16 / 256), 0.5 ** np.arange(10))
+  # TF1 RMSProp's first step (squared average starting at 1, ε inside the root, L2 weight decay on kernels).
+  plan = plan_for(config, DataCounts(60_000, 1, 10), 1)
+  assert plan.steps_per_epoch == 468
+  optimizer = create_optimizer(config, learning_rate_fn(plan.schedule, plan.peak_learning_rate), config.weight_decay)
+  kernel, gradient = np.full((2, 3), 0.5), np.linspace(-1.0, 1.0, 6).reshape(2, 3)
+  updates, _ = optimizer.update({'kernel': gradient}, optimizer.init({'kernel': kernel}), {'kernel': kernel})
+  g = gradient + config.weight_decay * kernel
+  np.testing.assert_allclose(updates['kernel'], -peak * g / np.sqrt(0.9 + 0.1 * g ** 2 + 1e-3), rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # End-to-end sweeps: worker processes
 

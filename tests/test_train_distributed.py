@@ -5,7 +5,7 @@
   would not.
 - 2 hosts: `bw_jax.main` in two processes joined by `jax.distributed` (gloo, one CPU device each). SIGTERM
   reaches host 1 only, at step 4: JAX's preemption service has both hosts save the same later step and exit
-  cleanly; the rerun on both hosts resumes from it and ends with the state of one process fed the same
+  with status 143; the rerun on both hosts resumes from it and ends with the state of one process fed the same
   global batches, host 0's half first.
 - SIGKILL: an 8-step run of `bw_jax.main` killed at step 7 resumes from checkpoint 6 and ends with the state of
   an uninterrupted run. (SIGTERM on one process: tests/test_train.py.)
@@ -37,6 +37,7 @@ import pytest
 from bw_jax import data
 from bw_jax.train import loop as train
 from bw_jax.train.checkpoints import saved_steps
+from bw_jax.train.cli_errors import EXIT_PREEMPTED
 from bw_jax.data import fashion_mnist, pipeline
 from bw_jax.data.on_device import normalise_images, shard_batch
 from bw_jax.train.optim import optimizer_rates
@@ -280,7 +281,7 @@ def run_two_hosts(folder) -> dict[str, Any]:
     for run in stopped:
       run.finish()
   out['after_stop'] = checkpoint_steps(workdir)
-  if any(run.process.returncode for run in stopped):
+  if any(run.process.returncode != EXIT_PREEMPTED for run in stopped):
     return out
   # Read now: the rerun's checkpoints may replace them (keep_checkpoints=2).
   out['saved'] = {int(step): restore(workdir, int(step)) for step in out['after_stop']}
@@ -394,11 +395,11 @@ def test_run_killed_with_sigkill_resumes_from_its_last_checkpoint(killed, straig
 
 @pytest.mark.skipif(bool(GLOO_MISSING), reason=GLOO_MISSING)
 def test_sigterm_on_one_host_stops_both_at_the_same_saved_step(two_hosts):
-  """SIGTERM on host 1 at step 4: both hosts save step 5 and exit with status 0; host 0 says so; the saved
-  state is the one-process state of that step."""
+  """SIGTERM on host 1 at step 4: both hosts save step 5 and exit with status 143 (preempted: a scheduler
+  requeues the job); host 0 says so; the saved state is the one-process state of that step."""
   stopped = two_hosts['stopped']
   for i, run in enumerate(stopped):
-    assert run.process.returncode == 0, run.failure(f'host {i} did not stop cleanly')
+    assert run.process.returncode == EXIT_PREEMPTED, run.failure(f'host {i} did not stop cleanly')
   said = re.findall(r'Stopped by SIGTERM at step (\d+)', stopped[0].stdout)
   assert len(said) == 1, stopped[0].failure('host 0 did not say where it stopped')
   step = int(said[0])

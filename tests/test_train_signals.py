@@ -1,5 +1,6 @@
 """Ctrl-C on `python -m bw_jax.main` (a subprocess): the first saves the step and exits 130, a second aborts
-at once. The smoke model with BatchNorm everywhere (a cheaper compile); SIGTERM: tests/test_train.py."""
+at once; SIGTERM saves the step and exits 143, so that a scheduler sees a job that did not finish. The smoke
+model with BatchNorm everywhere (a cheaper compile); SIGTERM in the loop itself: tests/test_train.py."""
 
 import signal
 import time
@@ -16,16 +17,16 @@ FLAGS = ('--config=configs/smoke.py', '--config.log_every_steps=1', '--config.mo
 PAUSE_STEP = 4  # Between checkpoint 3 and checkpoint 6.
 
 
-def interrupted_run(tmp_path, presses: int) -> tuple[MainRun, str]:
-  """The smoke run paused at PAUSE_STEP, sent SIGINT `presses` times (each seen before the next), resumed."""
+def interrupted_run(tmp_path, presses: int, signum: int = signal.SIGINT) -> tuple[MainRun, str]:
+  """The smoke run paused at PAUSE_STEP, sent `signum` `presses` times (each seen before the next), resumed."""
   workdir = str(tmp_path / 'run')
   run = MainRun(str(tmp_path / 'run.log'), *FLAGS, f'--workdir={workdir}', pause_at=PAUSE_STEP)
   try:
     run.wait_for_pause()
     wait_until(lambda: 3 in saved_steps(workdir), 'checkpoint 3')
     for press in range(presses):
-      run.process.send_signal(signal.SIGINT)
-      if press == 0:
+      run.process.send_signal(signum)
+      if press == 0 and signum == signal.SIGINT:
         wait_until(lambda: 'Ctrl-C' in run.stderr or run.process.poll() is not None, 'the first Ctrl-C message')
       time.sleep(0.5)
     run.resume()
@@ -48,3 +49,11 @@ def test_a_second_ctrl_c_aborts_at_once_without_saving(tmp_path):
   assert 'Ctrl-C again: stopped at once without saving; the checkpoint of step 3 is kept.' in run.stdout, (
       run.failure(''))
   assert saved_steps(workdir) == [3]
+
+
+def test_sigterm_saves_the_step_and_exits_143(tmp_path):
+  run, workdir = interrupted_run(tmp_path, presses=1, signum=signal.SIGTERM)
+  assert run.process.returncode == 143, run.failure('exit status')
+  assert (f'Stopped by SIGTERM at step {PAUSE_STEP}; its checkpoint is saved: rerun the same command to resume '
+          '(exit status 143).') in run.stdout, run.failure('')
+  assert 'Traceback' not in run.stderr and saved_steps(workdir) == [3, PAUSE_STEP]

@@ -26,6 +26,8 @@ A dataset module `bw_jax.data.<module>` provides:
   default_image_size: int                                   (optional; else INFO.image_shape[0])
   default_shuffle_buffer: int                               (optional; else DEFAULT_SHUFFLE_BUFFER)
   train_preprocess, eval_preprocess: pipeline.PreprocessFn  (optional; see pipeline.PreprocessFn)
+It takes `tf` and `tfds` from `tf_imports`, so that importing it and reading its INFO and defaults does not
+import TensorFlow.
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 from typing import Any, Iterator
+
+from bw_jax.extras import require
+
+# Needs the [train] extra. TensorFlow and TFDS are imported when data is first read (`tf_imports.py`): a
+# dataset's INFO and defaults, and the configs built from them, need neither.
+require('bw_jax.data', 'train', ('ml_collections',))
 
 import ml_collections
 

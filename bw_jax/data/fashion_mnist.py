@@ -21,9 +21,9 @@ import zlib
 from typing import Any, Optional
 
 import numpy as np
-import tensorflow as tf
 
 from bw_jax.data.pipeline import DatasetInfo
+from bw_jax.data.tf_imports import tf, tfds  # tfds: slow to import, used only by the fallback to TFDS.
 
 INFO = DatasetInfo(
     name='fashion_mnist',
@@ -205,7 +205,6 @@ def count_classes(dataset_config: Any) -> int:
 
 
 def _load_tfds(split: str, dataset_config: Any) -> tf.data.Dataset:
-  import tensorflow_datasets as tfds  # Slow to import; only needed on this fallback path.
   try:
     ds = tfds.load('fashion_mnist', split=split, download=False)
   except Exception as e:  # Not prepared: one message for the user.

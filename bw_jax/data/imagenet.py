@@ -15,13 +15,13 @@ uint8 image) of any size into float32 (image_size, image_size, 3) pixels in 0..2
 MEAN/STD is left to the pipeline or the device.
 """
 
+from __future__ import annotations
+
 import os
 from typing import Any
 
-import tensorflow as tf
-import tensorflow_datasets as tfds
-
 from bw_jax.data.pipeline import DatasetInfo
+from bw_jax.data.tf_imports import tf, tfds
 from bw_jax.data.tfds_utils import (canonical_split, default_manual_dir, image_and_label, label_classes,
                                    split_examples)
 

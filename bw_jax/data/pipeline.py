@@ -28,13 +28,8 @@ import math
 from typing import Any, Callable, Mapping, Optional
 
 import jax
-import tensorflow as tf
 
-# tf.data only needs the CPU; a TensorFlow that sees the GPU would reserve its memory before JAX does.
-try:
-  tf.config.set_visible_devices([], 'GPU')
-except RuntimeError:  # TensorFlow's devices were already initialised by someone else; nothing to do.
-  pass
+from bw_jax.data.tf_imports import tf
 
 # A preprocessing hook. A dataset module may define `train_preprocess` and/or `eval_preprocess` with it:
 #
@@ -48,7 +43,7 @@ except RuntimeError:  # TensorFlow's devices were already initialised by someone
 #                 subtracts `DatasetInfo.mean` and divides by `DatasetInfo.std` afterwards.
 #
 # Without hooks the pipeline uses `augment_image` (train) and `resize_image` (eval).
-PreprocessFn = Callable[[tf.Tensor, int, tf.Tensor], tf.Tensor]
+PreprocessFn = Callable[['tf.Tensor', int, 'tf.Tensor'], 'tf.Tensor']
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,17 +6,18 @@ through TFDS's own `imagenet2012` builder (mocked reading, so `load`'s SkipDecod
 real data); for the others, uint8 images of the native size.
 """
 
+from __future__ import annotations
+
 import contextlib
 import io
 from typing import Iterator
 from unittest import mock
 
 import numpy as np
-from PIL import Image
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from bw_jax.data import dataset_module
+from bw_jax.data.tf_imports import tf, tfds
+from bw_jax.extras import import_extra
 
 # (height, width) of ImageNet-like photos: most are 500 pixels on the long side, landscape or portrait.
 IMAGENET_SIZES = ((375, 500), (333, 500), (500, 375), (400, 500), (500, 333), (375, 500), (281, 500))
@@ -33,8 +34,9 @@ def photo_like_image(height: int, width: int, seed: int = 0) -> np.ndarray:
 
 def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
   """PIL's baseline JPEG (4:2:0 chroma, as most of ImageNet's files) of a uint8 (H, W, 3) image."""
+  pil_image = import_extra('PIL.Image', __name__, 'train')
   buffer = io.BytesIO()
-  Image.fromarray(image).save(buffer, format='JPEG', quality=quality)
+  pil_image.fromarray(image).save(buffer, format='JPEG', quality=quality)
   return buffer.getvalue()
 
 

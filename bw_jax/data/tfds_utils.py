@@ -1,9 +1,10 @@
 """Small TFDS conventions shared by the dataset modules built on TFDS (Tiny ImageNet, ImageNet 2012)."""
 
+from __future__ import annotations
+
 import os
 
-import tensorflow as tf
-import tensorflow_datasets as tfds
+from bw_jax.data.tf_imports import tf, tfds
 
 # Other names by which callers may ask for the labelled held-out split (both datasets' test splits are
 # unlabelled, so 'validation' is the evaluation split).

@@ -17,10 +17,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from bw_jax.data.pipeline import DatasetInfo
+from bw_jax.data.tf_imports import tf, tfds
 from bw_jax.data.tfds_utils import (canonical_split, default_manual_dir, image_and_label, label_classes,
                                    split_examples)
 

@@ -11,5 +11,11 @@ One module per concern:
   compare_report.py  runs.csv, arms.csv, differences.csv, summary.md with its conclusion, and plots
   __main__.py the command line
 
-Nothing is imported here, so that `python -m bw_jax.sweep` loads each module once.
+None of them is imported here, so that `python -m bw_jax.sweep` loads each module once; this only checks that
+the [sweep] extra's packages are installed (`bw_jax.extras`).
 """
+
+from bw_jax.extras import require
+
+require('bw_jax.sweep', 'sweep',
+        ('matplotlib', 'ml_collections', 'optuna', 'pandas', 'scipy', 'sklearn', 'sqlalchemy'))

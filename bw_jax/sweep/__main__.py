@@ -25,16 +25,13 @@ import sys
 from typing import Sequence
 
 import jax
+import ml_collections
+import optuna  # Without the [sweep] extra, bw_jax/sweep/__init__.py has already said what to install.
 
-try:
-  import optuna
-except ImportError as error:  # An install without the extra: say what to install rather than a traceback.
-  raise SystemExit("python -m bw_jax.sweep needs the sweep extra: pip install 'bw_jax[sweep]' "
-                   f'({error}).') from None
-
-from bw_jax.train.cli_errors import exit_with_error
+from bw_jax.train.cli_errors import exit_with_error, exiting_within_grace
 from bw_jax.train.config.files import apply_overrides, load_config_file
 from bw_jax.train.runtime import configure_cpu_dispatch, skip_final_garbage_collection
+from bw_jax.train.workdir import make_workdir
 from bw_jax.sweep.compare import (RunSampler, check_compare_config, join_compare_record, machine_record,
                                   sweep_config)
 from bw_jax.sweep.space import check_sweep_config, check_trial_schedules
@@ -43,16 +40,28 @@ from bw_jax.sweep.worker import Worker
 
 
 def start_worker_process(directory: str) -> None:
-  """JAX settings of a worker; the directory exists afterwards."""
-  os.makedirs(directory, exist_ok=True)
+  """JAX settings of a worker; the directory exists afterwards (WorkdirError in one line if it cannot)."""
+  make_workdir(directory, '--dir')
   if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):  # A retried trial need not compile again.
     jax.config.update('jax_compilation_cache_dir', os.path.join(os.path.abspath(directory), 'jax_cache'))
   optuna.logging.set_verbosity(optuna.logging.ERROR)  # Our progress lines replace Optuna's.
 
 
+def check_file_kind(config: ml_collections.ConfigDict, args: argparse.Namespace, kind: str) -> None:
+  """Refuses a compare file given to `run` and a sweep file given to `compare run`, naming the command that
+  takes it. `kind`: 'sweep' or 'compare', what the command takes."""
+  if kind == 'sweep' and 'arms' in config and 'search_space' not in config:
+    raise ValueError(f'{args.config} is a compare file (it names arms, not a search space): run it with '
+                     f'python -m bw_jax.sweep compare run --config={args.config} --dir={args.dir}')
+  if kind == 'compare' and 'search_space' in config and 'arms' not in config:
+    raise ValueError(f'{args.config} is a sweep file (it has a search space, not arms): run it with '
+                     f'python -m bw_jax.sweep run --config={args.config} --dir={args.dir}')
+
+
 def run(args: argparse.Namespace) -> None:
   configure_cpu_dispatch()  # Before the checks below create the devices.
   sweep = load_config_file(args.config)
+  check_file_kind(sweep, args, 'sweep')
   apply_overrides(sweep, args.overrides, 'sweep config')
   if args.n_trials is not None:
     sweep.n_trials = args.n_trials
@@ -70,6 +79,7 @@ def run(args: argparse.Namespace) -> None:
 def run_compare(args: argparse.Namespace) -> None:
   configure_cpu_dispatch()  # Before the checks below create the devices.
   compare = load_config_file(args.config)
+  check_file_kind(compare, args, 'compare')
   params = check_compare_config(compare)  # Before anything is created: a bad file leaves no trace.
   sweep = sweep_config(compare)
   space = check_sweep_config(sweep)
@@ -162,4 +172,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == '__main__':
   skip_final_garbage_collection()
-  main()
+  exiting_within_grace(main)

@@ -7,6 +7,7 @@ look rather than deleted.
 """
 
 import datetime
+import errno
 import json
 import logging as std_logging
 import os
@@ -21,6 +22,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from bw_jax.train.cli_errors import os_reason
 from bw_jax.train.config.rules import Resume
 from bw_jax.train.config.schema import KEY_TABLE, keys_where
 from bw_jax.train.plan import Plan
@@ -37,6 +39,29 @@ class ConfigMismatchError(ValueError):
 
 class CheckpointError(RuntimeError):
   """No checkpoint in the directory loads (the message says why for each)."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written (the message names its step, its folder and the reason)."""
+
+
+# OS errors a save meets on a full, read-only or failing disk; TensorStore reports them in a ValueError's text.
+SAVE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)
+
+
+def save_failure_reason(error: BaseException) -> str:
+  """Why a save failed, in a few words: the OS's reason when the error or one of its causes holds one, else
+  the error's first line."""
+  seen = error
+  while seen is not None:
+    if isinstance(seen, OSError) and seen.strerror:
+      return os_reason(seen)
+    for code in SAVE_ERRNOS:
+      if os.strerror(code) in str(seen):
+        return os_reason(OSError(code, os.strerror(code)))
+    seen = seen.__cause__ or seen.__context__
+  lines = str(error).splitlines()
+  return f'{type(error).__name__}: {lines[0][:300] if lines else ""}'
 
 
 def say(message: str) -> None:
@@ -172,6 +197,7 @@ class Checkpoints:
         max_to_keep=plan.config.keep_checkpoints, create=True,
         enable_async_checkpointing=jax.process_count() == 1))
     self.directory = directory
+    self._saving: int | None = None  # The step of a save that may still run in the background.
     self._record = plan.record()
     self._check_config()
 
@@ -195,9 +221,33 @@ class Checkpoints:
       os.replace(path + '.tmp', path)
 
   def save(self, state: Any) -> None:
+    """Saves `state` (in the background on one process) unless its step is saved; raises CheckpointSaveError
+    for this save or an earlier one that failed in the background."""
     step = int(state.step)
+    self._wait_for_saves()
     if self.manager.latest_step() != step:
-      self.manager.save(step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)))
+      try:
+        self.manager.save(step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)))
+      except Exception as e:  # Orbax and TensorStore raise many types for a write that fails.
+        raise self._save_error(step, e) from e
+      self._saving = step
+
+  def _wait_for_saves(self) -> None:
+    """Waits for a save still running in the background; CheckpointSaveError if it failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      raise self._save_error(self._saving, e) from e
+    self._saving = None
+
+  def _save_error(self, step: int | None, error: Exception) -> CheckpointSaveError:
+    try:
+      finished = [int(name) for name in os.listdir(self.directory) if name.isdigit()]
+    except OSError:
+      finished = []
+    kept = (f'the checkpoint of step {max(finished)} is kept' if finished else 'no checkpoint is saved yet')
+    return CheckpointSaveError(f'The checkpoint of step {step} could not be saved in {self.directory}: '
+                               f'{save_failure_reason(error)}; {kept}.')
 
   def restore_latest(self, state: Any) -> Any:
     """The newest checkpoint that loads, with `state`'s structure and shardings; `state` itself when there
@@ -256,5 +306,12 @@ class Checkpoints:
     return aside
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for the last save (CheckpointSaveError if it failed); closes the manager and its threads even
+    then: threads left running would keep the process from exiting."""
+    try:
+      self._wait_for_saves()
+    finally:
+      try:
+        self.manager.close()
+      except Exception as e:  # After a failed save: the save's error is the one to report.
+        logging.warning('Closing the checkpoint manager of %s failed: %s', self.directory, e)

@@ -1,13 +1,12 @@
 """Training and evaluation: `train_and_evaluate(config, workdir) -> summary` (docs/design.md §4).
 
-The config is resolved once into a `Plan` (bw_jax/train/plan.py), which the loop reads; the programs it runs
-come from `programs.programs_for(plan)`: `jax.jit` over a Mesh of all devices: each global batch is sharded on the `data` axis, so BN and BW
-statistics are those of the global batch; the train state is replicated. Orbax checkpoints in
+The config is resolved once into a `Plan` (bw_jax/train/plan.py), which the loop reads. Its programs
+(`programs.programs_for(plan)`) are `jax.jit` over a Mesh of all devices: each global batch is sharded on the
+`data` axis, so BN and BW statistics are those of the global batch; the train state is replicated. Orbax checkpoints in
 `workdir/checkpoints` hold the whole state; the step is also the data position (batches are a function of
 the step), and dropout keys are `fold_in(seed key, step)`, so a resumed run repeats the uninterrupted one.
 """
 
-import json
 import os
 import signal
 import threading
@@ -25,12 +24,14 @@ import orbax.checkpoint as ocp
 from bw_jax import data
 from bw_jax.data.on_device import prefetch_to_device
 from bw_jax.train.checkpoints import Checkpoints, say
-from bw_jax.train.health import bw_health, bw_health_report, bw_totals
+from bw_jax.train.health import BWHealthError, bw_health, bw_health_report, bw_totals
 from bw_jax.train.optim import optimizer_rates
 from bw_jax.train.plan import Plan, resolve_plan
 from bw_jax.train.programs import programs_for
-from bw_jax.train.reporting import create_metric_writer, hyperparameters, memory_report, Progress
+from bw_jax.train.reporting import (create_metric_writer, divergence_summary, hyperparameters, memory_report,
+                                    Progress, write_summary)
 from bw_jax.train.step import TrainState, run_dropout_key, train_batch_spec
+from bw_jax.train.workdir import hold_workdir, make_workdir
 
 
 def evaluate(eval_fn: Any, state: TrainState, plan: Plan, examples: Any, sharding: NamedSharding
@@ -90,7 +91,11 @@ class PreemptionNotice:
 
 
 class NonFiniteLossError(RuntimeError):
-  """The training loss went NaN or infinite (the message says at which step and what to change)."""
+  """The training loss went NaN or infinite at step `step` (the message says what to change)."""
+
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step
 
 
 def non_finite_error(what: str, step: int, config: ml_collections.ConfigDict,
@@ -100,7 +105,7 @@ def non_finite_error(what: str, step: int, config: ml_collections.ConfigDict,
   return NonFiniteLossError(
       f'{what} at step {step}; {kept}. Lower config.learning_rate (now {config.learning_rate}), lengthen '
       f'config.warmup_epochs (now {config.warmup_epochs}) or raise config.model.bw.epsilon (now '
-      f'{config.model.bw.epsilon}) if a BW layer went singular.')
+      f'{config.model.bw.epsilon}) if a BW layer went singular.', step)
 
 
 def check_finite(window: list[tuple[int, dict]], config: ml_collections.ConfigDict,
@@ -147,8 +152,16 @@ def train_plan(plan: Plan, workdir: str, on_eval: Callable[[int, dict[str, float
   # The data opened (a file read whole is checked whole) before anything is written: bad data leaves no workdir.
   train_examples = data.open_split(config.dataset, config.dataset.train_split)
   eval_examples = data.open_split(config.dataset, config.dataset.eval_split)
-  os.makedirs(workdir, exist_ok=True)
+  make_workdir(workdir)
+  with hold_workdir(workdir):  # One run at a time: from its first write there to its summary.
+    return train_in_workdir(plan, workdir, on_eval, start_time, train_examples, eval_examples)
 
+
+def train_in_workdir(plan: Plan, workdir: str, on_eval: Callable[[int, dict[str, float]], None] | None,
+                     start_time: float, train_examples: Any, eval_examples: Any) -> dict[str, Any]:
+  """`train_plan` once the splits are open (`data.open_split`) and this process holds `workdir`
+  (`hold_workdir`)."""
+  config = plan.config
   # Before compiling anything: creating the manager is the hosts' first collective (Orbax syncs them), and
   # gloo (CPU) gives up on a host that joins its first collective over 30 s late, as one compiling longer can.
   checkpoints = Checkpoints(os.path.join(os.path.abspath(workdir), 'checkpoints'), plan)
@@ -263,6 +276,9 @@ def train_plan(plan: Plan, workdir: str, on_eval: Callable[[int, dict[str, float
       excluded += time.perf_counter() - paused
     if not eval_metrics:  # Resumed at the last step (killed before its eval): nothing trains, still evaluate.
       eval_metrics = evaluate_and_report(int(state.step))
+  except (NonFiniteLossError, BWHealthError) as e:  # A result of the config's values: summary.json says so.
+    write_summary(workdir, divergence_summary(e, getattr(e, 'step', None) or int(state.step), plan.record()))
+    raise
   finally:
     preemption.close()  # First: a failing close below must not leave this run's handler installed.
     try:
@@ -286,7 +302,5 @@ def train_plan(plan: Plan, workdir: str, on_eval: Callable[[int, dict[str, float
       'num_classes': plan.num_classes, 'train_examples': plan.train_examples,
       'config': record,
   }
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-      json.dump(summary, f, indent=2)
+  write_summary(workdir, summary)
   return summary

@@ -1,15 +1,30 @@
 """What a run shows: the console progress line, TensorBoard's writer and hyperparameters, and the
 compiled step's memory."""
 
+from __future__ import annotations
+
+import json
+import os
 import time
+import types
 from typing import Any
 
-from clu import metric_writers
 import flax
 import jax
 import ml_collections
 
+from bw_jax.data import tf_imports
+from bw_jax.extras import import_extra, import_on_first_use
 from bw_jax.train.formatting import format_seconds
+
+
+def _clu_metric_writers() -> types.ModuleType:
+  tf_imports.tensorflow()  # clu writes through TensorFlow: hide the GPUs from it first.
+  return import_extra('clu.metric_writers', __name__, 'train')
+
+
+# Imported by the first writer: a train step (and memory_report) needs neither clu nor TensorFlow.
+metric_writers = import_on_first_use('clu.metric_writers', _clu_metric_writers)
 
 
 class Progress:
@@ -67,3 +82,19 @@ def memory_report(compiled: Any) -> str:
            'code': analysis.generated_code_size_in_bytes}
   sizes['peak estimate'] = sizes['arguments'] + sizes['outputs'] - sizes['aliased'] + sizes['temporaries']
   return 'train step memory per device: ' + ', '.join(f'{k} {v / 2**30:.3f} GiB' for k, v in sizes.items())
+
+
+def write_summary(workdir: str, summary: dict[str, Any]) -> None:
+  """`workdir/summary.json` (process 0), replaced whole: a reader never sees half of one."""
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, 'summary.json')
+    with open(path + '.tmp', 'w') as f:
+      json.dump(summary, f, indent=2)
+    os.replace(path + '.tmp', path)
+
+
+def divergence_summary(error: Exception, step: int, record: dict[str, Any]) -> dict[str, Any]:
+  """The summary of a run stopped by its loss going non-finite or by too many BW fallbacks (`error`) at
+  `step`: {'diverged': True, 'step', 'error': the error's class, 'reason': its message, 'config': `record`,
+  the run's (`Plan.record`)}."""
+  return {'diverged': True, 'step': step, 'error': type(error).__name__, 'reason': str(error), 'config': record}

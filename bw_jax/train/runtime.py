@@ -4,7 +4,17 @@ import atexit
 import gc
 
 import jax
-from jax._src import xla_bridge  # Private: the only way to ask whether the CPU client exists yet.
+
+ASYNC_DISPATCH_OPTION = 'jax_cpu_enable_async_dispatch'
+
+
+def backends_exist() -> bool:
+  """Whether JAX has created its devices (clients) yet; False where this JAX's private module does not say."""
+  try:
+    from jax._src import xla_bridge  # Private: the only way to ask whether the CPU client exists yet.
+  except ImportError:
+    return False
+  return getattr(xla_bridge, 'backends_are_initialized', lambda: False)()
 
 
 def configure_cpu_dispatch() -> None:
@@ -16,15 +26,19 @@ def configure_cpu_dispatch() -> None:
 
   JAX reads the setting once, when it creates its CPU client (the first computation, `jax.devices()`,
   `jax.device_count()`, `jax.default_backend()`, also on GPU/TPU hosts), so this must run before that;
-  afterwards it raises rather than silently doing nothing. Calling it again is harmless.
+  afterwards it raises rather than silently doing nothing. Calling it again is harmless, and so is calling it
+  with a JAX that no longer has the option (nothing to turn off).
   """
-  if not jax.config.read('jax_cpu_enable_async_dispatch'):
+  try:
+    asynchronous = jax.config.read(ASYNC_DISPATCH_OPTION)
+  except AttributeError:  # "Unrecognized config option": a JAX without it.
     return
-  backends_exist = getattr(xla_bridge, 'backends_are_initialized', lambda: False)()
-  if backends_exist:
+  if not asynchronous:
+    return
+  if backends_exist():
     raise RuntimeError('configure_cpu_dispatch() was called after JAX created its devices, so the CPU '
                        'client stays asynchronous; call it before the first computation or device query.')
-  jax.config.update('jax_cpu_enable_async_dispatch', False)
+  jax.config.update(ASYNC_DISPATCH_OPTION, False)
 
 
 def skip_final_garbage_collection() -> None:

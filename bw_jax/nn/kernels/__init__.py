@@ -22,9 +22,10 @@ groups at a time in the SIMD lanes; it runs on stop_gradient'ed covariances and 
 The C++ sources ship in the package and are compiled on first use with the machine's C++ compiler (`$CXX`,
 else `g++`/`c++`, `-O3 -march=native`, ~5 s) into a cache keyed by the source, the compiler, jaxlib and the
 CPU (`$BW_JAX_KERNEL_CACHE`, default `~/.cache/bw_jax/kernels`). `python -m bw_jax.nn.kernels` builds it ahead
-(the Makefile's setup does). Without a compiler, or with `BW_JAX_CPU_KERNELS=0`, `available()` is False,
-one warning says why, and the layer uses XLA's batched products on the CPU (2–4× slower for the layer; GPU and
-TPU never use these kernels).
+(the Makefile's setup does). Without a compiler (one warning says so), or with `BW_JAX_CPU_KERNELS=0`,
+`available()` is False and the layer uses XLA's batched products on the CPU (2–4× slower for the layer; GPU and
+TPU never use these kernels). A compiler that is there but fails is an error (`KernelBuildError`), not a
+slower layer: a broken toolchain would otherwise pass unnoticed, and the kernel tests with it.
 """
 
 from collections.abc import Callable
@@ -58,6 +59,17 @@ _log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------------------
 # Build, load, register
+
+
+class KernelBuildError(RuntimeError):
+  """A C++ compiler is there but the kernels do not build or load (the message gives its first error and
+  the ways out)."""
+
+
+def build_error(cxx: str, detail: str) -> KernelBuildError:
+  return KernelBuildError(
+      f'the CPU kernels do not build with {cxx}: {detail}. Fix the compiler or set $CXX to another; or set '
+      f"{DISABLE_ENV}=0 to use XLA's batched products instead (2-4x slower for BatchWhitening on the CPU).")
 
 
 def compiler() -> str | None:
@@ -99,8 +111,8 @@ def library_path(cxx: str) -> Path:
 
 
 def build() -> Path:
-  """Compiles the kernels unless this build is cached; returns the shared library's path. Raises RuntimeError
-  with the compiler's message if it fails."""
+  """Compiles the kernels unless this build is cached; returns the shared library's path. Raises
+  KernelBuildError with the compiler's first error if it fails (RuntimeError if there is no compiler)."""
   cxx = compiler()
   if cxx is None:
     raise RuntimeError('no C++ compiler found (set $CXX, or install g++)')
@@ -114,27 +126,49 @@ def build() -> Path:
     result = subprocess.run(compile_command(cxx, output), capture_output=True, text=True, check=False)
     if result.returncode != 0:
       errors = [line for line in result.stderr.splitlines() if 'error' in line] or result.stderr.splitlines()
-      sources = ', '.join(map(str, SOURCES))
-      raise RuntimeError(f'{cxx} could not compile {sources}: {errors[0] if errors else "no message"}')
+      raise build_error(cxx, errors[0].strip() if errors else f'no message (exit status {result.returncode})')
     os.replace(output, path)
   return path
 
 
-@functools.cache
-def available() -> bool:
-  """Whether the kernels are built, loaded and registered with XLA's CPU backend (builds on first call)."""
+def unavailable_reason() -> str | None:
+  """Why the kernels are not used on purpose: switched off, or no C++ compiler; None when they should be
+  (they build, or `available()` raises KernelBuildError)."""
   if os.environ.get(DISABLE_ENV, '1').strip().lower() in ('0', 'false', 'no', 'off'):
+    return f'switched off by {DISABLE_ENV}={os.environ[DISABLE_ENV]}'
+  if compiler() is None:
+    return 'no C++ compiler found: set $CXX, or install g++'
+  return None
+
+
+@functools.cache
+def _loaded() -> bool | KernelBuildError:
+  """Builds, loads and registers the kernels once: True, False (`unavailable_reason`), or the build's error
+  (kept, so that every later call raises it without compiling again)."""
+  reason = unavailable_reason()
+  if reason is not None:
+    if compiler() is None:
+      _log.warning('bw_jax: the CPU group-product kernels are not available (%s); BatchWhitening on the CPU '
+                   "uses XLA's batched products instead (2-4x slower there; GPU/TPU are unaffected).", reason)
     return False
   try:
     library = ctypes.cdll.LoadLibrary(str(build()))
-  except (RuntimeError, OSError) as error:
-    _log.warning('bw_jax: the CPU group-product kernels are not available (%s); BatchWhitening on the CPU '
-                 "uses XLA's batched products instead (2-4x slower there; GPU/TPU are unaffected).",
-                 str(error).splitlines()[0])
-    return False
+  except KernelBuildError as error:
+    return error
+  except OSError as error:  # Built, but it does not load (a missing symbol, another architecture).
+    return build_error(compiler(), str(error).splitlines()[0])
   for target in _TARGETS.values():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)), platform='cpu')
   return True
+
+
+def available() -> bool:
+  """Whether the kernels are built, loaded and registered with XLA's CPU backend (builds on first call);
+  False when `unavailable_reason()` says why. KernelBuildError where a compiler is there but fails."""
+  loaded = _loaded()
+  if isinstance(loaded, KernelBuildError):
+    raise loaded
+  return loaded
 
 
 # ----------------------------------------------------------------------------------------------------------
