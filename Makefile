@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup data train test test-fast bench bench-accelerator device-wheels notebook clean
+.PHONY: setup data train finetune-demo test test-fast bench bench-accelerator device-wheels notebook clean
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
@@ -33,6 +33,13 @@ data:
 WORKDIR ?= runs/default
 train: setup data
 	$(BIN)/python -m bw_jax.main --config=configs/default.py --workdir=$(WORKDIR)
+
+# From a pretrained network (docs/design.md §3.5): the BN run, its conversion to the main job's BW placements
+# before and after calibration, one epoch of fine-tuning, the main job from scratch; the table in
+# $(DEMO_WORKDIR)/table.md. ~25 minutes on a quiet 2-core CPU; rerunning resumes the runs.
+DEMO_WORKDIR ?= runs/finetune_demo
+finetune-demo: setup data
+	$(BIN)/python -m bw_jax.finetune_demo --workdir=$(DEMO_WORKDIR)
 
 test: setup data
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile

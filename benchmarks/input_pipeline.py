@@ -20,7 +20,6 @@ import argparse
 import os
 import time
 
-import ml_collections
 
 from bw_jax import data
 from bw_jax.data import synthetic

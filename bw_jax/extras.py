@@ -79,3 +79,12 @@ def import_on_first_use(module: str, load: Callable[[], types.ModuleType]) -> ty
   """
   return _ModuleOnFirstUse(module, load)
 
+
+
+def exit_without_extra(package: str) -> None:
+  """For a `python -m` command: imports `package`, whose import checks its extra; without the extra, exits with
+  that check's one line (`error: …`, status 1 as any SystemExit with a message) instead of a traceback."""
+  try:
+    importlib.import_module(package)
+  except MissingExtraError as error:
+    raise SystemExit(f'error: {error}') from None

@@ -19,12 +19,9 @@ import os
 import sys
 from typing import Any, Mapping
 
-from bw_jax.extras import MissingExtraError
+from bw_jax.extras import exit_without_extra
 
-try:
-  import bw_jax.train  # noqa: F401  Checks the [train] extra before the imports below need it.
-except MissingExtraError as error:  # `python -m bw_jax.main` without it: that one line, no traceback.
-  raise SystemExit(f'error: {error}') from None
+exit_without_extra('bw_jax.train')  # Before the imports below need it: one line, no traceback.
 
 from absl import app
 from absl import flags
@@ -36,7 +33,7 @@ from bw_jax.nn.kernels import KernelBuildError
 from bw_jax.train import loop as train
 from bw_jax.train.checkpoints import CheckpointError, CheckpointSaveError, latest_checkpoint_step
 from bw_jax.train.cli_errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_PREEMPTED, debugging, exit_with_error,
-                                     exiting_within_grace)
+                                     exiting_within_grace, parse_command_line)
 from bw_jax.train.config.files import add_config_root, config_path_in_flags
 from bw_jax.train.health import BWHealthError
 from bw_jax.train.runtime import configure_cpu_dispatch, skip_final_garbage_collection
@@ -96,18 +93,7 @@ def distributed_initialize_args(mode: str, environ: Mapping[str, str]) -> dict[s
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, with a missing --config file and a bad `--config.key=value` override (which config_flags
-  raises as tracebacks: an OSError, or a bare AttributeError or KeyError, three chained) reported as one line."""
-  path = config_path_in_flags(argv[1:])
-  if path is not None and not os.path.isfile(path):
-    exit_with_error(ValueError(f'--config={path}: no such file; give a config file such as configs/default.py.'),
-                    argv)
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    exit_with_error(e, argv)
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    exit_with_error(e, argv, prefix='bad --config override: ')
+  return parse_command_line(FLAGS, argv)
 
 
 def stop_message(summary: dict[str, Any]) -> str:

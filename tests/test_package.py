@@ -91,7 +91,8 @@ def declared(*parts: str) -> set[str]:
 
 
 # Which extra each part of the package needs; the layer, the model and the rest need the core alone.
-PART_EXTRAS = {'train': ('train',), 'data': ('train',), 'main.py': ('train',), 'sweep': ('sweep',)}
+PART_EXTRAS = {'train': ('train',), 'data': ('train',), 'main.py': ('train',), 'convert.py': ('train',),
+               'finetune_demo.py': ('train',), 'sweep': ('sweep',)}
 
 
 def part_of(path: str) -> str:

@@ -61,6 +61,10 @@ def load_from_command_line(path: str, *overrides: str):
 def test_every_config_takes_num_train_steps_from_the_command_line(path):
   config = load_from_command_line(path, '--config.num_train_steps=7', '--config.seed=3')
   assert config.num_train_steps == 7 and config.seed == 3
+  if config.init_from and not os.path.exists(config.init_from):  # A run its docstring says to make first.
+    with pytest.raises(ValueError, match=rf'^config.init_from={config.init_from!r} does not exist'):
+      validate_config(config)
+    config.init_from = ''
   validate_config(config)
 
 

@@ -11,6 +11,7 @@ chosen by three independent knobs, each the seed's whiteboard drawing (docs/desi
                  → [skip], the depthwise stage being 1: BN → depthwise, 2: depthwise → BN, 3: depthwise
   head_type   1: conv 1×1 → BN → swish;  2: BW → conv 1×1 (+β) → swish
 BW layers carry no γ/β of their own: the following 1×1 conv colours the whitened signal and its bias is β.
+`folded=True` is the inference network of `bw_jax.models.fold.fold_for_inference`: no BW layers at all.
 """
 
 import dataclasses
@@ -24,7 +25,8 @@ import jax.numpy as jnp
 
 from bw_jax.models.depthwise import DepthwiseConv
 from bw_jax.checks import check_choice
-from bw_jax.nn.whitening import BWSettings
+from bw_jax.nn.group_products import group_matmul, xla_cpu_layout
+from bw_jax.nn.whitening import BWSettings, fit_group_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +139,33 @@ class SqueezeExcite(nn.Module):
     return x * nn.sigmoid(conv(x.shape[-1], name='expand')(s))
 
 
+class FixedWhitening(nn.Module):
+  """BW in evaluation as plain parameters: y = S x + b per group of g channels, x (..., C) -> (..., C).
+
+  What `fold_for_inference` leaves of the BW before squeeze-excite, whose per-channel gate no 1×1 conv can
+  be moved past: `kernel` (G, g, g) holds the running S, `bias` (C,) −S μ. Computed with XLA's products, never
+  the CPU kernels (custom calls), so that `jax.export` takes the folded network as it is.
+  """
+  group_size: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = x.shape[-1]
+    groups, g = channels // self.group_size, self.group_size
+    kernel = self.param('kernel', lambda _, shape: jnp.tile(jnp.eye(g), (groups, 1, 1)), (groups, g, g))
+    bias = self.param('bias', nn.initializers.zeros, (channels,))
+    samples = x.reshape(-1, channels).astype(jnp.float32)
+    y = group_matmul(samples, kernel, layout=xla_cpu_layout(channels)) + bias
+    return y.reshape(x.shape).astype(self.dtype)
+
+
+def folded_away(channels: int, name: str):
+  """The BW layer of a folded network whose 1×1 conv absorbed it: the identity."""
+  del channels, name
+  return lambda x: x
+
+
 # A module factory: called with the layer's own arguments (channels, name) it returns a Flax module; the
 # network binds the shared ones (train flag, dtype, settings) once with functools.partial, as flax's ResNet.
 ModuleDef = Any
@@ -152,6 +181,7 @@ class MBConv(nn.Module):
     depthwise: `depthwise(kernel_size, strides, name=…)` -> DepthwiseConv-like.
     norm: `norm(name=…)` -> nn.BatchNorm-like, bound to the train flag.
     whiten: `whiten(channels, name=…)` -> BatchWhitening, bound to the train flag.
+    whiten_before_se: the same for the BW before squeeze-excite (None: `whiten`); differs when folded.
   """
   spec: BlockSpec
   mbconv_type: int
@@ -159,6 +189,7 @@ class MBConv(nn.Module):
   depthwise: ModuleDef
   norm: ModuleDef
   whiten: ModuleDef
+  whiten_before_se: ModuleDef | None = None
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -180,7 +211,7 @@ class MBConv(nn.Module):
       x = x if self.mbconv_type == 3 else self.norm(name='depthwise_bn')(x)
     x = nn.swish(x)
     if whitened:
-      x = self.whiten(expanded, name='depthwise_bw')(x)
+      x = (self.whiten_before_se or self.whiten)(expanded, name='depthwise_bw')(x)
     x = SqueezeExcite(reduced_channels=max(1, int(spec.in_channels * SE_RATIO)), dtype=self.dtype, name='se')(x)
     x = self.conv(features=spec.out_channels, kernel_size=(1, 1), use_bias=whitened, name='project_conv')(x)
     if not whitened:
@@ -211,6 +242,8 @@ class EfficientNet(nn.Module):
     drop_connect_rate: stochastic depth: block i of n drops its residual branch with rate·i/n (as TF).
     width_multiplier, depth_multiplier: override the variant's scaling (tiny models for tests).
     depthwise_implementation: 'auto' (shifted slices on CPU, XLA's conv elsewhere), 'shift' or 'xla'.
+    folded: the inference network of `fold_for_inference` (evaluation only): each BW before a 1×1 conv is
+      folded into that conv, the BW before squeeze-excite is a `FixedWhitening`.
   """
   variant: str = 'b0'
   num_classes: int = 1000
@@ -225,6 +258,7 @@ class EfficientNet(nn.Module):
   width_multiplier: float | None = None
   depth_multiplier: float | None = None
   depthwise_implementation: str = 'auto'
+  folded: bool = False
 
   def __post_init__(self):
     check_choice('variant', self.variant, tuple(VARIANTS))
@@ -248,6 +282,9 @@ class EfficientNet(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:
     width, depth, dropout = self.scaling
+    if self.folded and train:
+      raise ValueError('A folded EfficientNet (fold_for_inference) only evaluates: call it with train=False, or '
+                       'train the unfolded network.')
     conv = functools.partial(nn.Conv, padding='SAME', use_bias=False, kernel_init=conv_kernel_init,
                              dtype=self.dtype)
     depthwise = functools.partial(DepthwiseConv, implementation=self.depthwise_implementation, dtype=self.dtype)
@@ -255,6 +292,11 @@ class EfficientNet(nn.Module):
                              epsilon=BN_EPSILON, dtype=self.dtype)
     whiten = functools.partial(self.bw.layer, use_running_average=not train, use_scale=False, use_bias=False,
                                dtype=self.dtype)
+    whiten_before_se = whiten
+    if self.folded:
+      whiten = folded_away
+      whiten_before_se = lambda channels, name: FixedWhitening(fit_group_size(channels, self.bw.group_size),
+                                                               dtype=self.dtype, name=name)
     x = images.astype(self.dtype)
     stem_channels = round_filters(STEM_CHANNELS, width)
     if self.stem_type == 1:
@@ -267,7 +309,8 @@ class EfficientNet(nn.Module):
     x = nn.swish(x)
     for index, spec in enumerate(block_specs(width, depth, self.drop_connect_rate)):
       x = MBConv(spec=spec, mbconv_type=self.mbconv_type, conv=conv, depthwise=depthwise, norm=norm,
-                 whiten=whiten, dtype=self.dtype, name=f'block_{index}')(x, train=train)
+                 whiten=whiten, whiten_before_se=whiten_before_se, dtype=self.dtype,
+                 name=f'block_{index}')(x, train=train)
     head_channels = round_filters(HEAD_CHANNELS, width)
     if self.head_type == 1:
       x = conv(features=head_channels, kernel_size=(1, 1), name='head_conv')(x)

@@ -14,7 +14,6 @@ when a BW layer fell back from whitening: its accuracy says nothing about its va
 """
 
 import os
-import textwrap
 from typing import Any
 
 import matplotlib

@@ -8,7 +8,9 @@ import os
 import sys
 import threading
 import time
-from typing import Callable, NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Sequence
+
+from bw_jax.train.config.files import config_path_in_flags
 
 EXIT_FAILURE = 1  # The run failed: it diverged, or a file could not be written (a full disk).
 EXIT_USAGE = 2  # As argparse and most Unix tools: the command line or its inputs were wrong.
@@ -83,3 +85,21 @@ def exit_with_error(error: BaseException, argv: Sequence[str], prefix: str = '',
     raise error
   print(f'error: {prefix}{one_line(error)}', file=sys.stderr, flush=True)
   sys.exit(status)
+
+
+def parse_command_line(flag_values: Any, argv: list[str]) -> list[str]:
+  """absl's parsing of `argv` into `flag_values` (a command's FLAGS), with a missing --config file and a bad
+  `--config.key=value` override (which config_flags raises as tracebacks: an OSError, or a bare
+  AttributeError or KeyError, three chained) reported as one line."""
+  from absl import flags  # The [train] extra, as every command that parses flags.
+
+  path = config_path_in_flags(argv[1:])
+  if path is not None and not os.path.isfile(path):
+    exit_with_error(ValueError(f'--config={path}: no such file; give a config file such as configs/default.py.'),
+                    argv)
+  try:
+    return flag_values(argv)
+  except flags.Error as e:
+    exit_with_error(e, argv)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    exit_with_error(e, argv, prefix='bad --config override: ')

@@ -25,6 +25,7 @@ from bw_jax import data
 from bw_jax.data.on_device import prefetch_to_device
 from bw_jax.train.checkpoints import Checkpoints, say
 from bw_jax.train.health import BWHealthError, bw_health, bw_health_report, bw_totals
+from bw_jax.train.init_from import start_from
 from bw_jax.train.optim import optimizer_rates
 from bw_jax.train.plan import Plan, resolve_plan
 from bw_jax.train.programs import programs_for
@@ -170,6 +171,8 @@ def train_in_workdir(plan: Plan, workdir: str, on_eval: Callable[[int, dict[str,
   train_fn, eval_fn = programs.train_step, programs.eval_step
   state = checkpoints.restore_latest(programs.init(np.int32(config.seed)))
   start_step = int(state.step)
+  if config.init_from and start_step == 0:  # A fresh run starts from the trained network; a resumed one not.
+    state = start_from(plan, state, programs.model, replicated, data_sharding)
   if start_step > plan.num_train_steps:
     say(f'The checkpoint of step {start_step} is past this run\'s {plan.num_train_steps} steps '
         f'({length_setting(config)}): nothing trains; step {start_step} is evaluated and recorded as the run.')

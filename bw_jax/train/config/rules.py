@@ -11,7 +11,9 @@ from bw_jax.checks import check_choice, is_positive_int
 
 class Resume(enum.Enum):
   """May a run resume checkpoints written with another value of the key?"""
-  SAFE = 'safe'  # Yes: how long it trains, how often it logs, evaluates and saves, where the data lives.
+  # Yes: how long it trains, how often it logs, evaluates and saves, where the data lives, where a fresh run
+  # would have started from.
+  SAFE = 'safe'
   ON_PURPOSE = 'on purpose'  # Only when named in config.resume_allow_changes: it would mix two runs.
   NEVER = 'never'  # No: it changes the shapes or structure of the train state, which then cannot load.
 

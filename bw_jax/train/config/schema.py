@@ -120,6 +120,13 @@ KEYS = (
     # JAX keys take 32 bits of the seed: a larger one would silently repeat another seed's parameters.
     Key('seed', 0, 'Parameters, dropout and the data order.', Range(-2**31, 2**31 - 1, integer=True), ON_PURPOSE,
         OUTSIDE),
+    # Start a fresh run from a trained network (bw_jax/train/init_from.py); a resumed run starts from its
+    # checkpoint and ignores both.
+    Key('init_from', '', "A Keras EfficientNet .h5 file, a folder written by `python -m bw_jax.convert`, or a run's "
+        "workdir; BN placements this model puts BW in are converted. '': the seed's initialisation.",
+        Text('init_from.check_source'), SAFE, OUTSIDE),
+    Key('init_calibration_batches', 20, 'Train-split batches that calibrate BN and BW statistics after init_from.',
+        Range(0, INF, integer=True), SAFE, OUTSIDE),
     Key('half_precision', False, 'bfloat16 activations; parameters and statistics stay float32.', BOOL,
         ON_PURPOSE, CONSTANT),
     Key('print_memory', False, "Print the compiled train step's memory analysis before training.", BOOL, SAFE,

@@ -122,5 +122,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for name in ('batch_size', 'eval_batch_size'):  # A batch per device divides evenly by construction.
     if config[name] is not None:
       check_batch_size(config[name], jax.device_count(), jax.process_count(), name=f'config.{name}')
+  if config.init_from:
+    from bw_jax.train.init_from import check_source  # Loads the models' conversion code only when used.
+    check_source(config.init_from)
   from bw_jax.train.step import create_model  # Builds the model: its checks see the whole model config.
   create_model(config, num_classes=1)

@@ -1,0 +1,96 @@
+"""A trained network as one record: the EfficientNet, its variables and the input normalisation it expects,
+saved as a folder of two files (`model.json`, `variables.msgpack`) that `config.init_from` reads.
+
+`model.json` holds the model's fields in the form of the config's `model` keys (`config.model`, with `bw`
+as a dict) and the normalisation: the network's input is (pixels − mean) / std per channel, in pixel units
+(0–255), as `bw_jax.data` normalises images.
+"""
+
+import dataclasses
+import json
+import os
+from typing import Any, Sequence
+
+from flax import serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bw_jax.models.efficientnet import EfficientNet
+from bw_jax.nn.whitening import BWSettings
+
+MODEL_FILE = 'model.json'
+VARIABLES_FILE = 'variables.msgpack'
+# The EfficientNet fields a saved model records (the config's `model` keys); dtype and `folded` are not:
+# a record is the trainable network, in float32.
+MODEL_FIELDS = ('variant', 'num_classes', 'stem_type', 'mbconv_type', 'head_type', 'stem_stride', 'dropout_rate',
+                'drop_connect_rate', 'width_multiplier', 'depth_multiplier', 'depthwise_implementation')
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+  """A network with its variables ({'params', 'batch_stats'}) and the normalisation of its input images.
+
+  `model.apply(variables, normalise(pixels), train=False)` gives its logits for (N, H, W, C) pixels.
+  """
+  model: EfficientNet
+  variables: dict
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+
+  def normalise(self, pixels: Any) -> jax.Array:
+    """(…, C) pixels in 0–255 -> float32 (pixels − mean) / std."""
+    pixels = jnp.asarray(pixels, jnp.float32)
+    return (pixels - jnp.asarray(self.mean, jnp.float32)) / jnp.asarray(self.std, jnp.float32)
+
+  def logits(self, pixels: Any) -> jax.Array:
+    """Evaluation-mode logits (N, classes) of (N, H, W, C) pixels."""
+    return self.model.apply(self.variables, self.normalise(pixels), train=False)
+
+
+def model_fields(model: EfficientNet) -> dict[str, Any]:
+  """`model` as the config's `model` keys: {'variant': 'b0', …, 'bw': {'method': …, 'group_size': …}}."""
+  fields = {name: getattr(model, name) for name in MODEL_FIELDS}
+  fields['bw'] = dataclasses.asdict(model.bw)
+  return fields
+
+
+def model_from_fields(fields: dict[str, Any], **overrides: Any) -> EfficientNet:
+  """The EfficientNet of `model_fields` (or of a config's `model` keys)."""
+  fields = {**fields, **overrides}
+  return EfficientNet(**{**fields, 'bw': BWSettings(**fields['bw'])})
+
+
+def plain_variables(variables: dict) -> dict:
+  """{'params', 'batch_stats'} of `variables` as float32 NumPy arrays (what a record stores)."""
+  kept = {name: variables.get(name, {}) for name in ('params', 'batch_stats')}
+  return jax.tree.map(lambda leaf: np.asarray(leaf, np.float32), kept)
+
+
+def save(pretrained: Pretrained, directory: str) -> None:
+  """Writes `directory/model.json` and `directory/variables.msgpack` (the folder is created)."""
+  os.makedirs(directory, exist_ok=True)
+  record = {'model': model_fields(pretrained.model), 'mean': list(pretrained.mean), 'std': list(pretrained.std)}
+  with open(os.path.join(directory, MODEL_FILE), 'w') as f:
+    json.dump(record, f, indent=2)
+  with open(os.path.join(directory, VARIABLES_FILE), 'wb') as f:
+    f.write(serialization.msgpack_serialize(plain_variables(pretrained.variables)))
+
+
+def is_saved(directory: str) -> bool:
+  return os.path.isfile(os.path.join(directory, MODEL_FILE))
+
+
+def load(directory: str) -> Pretrained:
+  """The record `save` wrote in `directory`."""
+  with open(os.path.join(directory, MODEL_FILE)) as f:
+    record = json.load(f)
+  with open(os.path.join(directory, VARIABLES_FILE), 'rb') as f:
+    variables = serialization.msgpack_restore(f.read())
+  return Pretrained(model_from_fields(record['model']), variables, tuple(record['mean']), tuple(record['std']))
+
+
+def pixel_normalisation(scale: Sequence[float], offset: Sequence[float]) -> tuple[tuple[float, ...], ...]:
+  """(mean, std) in pixel units of the per-channel map pixels · scale + offset."""
+  scale, offset = np.asarray(scale, np.float64), np.asarray(offset, np.float64)
+  return tuple(float(v) for v in -offset / scale), tuple(float(v) for v in 1.0 / scale)
