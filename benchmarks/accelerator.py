@@ -47,8 +47,9 @@ from bw_jax.data.on_device import normalise_images
 from bw_jax.extras import is_installed
 from bw_jax.nn.whitening import BatchWhitening
 from bw_jax.train.config.validation import base_config
-from bw_jax.train.loop import initial_state
-from bw_jax.train.optim import create_learning_rate_fn, create_optimizer, optimizer_from_rates, optimizer_rates
+from bw_jax.train.optim import (Schedule, create_optimizer, learning_rate_fn, optimizer_from_rates, optimizer_rates,
+                                peak_learning_rate)
+from bw_jax.train.programs import compiled_init
 from bw_jax.train.reporting import memory_report
 from bw_jax.train.step import create_model, run_dropout_key, train_batch_spec, train_step
 import bw_layer  # benchmarks/bw_layer.py
@@ -72,6 +73,7 @@ QUICK = dict(train_rows=['BN'], image_size=32, batches=(8,), steps=2,
              width=0.25, depth=0.1, layer_batch=4, layer_shapes=[1152], layer_repeats=2, layer_layouts=[],
              pipeline_batch=8, pipeline_batches=2, budget_s=3600.0)  # Every row, however loaded the machine.
 GROUP_SIZE = 16
+SCHEDULE = Schedule('cosine', warmup_steps=1000, decay_steps=9000)  # 10,000 steps, the first 1,000 warming up.
 TRAIN_SHARE = 0.7  # Of the budget: train-step rows start before it, the layer's shapes before the whole budget.
 # What the device sections must not need (an accelerator image has none of them).
 DEVICE_PATH_UNUSED = ('tensorflow', 'tensorflow_datasets', 'clu')
@@ -114,17 +116,17 @@ def train_step_row(types: tuple, method: str, depthwise: str, sizes: dict) -> di
   """Images/s of the largest batch in sizes['batches'] that compiles within the device memory and runs."""
   config = b0_config(types, method, depthwise, sizes)
   model = create_model(config, 1000)
-  learning_rate_fn = create_learning_rate_fn(config, 1000, 10_000)
-  tx = create_optimizer(config, learning_rate_fn)
+  tx = create_optimizer(config, learning_rate_fn(SCHEDULE, 1.0), weight_decay=config.weight_decay)
   replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   # As train_and_evaluate runs it: the dropout key and the optimizer's rates are arguments of the step.
   step = jax.jit(functools.partial(
       train_step, model=model, num_classes=1000, label_smoothing=0.1, ema_decay=0.0,
-      optimizer_from_rates=functools.partial(optimizer_from_rates, config, 1000, 10_000),
+      optimizer_from_rates=functools.partial(optimizer_from_rates, config, SCHEDULE),
       normalise=functools.partial(normalise_images, mean=imagenet.MEAN, std=imagenet.STD)), donate_argnums=0)
-  arguments = (run_dropout_key(config.seed, replicated), optimizer_rates(config))
+  arguments = (run_dropout_key(config.seed, replicated),
+               optimizer_rates(peak_learning_rate(config.learning_rate, config.batch_size), config.weight_decay))
   size, limit, skipped = sizes['image_size'], device_memory_limit(), []
-  initial = initial_state(config, model, tx, replicated)
+  initial = compiled_init(config, model, tx, (size, size, 3), replicated)(np.int32(config.seed))
   for batch in sizes['batches']:
     state = jax.tree.map(jnp.copy, initial)  # Each try gets its own: the step donates the state.
     start = time.perf_counter()

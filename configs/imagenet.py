@@ -28,7 +28,8 @@ def get_config() -> ml_collections.ConfigDict:
   # (ml_collections' FieldReference op); an explicit --config.dataset.image_size=S replaces it.
   config.dataset.image_size = config.model.get_ref('variant')._apply_op(published_resolution).to_int()
   config.model.stem_stride = 2
-  config.batch_size_per_device = 128  # Global batch: 128 × jax.device_count().
+  config.batch_size = None  # The global batch is set per device:
+  config.batch_size_per_device = 128  # 128 × jax.device_count().
   config.num_epochs = 350.0
   config.optimizer = 'rmsprop_tf'  # decay 0.9, ε 1e-3 inside the root, squared average starting at 1.
   config.momentum = 0.9

@@ -23,7 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.mbconv_type = 2
   config.model.head_type = 1
   config.model.stem_stride = 1
-  config.batch_size_per_device = 256  # Global batch: 256 × jax.device_count().
+  config.batch_size = None  # The global batch is set per device:
+  config.batch_size_per_device = 256  # 256 × jax.device_count().
   config.num_epochs = 30.0  # The trial length of the PyTorch predecessor's Optuna studies.
   config.optimizer = 'nesterov'
   config.learning_rate = 0.2

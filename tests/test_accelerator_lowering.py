@@ -11,11 +11,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from bw_jax.train import loop as train
+from bw_jax.train import step as train
 from bw_jax.train.config.validation import base_config
 from bw_jax.data import default_dataset_config, imagenet
 from bw_jax.data.on_device import normalise_images
-from bw_jax.train.optim import create_learning_rate_fn, create_optimizer, optimizer_from_rates, optimizer_rates
+from bw_jax.train.optim import (Schedule, create_optimizer, learning_rate_fn, optimizer_from_rates, optimizer_rates,
+                                peak_learning_rate)
 from bw_jax.train.step import create_model, TrainState
 
 pytestmark = pytest.mark.slow  # Traces B0 at 224 px twice (BN and BW everywhere) and lowers each twice.
@@ -39,8 +40,8 @@ def lowered_train_step_texts(config) -> dict[str, str]:
   """StableHLO text of `train.train_step` for each of PLATFORMS: traced once, lowered per platform."""
   size = config.dataset.image_size
   model = create_model(config, 1000)
-  learning_rate_fn = create_learning_rate_fn(config, 100, 1000)
-  tx = create_optimizer(config, learning_rate_fn)
+  schedule = Schedule('cosine', warmup_steps=100, decay_steps=900)  # 1,000 steps, the first 100 warming up.
+  tx = create_optimizer(config, learning_rate_fn(schedule, 1.0), weight_decay=config.weight_decay)
 
   def init():
     variables = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
@@ -55,8 +56,9 @@ def lowered_train_step_texts(config) -> dict[str, str]:
   # As train_and_evaluate: the dropout key and the optimizer's rates are arguments.
   step = jax.jit(functools.partial(train.train_step, model=model, num_classes=1000, label_smoothing=0.1,
                                    ema_decay=0.0, normalise=normalise, optimizer_from_rates=functools.partial(
-                                       optimizer_from_rates, config, 100, 1000)))
-  traced = step.trace(state, batch, jax.random.key(1), optimizer_rates(config))
+                                       optimizer_from_rates, config, schedule)))
+  rates = optimizer_rates(peak_learning_rate(config.learning_rate, config.batch_size), config.weight_decay)
+  traced = step.trace(state, batch, jax.random.key(1), rates)
   return {platform: traced.lower(lowering_platforms=(platform,)).as_text() for platform in PLATFORMS}
 
 

@@ -29,6 +29,7 @@ from bw_jax.sweep import compare, compare_report  # noqa: E402
 from bw_jax.sweep.space import check_sweep_config, suggest  # noqa: E402
 from bw_jax.sweep.study import create_storage, default_storage  # noqa: E402
 from bw_jax.train.optim import create_optimizer  # noqa: E402
+from bw_jax.train.programs import compiled_init  # noqa: E402
 from bw_jax.train.step import create_model
 from subprocess_runs import COMPILATION_CACHE_ENV, start_test_process, wait_for_a_started_trial  # noqa: E402
 
@@ -180,8 +181,9 @@ def init_params(config, seed):
   config.seed = seed
   mesh = jax.sharding.Mesh(jax.devices(), ('data',))
   model = create_model(config, 10)
-  tx = create_optimizer(config, lambda step: 0.1)
-  state = train.initial_state(config, model, tx, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  tx = create_optimizer(config, lambda step: 0.1, config.weight_decay)
+  init = compiled_init(config, model, tx, (28, 28, 1), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  state = init(np.int32(config.seed))
   return jax.tree.leaves(jax.device_get(state.params))
 
 
@@ -191,7 +193,7 @@ def test_seed_sets_the_initial_parameters(smoke_config):
   assert all(np.array_equal(a, b) for a, b in zip(first, again))
   kernels = [(a, b) for a, b in zip(first, other) if a.ndim > 1]
   assert kernels and all(not np.array_equal(a, b) for a, b in kernels)
-  # initial_state passes the seed into one compiled init: the parameters are those of flax's init with the
+  # compiled_init takes the seed as an argument of one program: the parameters are those of flax's init with the
   # key built from the seed as a constant.
   model = create_model(smoke_config, 10)
   constant = jax.jit(lambda: model.init(jax.random.key(1), jnp.zeros((1, 28, 28, 1)), train=False))()

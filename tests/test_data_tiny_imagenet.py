@@ -180,18 +180,19 @@ def test_split_size_counts_the_examples_actually_read(prepared, split):
 
 
 def test_training_length_uses_the_split_actually_read(prepared):
-  from bw_jax.train import loop as train
+  from bw_jax.train.plan import resolve_plan
   _, _, config = prepared
   # 'train[:50%]' of 12 images is 6: 3 steps of 2 per epoch, 2.5 epochs -> 7.5 -> 8 steps.
   cfg = training_config(config, batch_size=2, num_epochs=2.5)
   cfg.dataset.train_split = 'train[:50%]'
-  assert train.training_length(cfg) == (3, 8)
+  length = lambda plan: (plan.train_examples, plan.steps_per_epoch, plan.num_train_steps)
+  assert length(resolve_plan(cfg)) == (6, 3, 8)
   cfg.num_train_steps = 5
-  assert train.training_length(cfg) == (3, 5)
+  assert length(resolve_plan(cfg)) == (6, 3, 5)
   cfg.batch_size = 8
   with pytest.raises(ValueError, match=r"batch_size=8 is larger than the 6 examples of tiny_imagenet split "
                                        r"'train\[:50%\]'; use at most 6"):
-    train.training_length(cfg)
+    resolve_plan(cfg)
 
 
 def test_unknown_split_names_the_splits(prepared):

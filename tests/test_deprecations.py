@@ -33,26 +33,28 @@ print('layer')
 # uint8 images normalised on the device), for a BW model in bf16, then its eval step: the model in both modes.
 TRAIN_STEP = """
 import functools
-import jax, jax.numpy as jnp
+import jax, jax.numpy as jnp, numpy as np
 from bw_jax.data.on_device import normalise_images
 from bw_jax.train import optim, step
 from bw_jax.train.config.validation import base_config
-from bw_jax.train.loop import initial_state
+from bw_jax.train.programs import compiled_init
 
 config = base_config()
 config.model.stem_type, config.model.mbconv_type, config.model.head_type = 2, 2, 2
 config.model.width_multiplier, config.model.depth_multiplier, config.model.bw.group_size = 0.25, 0.1, 4
 config.dataset.image_size, config.half_precision, config.ema_decay = 16, True, 0.9
 model = step.create_model(config, 10)
-tx = optim.create_optimizer(config, optim.create_learning_rate_fn(config, 10, 100))
+schedule = optim.Schedule('cosine', warmup_steps=10, decay_steps=90)
+tx = optim.create_optimizer(config, optim.learning_rate_fn(schedule, 1.0), config.weight_decay)
 replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-state = initial_state(config, model, tx, replicated)
+state = compiled_init(config, model, tx, (16, 16, 1), replicated)(np.int32(config.seed))
 normalise = functools.partial(normalise_images, mean=(0.5,), std=(0.25,))
 train_step = jax.jit(functools.partial(
     step.train_step, model=model, num_classes=10, label_smoothing=0.1, ema_decay=config.ema_decay,
-    optimizer_from_rates=functools.partial(optim.optimizer_from_rates, config, 10, 100), normalise=normalise))
+    optimizer_from_rates=functools.partial(optim.optimizer_from_rates, config, schedule), normalise=normalise))
 batch = {'image': jnp.zeros((8, 16, 16, 1), jnp.uint8), 'label': jnp.arange(8) % 10, 'mask': jnp.ones((8,))}
-state, metrics = train_step(state, batch, step.run_dropout_key(0, replicated), optim.optimizer_rates(config))
+rates = optim.optimizer_rates(0.1, config.weight_decay)
+state, metrics = train_step(state, batch, step.run_dropout_key(0, replicated), rates)
 jax.jit(functools.partial(step.eval_step, model=model, num_classes=10, use_ema=True, normalise=normalise))(
     state, batch)
 print('train step')

@@ -90,7 +90,7 @@ def test_the_train_step_path_imports_no_tensorflow_tfds_or_clu():
       config = base_config()
       config.dataset = default_dataset_config('imagenet2012')
       model = step.create_model(config, imagenet.NUM_CLASSES)
-      optim.create_optimizer(config, optim.create_learning_rate_fn(config, 100, 1000))
+      optim.create_optimizer(config, optim.learning_rate_fn(optim.Schedule('cosine', 100, 900), 0.1), 0.0)
       print([name for name in {HEAVY!r} if name in sys.modules])""")
   assert code == 0, stderr
   assert stdout.split() == ['[]']

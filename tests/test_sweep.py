@@ -21,6 +21,7 @@ import pytest
 from bw_jax.train.checkpoints import latest_checkpoint_step
 from bw_jax.train.config.files import load_config_file
 from bw_jax.train.config.validation import validate_config
+from bw_jax.train.plan import DataCounts
 from bw_jax.sweep import __main__ as sweep_cli
 from bw_jax.sweep import promote as sweep_promote
 from bw_jax.sweep import report as sweep_report
@@ -108,31 +109,38 @@ def test_values_and_specs_are_checked_against_what_the_code_allows():
     sweep_space.check_sweep_config(config)
   message = str(error.value)
   assert "search_space.optimizer = 'adam': config.optimizer='adam' is not supported; choose one of 'sgd'" in message
-  assert 'search_space.model.mbconv_type = 4: mbconv_type=4 is not supported; choose one of 0, 1, 2, 3' in message
+  assert ('search_space.model.mbconv_type = 4: config.model.mbconv_type=4 is not supported; choose one of 0, 1, '
+          '2, 3') in message
   assert "search_space.model.bw.epsilon: 'log_float' needs low > 0" in message
   assert 'search_space.num_epochs: the training length is the trial budget' in message
   assert "search_space.learning_rate: 'float' takes (low, high)" in message
   assert "search_space.optimizer = 'sgd'" not in message
 
 
+def counts(train_examples: int) -> DataCounts:
+  """A train split of `train_examples` (the schedule's lengths depend on nothing else of the data)."""
+  return DataCounts(train_examples, eval_examples=1_000, num_classes=10)
+
+
 @pytest.mark.parametrize('name, num_examples', [('fashion_mnist', 60_000), ('tiny_imagenet', 100_000),
                                                 ('smoke', 60_000)])
 def test_sweep_files_schedules_complete_within_a_trial(name, num_examples):
   config = load_config_file(os.path.join(REPO, 'configs', 'sweeps', f'{name}.py'))
-  assert sweep_space.schedule_errors(config, sweep_space.check_sweep_config(config), num_examples) == []
+  assert sweep_space.schedule_errors(config, sweep_space.check_sweep_config(config), counts(num_examples)) == []
   # Even on a tenth of the data (an epoch 10× shorter) for the relative tiny_imagenet schedule.
   if name == 'tiny_imagenet':
-    assert sweep_space.schedule_errors(config, sweep_space.check_sweep_config(config), num_examples // 10) == []
+    assert sweep_space.schedule_errors(config, sweep_space.check_sweep_config(config),
+                                       counts(num_examples // 10)) == []
 
 
 def test_searched_schedule_values_are_checked_one_by_one():
   config = smoke_sweep_with(warmup_epochs=('float', 0.0, 0.0001), decay_epochs=('float', 0.001, 1.0))
   space = sweep_space.check_sweep_config(config)
-  errors = sweep_space.schedule_errors(config, space, 60_000)  # 3750 steps of 16 per epoch, 4-step trials.
+  errors = sweep_space.schedule_errors(config, space, counts(60_000))  # 3750 steps of 16 per epoch, 4-step trials.
   assert len(errors) == 1 and errors[0].startswith("search_space.decay_epochs = 1.0: the 'exponential' schedule "
                                                    'decays every 3750 steps')
   config.search_space.warmup_epochs = ('float', 0.0, 0.01)  # 38 steps: longer than the trial.
-  errors = sweep_space.schedule_errors(config, sweep_space.check_sweep_config(config), 60_000)
+  errors = sweep_space.schedule_errors(config, sweep_space.check_sweep_config(config), counts(60_000))
   assert errors[1].startswith('search_space.warmup_epochs = 0.01: the warm-up (warmup_epochs=0.01: 38 steps) '
                               'does not finish within the 4 steps') and len(errors) == 2
 
@@ -473,13 +481,12 @@ def formula_schedule(peak: float, warmup: float, total: float, shape: str, perio
 def promoted_schedule(path, devices: int, num_examples: int):
   """(the learning rate at steps t, total steps) of the promoted config at `path`, on `devices` devices, as
   train_and_evaluate builds it from that config."""
-  from bw_jax.train.config.validation import with_global_batch_size
-  from bw_jax.train.loop import training_length
-  from bw_jax.train.optim import create_learning_rate_fn
-  config = with_global_batch_size(load_config_file(str(path)), devices)
-  steps_per_epoch, total = training_length(config, num_examples)
-  schedule = create_learning_rate_fn(config, steps_per_epoch, total)
-  return (lambda t: np.asarray([schedule(int(step)) for step in np.round(t)], np.float64)), total
+  from bw_jax.train.optim import learning_rate_fn
+  from bw_jax.train.plan import plan_for
+  config = load_config_file(str(path))
+  plan = plan_for(config, DataCounts(num_examples, 1, config.model.num_classes or 1000), devices)
+  schedule = learning_rate_fn(plan.schedule, plan.peak_learning_rate)
+  return (lambda t: np.asarray([schedule(int(step)) for step in np.round(t)], np.float64)), plan.num_train_steps
 
 
 def test_a_promoted_schedule_is_the_trials_shape_at_the_targets_length(sgd_study, tmp_path):
@@ -517,7 +524,8 @@ def test_an_rmsprop_trial_promoted_onto_an_sgd_base_keeps_its_recipe_and_schedul
   """Onto configs/default.py (nesterov, cosine; 7 epochs of 468 steps of 128): the promoted run trains with TF's
   RMSProp, the trial's staircase (halving at every tenth of the run, as the trial's 40 steps halved every 4)
   and EMA; its first update is TF1 RMSProp's by the formula."""
-  from bw_jax.train.optim import create_learning_rate_fn, create_optimizer
+  from bw_jax.train.optim import create_optimizer, learning_rate_fn
+  from bw_jax.train.plan import plan_for
   sweep_promote.promote(rmsprop_study, 1, os.path.join(REPO, 'configs', 'default.py'), str(tmp_path), 'runs')
   path = tmp_path / 'stem1_mbconv0_head1.py'
   config = load_config_file(str(path))
@@ -532,7 +540,9 @@ def test_an_rmsprop_trial_promoted_onto_an_sgd_base_keeps_its_recipe_and_schedul
   trial = formula_schedule(0.016 * 16 / 256, 0, 40, 'exponential', period=4, rate=0.5)
   np.testing.assert_allclose(trial(middles * 40) / (0.016 * 16 / 256), 0.5 ** np.arange(10))
   # TF1 RMSProp's first step (squared average starting at 1, ε inside the root, L2 weight decay on kernels).
-  optimizer = create_optimizer(config, create_learning_rate_fn(config, 468, total))
+  plan = plan_for(config, DataCounts(60_000, 1, 10), 1)
+  assert plan.steps_per_epoch == 468
+  optimizer = create_optimizer(config, learning_rate_fn(plan.schedule, plan.peak_learning_rate), config.weight_decay)
   kernel, gradient = np.full((2, 3), 0.5), np.linspace(-1.0, 1.0, 6).reshape(2, 3)
   updates, _ = optimizer.update({'kernel': gradient}, optimizer.init({'kernel': kernel}), {'kernel': kernel})
   g = gradient + config.weight_decay * kernel

@@ -138,7 +138,8 @@ def test_prepare_sweep_report_promote_on_a_generated_tiny_imagenet(tmp_path, cap
   assert set(results.num_classes) == {3} and results['flags'].isna().all()  # The data's classes; healthy.
   assert np.isfinite(results.eval_loss).all()
   log = open(os.path.join(results.workdir[0], 'train.log')).read()
-  assert "tiny_imagenet split 'train': 24 examples, 3 classes; 3 steps of 8 per epoch, 300 steps" in log
+  assert "Plan: tiny_imagenet 'train': 24 examples, 3 classes;" in log
+  assert '  300 steps of 8 images (100 epochs of 3 steps)' in log
   assert 'first step done in' in log
 
   out = tmp_path / 'promoted'

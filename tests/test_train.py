@@ -1,6 +1,7 @@
 """End-to-end tests of bw_jax.train.loop on the smoke config (tiny BW EfficientNet, 6 steps of 16 images)."""
 
 import contextlib
+import dataclasses
 import glob
 import io
 import json
@@ -22,7 +23,11 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.util.tensor_util import make_ndarray
 
 from bw_jax.train import loop as train
-from bw_jax.train.checkpoints import json_config, saved_steps
+from bw_jax.train import programs
+from bw_jax.train.checkpoints import saved_steps
+from bw_jax.train.config.rules import InPrograms
+from bw_jax.train.config.schema import KEY_TABLE
+from bw_jax.train.plan import DataCounts, plan_for, resolve_plan
 from bw_jax.train.config.validation import validate_config
 from bw_jax.data import fashion_mnist
 from bw_jax.sweep import worker as sweep_worker
@@ -223,8 +228,7 @@ def test_resumed_run_ends_with_the_same_state(smoke_run, three_steps, tmp_path):
   assert again['step'] == 6 and [step for step, _ in evals] == [6]
   assert evals[0][1]['accuracy'] == again['eval_accuracy'] and evals[0][1]['loss'] == again['eval_loss']
   # The straight run, the 3 steps and both reruns ran the programs kept by the first: one trace of the step.
-  steps_per_epoch, _ = train.training_length(config, fashion_mnist.INFO.num_examples['train'])
-  assert train.programs_for(config, 10, steps_per_epoch, 6).train_step._cache_size() == 1
+  assert programs.programs_for(resolve_plan(config)).train_step._cache_size() == 1
 
 
 @pytest.mark.slow  # Trains the smoke config.
@@ -277,7 +281,8 @@ def test_main_refuses_to_resume_a_changed_config_in_one_line_before_compiling(th
   line = the_error_line(done)
   assert 'batch_size: the checkpoints were written with 16, this run has 32' in line
   assert 'model.width_multiplier: the checkpoints were written with 0.25, this run has 0.5' in line
-  assert '--config.resume_allow_changes=batch_size,model.width_multiplier' in line
+  assert 'this run has 0.5 (it shapes the train state: never resumed with a change)' in line
+  assert '--config.resume_allow_changes=batch_size (always allowed' in line  # Not the width: it cannot load.
   assert 'Compiling' not in done.stdout and saved_steps(workdir) == [3]
 
 
@@ -392,26 +397,45 @@ def changed_value(value):
   return value + '_x' if isinstance(value, str) else [*value, 1]
 
 
-def test_programs_key_leaves_out_the_host_only_keys_and_only_them():
-  """A run reuses the kept programs of an earlier one when their keys agree: any config key but the
-  KEYS_OUTSIDE_PROGRAMS must change the key (a key added to the schema too); those must not."""
+FASHION_MNIST = DataCounts(train_examples=60_000, eval_examples=2_000, num_classes=10)
+
+
+def test_programs_key_holds_the_program_constants_and_the_plan_and_only_them():
+  """A run reuses the kept programs of an earlier one when their keys agree: a change of any config key the key
+  table marks CONSTANT must change the key; of any other key, the plan's derived values left as they are, must
+  not; the plan's class count, global batch and schedule must."""
   config = smoke.get_config()
-  base = train.programs_key(config, 10, 3750, 6)  # Fashion-MNIST's steps per epoch at batch 16.
-  flat = flax.traverse_util.flatten_dict(json_config(config), sep='.')
-  host_only = lambda key: any(key == h or key.startswith(h + '.') for h in train.KEYS_OUTSIDE_PROGRAMS)
-  assert all(any(host_only(key) and key.startswith(h) for key in flat) for h in train.KEYS_OUTSIDE_PROGRAMS)
+  plan = plan_for(config, FASHION_MNIST)
+  base = programs.programs_key(plan)
+  flat = flax.traverse_util.flatten_dict(plan.config.to_dict(), sep='.')
+  assert sorted(flat) == sorted(KEY_TABLE)
   for key, value in flat.items():
     changed = flax.traverse_util.unflatten_dict({**flat, key: changed_value(value)}, sep='.')
-    same = train.programs_key(ml_collections.ConfigDict(changed), 10, 3750, 6) == base
-    assert same == host_only(key), f'{key}: {"host-only, yet" if not same else "a program key, yet not"} ' \
-                                   f'{"in" if same else "out of"} the key'
-  assert train.programs_key(config, 11, 3750, 6) != base  # The class count.
+    same = programs.programs_key(dataclasses.replace(plan, config=ml_collections.FrozenConfigDict(changed))) == base
+    constant = KEY_TABLE[key].programs is InPrograms.CONSTANT
+    assert same != constant, f'{key}: {"a constant of the programs, yet not in" if same else "in"} the key'
+  assert programs.programs_key(dataclasses.replace(plan, num_classes=11)) != base
+  assert programs.programs_key(dataclasses.replace(plan, global_batch=32)) != base
   # The run's length reaches the programs through the schedule only: smoke's staircase does not depend on it,
   # a cosine does.
-  assert config.lr_schedule == 'exponential' and train.programs_key(config, 10, 3750, 3) == base
-  assert train.programs_key(config, 10, 1000, 6) != base  # A staircase of 1 step instead of 4.
+  config.num_train_steps = 3
+  assert config.lr_schedule == 'exponential' and programs.programs_key(plan_for(config, FASHION_MNIST)) == base
+  shorter_epochs = dataclasses.replace(FASHION_MNIST, train_examples=16_000)  # A staircase of 1 step, not 4.
+  assert programs.programs_key(plan_for(config, shorter_epochs)) != base
   config.lr_schedule = 'cosine'
-  assert train.programs_key(config, 10, 3750, 3) != train.programs_key(config, 10, 3750, 6)
+  three = programs.programs_key(plan_for(config, FASHION_MNIST))
+  config.num_train_steps = 6
+  assert three != programs.programs_key(plan_for(config, FASHION_MNIST))
+
+
+def test_programs_are_built_from_their_constants_alone():
+  """`program_config` holds the CONSTANT keys and nothing else, so a program reading another key would fail
+  to build: the table's column is what the programs see."""
+  plan = plan_for(smoke.get_config(), FASHION_MNIST)
+  kept = flax.traverse_util.flatten_dict(programs.program_config(plan).to_dict(), sep='.')
+  assert sorted(kept) == sorted(k for k, key in KEY_TABLE.items() if key.programs is InPrograms.CONSTANT)
+  assert all(kept[k] == v for k, v in flax.traverse_util.flatten_dict(plan.config.to_dict(), sep='.').items()
+             if k in kept)
 
 
 def test_infinite_learning_rate_is_rejected():
@@ -436,7 +460,7 @@ def test_missing_imagenet_fails_before_the_model_and_leaves_no_workdir(tmp_path,
   def no_model(*args, **kwargs):
     raise AssertionError('the model was built before the data was found')
 
-  monkeypatch.setattr(train, 'create_model', no_model)
+  monkeypatch.setattr(programs, 'create_model', no_model)
   config = imagenet.get_config()
   config.dataset.data_dir = str(tmp_path / 'tfds')
   config.batch_size_per_device = None
@@ -450,7 +474,7 @@ def test_empty_eval_split_fails_before_the_model_and_leaves_no_workdir(tmp_path,
   def no_model(*args, **kwargs):
     raise AssertionError('the model was built before the eval split was counted')
 
-  monkeypatch.setattr(train, 'create_model', no_model)
+  monkeypatch.setattr(programs, 'create_model', no_model)
   config = smoke.get_config()
   config.dataset.eval_split = 'test[5000:5000]'
   with pytest.raises(ValueError, match=r"^config.dataset.eval_split='test\[5000:5000\]' holds no examples"):

@@ -39,9 +39,11 @@ from bw_jax.train import loop as train
 from bw_jax.train.checkpoints import saved_steps
 from bw_jax.train.cli_errors import EXIT_PREEMPTED
 from bw_jax.data import fashion_mnist, pipeline
-from bw_jax.data.on_device import normalise_images
+from bw_jax.data.on_device import normalise_images, shard_batch
 from bw_jax.train.optim import optimizer_rates
-from bw_jax.train.step import create_model
+from bw_jax.train.plan import DataCounts, plan_for
+from bw_jax.train.programs import programs_for
+from bw_jax.train.step import TrainState, create_model, run_dropout_key
 from configs import smoke
 from subprocess_runs import (REPO, TIMEOUT, MainRun, configure_jax, free_port, progress_steps, start_test_process,
                              stop_test_process, subprocess_env, wait_until)
@@ -93,16 +95,17 @@ def normalise(info):
   return functools.partial(normalise_images, mean=info.mean, std=info.std)
 
 
-def training(config) -> tuple[train.TrainState, Any]:
+def training(config) -> tuple[TrainState, Any]:
   """`train_and_evaluate`'s initial state and train step (its very programs) on a mesh of all devices:
   step(state, batch) -> state, with batch the global NumPy batch of uint8 images."""
-  steps_per_epoch, num_train_steps = train.training_length(config, fashion_mnist.INFO.num_examples['train'])
-  programs = train.programs_for(config, fashion_mnist.INFO.num_classes, steps_per_epoch, num_train_steps)
-  dropout_key = train.run_dropout_key(config.seed, programs.replicated)
-  rates = optimizer_rates(config)
+  info = fashion_mnist.INFO
+  plan = plan_for(config, DataCounts(info.num_examples['train'], info.num_examples['test'], info.num_classes))
+  programs = programs_for(plan)
+  dropout_key = run_dropout_key(config.seed, programs.replicated)
+  rates = optimizer_rates(plan.peak_learning_rate, config.weight_decay)
   state = programs.init(np.int32(config.seed))
   return state, lambda state, batch: programs.train_step(
-      state, train.shard_batch(batch, programs.data_sharding), dropout_key, rates)[0]
+      state, shard_batch(batch, programs.data_sharding), dropout_key, rates)[0]
 
 
 def snapshot(params: Any, batch_stats: Any) -> dict[str, np.ndarray]:

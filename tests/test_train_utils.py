@@ -14,17 +14,34 @@ import optax
 import pytest
 from ml_collections import config_flags
 
-from bw_jax.train import loop as train
+from bw_jax.train import step as train
 from bw_jax.train import health as train_health, reporting
-from bw_jax.train.config.validation import validate_config, with_global_batch_size
+from bw_jax.train.config.validation import validate_config
 from bw_jax.train.health import bw_health
-from bw_jax.train.optim import (create_learning_rate_fn, create_optimizer, optimizer_from_rates, optimizer_rates,
-                                peak_learning_rate, schedule_problems)
+from bw_jax.train.optim import create_optimizer, learning_rate_fn, optimizer_from_rates, optimizer_rates
+from bw_jax.train.plan import DataCounts, plan_for
+from bw_jax.train.programs import CPU_INIT_COMPILER_OPTIONS
 from bw_jax.train.reporting import memory_report
 from bw_jax.train.step import create_model, train_batch_spec, TrainState
 from configs import imagenet, smoke, tiny_imagenet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+IMAGENET = DataCounts(train_examples=1_281_167, eval_examples=50_000, num_classes=1000)
+
+
+def plan_with(config, steps_per_epoch: int, num_train_steps: int, device_count: int = 1):
+  """The plan of `config` (a global batch, not per device) run for `num_train_steps` on a train split of
+  `steps_per_epoch` batches."""
+  config.num_train_steps = num_train_steps
+  return plan_for(config, DataCounts(steps_per_epoch * config.batch_size, 1, 10), device_count)
+
+
+def schedule_of(config, steps_per_epoch: int, num_train_steps: int):
+  """The learning rate per step that the plan gives `config`, at its peak for the global batch."""
+  plan = plan_with(config, steps_per_epoch, num_train_steps)
+  return learning_rate_fn(plan.schedule, plan.peak_learning_rate)
+
 
 TRAINING_CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, 'configs', '*.py'))
                           if not os.path.basename(p).startswith('sweep_'))
@@ -44,20 +61,26 @@ def load_from_command_line(path: str, *overrides: str):
 def test_every_config_takes_num_train_steps_from_the_command_line(path):
   config = load_from_command_line(path, '--config.num_train_steps=7', '--config.seed=3')
   assert config.num_train_steps == 7 and config.seed == 3
+  if config.init_from and not os.path.exists(config.init_from):  # A run its docstring says to make first.
+    with pytest.raises(ValueError, match=rf'^config.init_from={config.init_from!r} does not exist'):
+      validate_config(config)
+    config.init_from = ''
   validate_config(config)
 
 
 def test_imagenet_config_is_the_published_b0_recipe():
   """Tan & Le (2019) and TF's efficientnet/main.py: RMSProp(0.9, momentum 0.9, ε 1e-3), 0.016 per 256
   images, 5 warm-up epochs, ×0.97 every 2.4 epochs, EMA 0.9999, weight decay 1e-5, smoothing 0.1."""
-  config = with_global_batch_size(imagenet.get_config(), device_count=16)  # The published 16 TPU cores.
-  validate_config(with_global_batch_size(imagenet.get_config()))
+  config = imagenet.get_config()
+  validate_config(config)
+  plan = plan_for(config, IMAGENET, device_count=16)  # The published 16 TPU cores.
   assert (config.model.variant, config.dataset.name, config.dataset.image_size) == ('b0', 'imagenet2012', 224)
-  assert (config.batch_size, config.num_epochs, config.optimizer) == (2048, 350.0, 'rmsprop_tf')
-  assert peak_learning_rate(config) == pytest.approx(0.128)
+  assert (plan.global_batch, config.num_epochs, config.optimizer) == (2048, 350.0, 'rmsprop_tf')
+  assert plan.peak_learning_rate == pytest.approx(0.128)
   assert (config.ema_decay, config.weight_decay, config.label_smoothing) == (0.9999, 1e-5, 0.1)
   steps_per_epoch = 1_281_167 // 2048
-  schedule = create_learning_rate_fn(config, steps_per_epoch, 350 * steps_per_epoch)
+  assert (plan.steps_per_epoch, plan.num_train_steps) == (steps_per_epoch, 350 * steps_per_epoch)
+  schedule = learning_rate_fn(plan.schedule, plan.peak_learning_rate)
   warmup = 5 * steps_per_epoch
   decay_steps = round(2.4 * steps_per_epoch)
   for step in (0, 1, warmup // 2, warmup - 1):
@@ -89,26 +112,30 @@ def test_an_unknown_variant_is_named_with_the_allowed_ones():
 def test_accelerator_configs_scale_batch_and_learning_rate_with_the_device_count(module, per_device,
                                                                                  lr_per_256, devices):
   config = module.get_config()
-  resolved = with_global_batch_size(config, device_count=devices)
-  assert resolved.batch_size == per_device * devices
-  assert peak_learning_rate(resolved) == pytest.approx(lr_per_256 * per_device * devices / 256)
-  assert config.batch_size_per_device == per_device  # The config itself is left as it was.
+  plan = plan_for(config, IMAGENET, device_count=devices)
+  assert plan.global_batch == plan.record()['batch_size'] == per_device * devices
+  assert plan.peak_learning_rate == pytest.approx(lr_per_256 * per_device * devices / 256)
+  assert plan.steps_per_epoch == 1_281_167 // (per_device * devices)
+  assert config.batch_size is None and config.batch_size_per_device == per_device  # Left as it was.
 
 
 def test_batch_size_per_device_must_be_positive():
   config = smoke.get_config()
-  config.batch_size_per_device = 0
+  config.batch_size, config.batch_size_per_device = None, 0
   with pytest.raises(ValueError, match=r'config.batch_size_per_device=0 must be a positive integer'):
-    with_global_batch_size(config, device_count=1)
+    validate_config(config)
   config.batch_size_per_device = None
-  assert with_global_batch_size(config, device_count=8) is config  # Unset: batch_size is global as before.
+  with pytest.raises(ValueError, match=r'config.batch_size is None and batch_size_per_device is not set'):
+    validate_config(config)
+  config.batch_size = 16
+  assert plan_for(config, IMAGENET, device_count=8).global_batch == 16  # Unset: batch_size is global.
 
 
 def test_cosine_schedule_with_warmup_matches_its_formula():
   config = smoke.get_config()
   config.lr_schedule, config.warmup_epochs, config.learning_rate, config.batch_size = 'cosine', 2.0, 0.4, 128
   steps_per_epoch, total = 10, 50
-  schedule = create_learning_rate_fn(config, steps_per_epoch, total)
+  schedule = schedule_of(config, steps_per_epoch, total)
   peak, warmup = 0.4 * 128 / 256, 20
   for step in range(total + 1):
     expected = (peak * step / warmup if step < warmup
@@ -122,7 +149,7 @@ def test_warmup_fraction_is_a_share_of_the_run_whatever_the_epoch_length():
   config.warmup_epochs, config.warmup_fraction = 3.0, 0.25  # The fraction wins: 10 of 40 steps.
   peak, warmup, total = 0.2, 10, 40
   for steps_per_epoch in (7, 3125):
-    schedule = create_learning_rate_fn(config, steps_per_epoch, total)
+    schedule = schedule_of(config, steps_per_epoch, total)
     for step in range(total + 1):
       expected = (peak * step / warmup if step < warmup
                   else peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup))))
@@ -132,18 +159,19 @@ def test_warmup_fraction_is_a_share_of_the_run_whatever_the_epoch_length():
 def test_schedule_problems_name_a_warmup_or_decay_that_cannot_complete():
   config = smoke.get_config()
   config.lr_schedule, config.warmup_epochs = 'cosine', 2.0
-  # Issue #17: 2 warm-up epochs of 3125 steps (100,000 images at batch 32) in a 20-step trial.
-  [problem] = schedule_problems(config, 3125, 20)
+  problems = lambda steps_per_epoch, total: plan_with(config, steps_per_epoch, total).problems()
+  # 2 warm-up epochs of 3125 steps (100,000 images at batch 32) in a 20-step trial.
+  [problem] = problems(3125, 20)
   assert problem.startswith('the warm-up (warmup_epochs=2.0: 6250 steps) does not finish within the 20 steps '
                             '(3125 per epoch)')
-  assert schedule_problems(config, 9, 20) == []  # 18 steps of warm-up, then 2 of cosine.
-  assert schedule_problems(config, 10, 20) != []  # 20 steps of warm-up: the peak is never reached.
+  assert problems(9, 20) == []  # 18 steps of warm-up, then 2 of cosine.
+  assert problems(10, 20) != []  # 20 steps of warm-up: the peak is never reached.
   config.warmup_fraction = 0.1
-  assert schedule_problems(config, 3125, 20) == []
+  assert problems(3125, 20) == []
   config.lr_schedule, config.decay_epochs = 'exponential', 0.01  # Every 31 steps; 18 follow the warm-up.
-  [problem] = schedule_problems(config, 3125, 20)
+  [problem] = problems(3125, 20)
   assert "decays every 31 steps (decay_epochs=0.01), but only 18 of the 20 steps" in problem
-  assert schedule_problems(config, 1800, 20) == []  # Every 18 steps: one decay.
+  assert problems(1800, 20) == []  # Every 18 steps: one decay.
 
 
 def test_images_per_second_leave_out_the_first_step_and_its_compile(monkeypatch):
@@ -166,7 +194,7 @@ def _params_and_grads(seed):
 
 
 def _run_optimizer(config, params, grads):
-  tx = create_optimizer(config, lambda step: config.learning_rate * config.batch_size / 256)
+  tx = create_optimizer(config, lambda step: config.learning_rate * config.batch_size / 256, config.weight_decay)
   params = jax.tree.map(jnp.asarray, params)
   state = tx.init(params)
   for g in grads:
@@ -242,11 +270,11 @@ def tiny_step():
   images = rng.normal(size=(3, 16, 28, 28, 1)).astype(np.float32)
   labels = rng.integers(0, 10, size=(3, 16))
   variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)
-  learning_rate_fn = create_learning_rate_fn(config, 100, 3)
+  rate_fn = schedule_of(config, 100, 3)
   state = TrainState.create(apply_fn=model.apply, params=variables['params'],
-                            tx=create_optimizer(config, learning_rate_fn),
+                            tx=create_optimizer(config, rate_fn, config.weight_decay),
                             batch_stats=variables['batch_stats'], ema_params=variables['params'])
-  step = jax.jit(lambda s, b: train.train_step(s, b, model=model, learning_rate_fn=learning_rate_fn,
+  step = jax.jit(lambda s, b: train.train_step(s, b, model=model, learning_rate_fn=rate_fn,
                                                num_classes=10, label_smoothing=0.1, ema_decay=0.5,
                                                dropout_key=jax.random.key(1)))
   return model, state, step, images, labels
@@ -285,15 +313,15 @@ def test_one_compiled_step_serves_every_seed_and_rate_with_the_results_of_consta
   config = smoke.get_config()
   config.optimizer, config.lr_schedule, config.warmup_fraction, config.decay_epochs = optimizer, schedule, 0.34, 0.01
   config.weight_decay = 1e-2  # Large enough to show in 3 steps.
-  lengths = (100, 3)  # Steps per epoch, steps: 1 of warm-up, then a cosine of 2 or a staircase of 1.
+  plan = plan_with(config, 100, 3)  # 1 step of warm-up, then a cosine of 2 or a staircase of 1.
   settings = dict(model=model, num_classes=10, label_smoothing=0.1, ema_decay=0.0)
   with_arguments = jax.jit(functools.partial(train.train_step, **settings, optimizer_from_rates=functools.partial(
-      optimizer_from_rates, config, *lengths)))
-  schedule_fn = create_learning_rate_fn(config, *lengths)
+      optimizer_from_rates, config, plan.schedule)))
+  schedule_fn = learning_rate_fn(plan.schedule, plan.peak_learning_rate)
   # One state for every run (its optimizer, static, is part of the step's signature; only its structure
   # matters to the step with rates), with a strongly typed step as train_and_evaluate's.
   state = TrainState.create(apply_fn=model.apply, params=initial.params, batch_stats=initial.batch_stats,
-                            tx=create_optimizer(config, schedule_fn), ema_params={})
+                            tx=create_optimizer(config, schedule_fn, config.weight_decay), ema_params={})
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   state = jax.device_put(state.replace(step=jnp.asarray(0, jnp.int32)), device)  # Committed, as its outputs.
   batches = [{'image': images[i], 'label': labels[i]} for i in range(3)]
@@ -308,15 +336,18 @@ def test_one_compiled_step_serves_every_seed_and_rate_with_the_results_of_consta
   constants = jax.jit(functools.partial(train.train_step, **settings, learning_rate_fn=schedule_fn,
                                         dropout_key=jax.random.fold_in(jax.random.key(0), 1)))
   expected, expected_rates = three_steps(constants)
-  actual, actual_rates = three_steps(with_arguments, train.run_dropout_key(0, device), optimizer_rates(config))
+  rates = optimizer_rates(plan.peak_learning_rate, config.weight_decay)
+  actual, actual_rates = three_steps(with_arguments, train.run_dropout_key(0, device), rates)
   assert actual_rates == expected_rates and expected_rates[1] > 0
   for a, b in zip(actual, expected):
     np.testing.assert_array_equal(a, b)
   for seed, learning_rate in ((1, config.learning_rate), (0, 3 * config.learning_rate)):
     other = config.copy_and_resolve_references()
     other.learning_rate = learning_rate
-    leaves, rates = three_steps(with_arguments, train.run_dropout_key(seed, device), optimizer_rates(other))
-    assert rates == [float(create_learning_rate_fn(other, *lengths)(i)) for i in range(3)]
+    other_plan = plan_with(other, 100, 3)
+    leaves, rates = three_steps(with_arguments, train.run_dropout_key(seed, device),
+                                optimizer_rates(other_plan.peak_learning_rate, other.weight_decay))
+    assert rates == [float(learning_rate_fn(other_plan.schedule, other_plan.peak_learning_rate)(i)) for i in range(3)]
     assert not all(np.array_equal(a, b) for a, b in zip(leaves, expected)), (seed, learning_rate)
   assert with_arguments._cache_size() == 1
 
@@ -332,7 +363,7 @@ def test_half_precision_keeps_float32_parameters_and_statistics():
   # check that it makes the same float32 variables.
   config.half_precision = False
   init = jax.jit(functools.partial(create_model(config, 10).init, train=False))
-  variables = init.lower(jax.random.key(0), x[:1]).compile(train.CPU_INIT_COMPILER_OPTIONS)(jax.random.key(0),
+  variables = init.lower(jax.random.key(0), x[:1]).compile(CPU_INIT_COMPILER_OPTIONS)(jax.random.key(0),
                                                                                            x[:1])
   logits = {}
   for half in (False, True):
@@ -431,3 +462,12 @@ def test_growing_fallbacks_warn_and_too_many_stop_the_run():
 
 def test_a_model_without_bw_reports_nothing():
   assert train_health.bw_health_report({}, previous_fallbacks=0, max_fallbacks=0) == ('', None)
+
+
+def test_an_override_that_another_key_makes_ignored_is_refused_naming_both():
+  """configs/tiny_imagenet.py sets batch_size_per_device: a global --config.batch_size would be ignored."""
+  config = load_from_command_line(os.path.join(REPO, 'configs', 'tiny_imagenet.py'), '--config.batch_size=10')
+  with pytest.raises(ValueError, match=r'^config.batch_size=10 is ignored when config.batch_size_per_device=256 '
+                                       r'is set') as error:
+    validate_config(config)
+  assert 'batch_size=256' not in str(error.value)  # Not a batch_size the user never gave.

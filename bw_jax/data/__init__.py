@@ -86,8 +86,15 @@ def class_count(dataset_config: Any) -> int:
   return dataset_module(dataset_config.name).count_classes(dataset_config)
 
 
+def open_split(dataset_config: Any, split: str) -> Any:
+  """The raw examples of `split` (a `tf.data.Dataset` as the dataset module's `load` gives it), for
+  `create_split(..., examples=…)`. Data read whole (Fashion-MNIST's files) is checked here, whole: open the
+  splits before writing anything, and damaged data fails first."""
+  return dataset_module(dataset_config.name).load(split, dataset_config)
+
+
 def create_split(dataset_config: Any, split: str, global_batch_size: int, *, train: bool,
-                 seed: int = 0, start_batch: int = 0, normalise: bool = True
+                 seed: int = 0, start_batch: int = 0, normalise: bool = True, examples: Any = None
                  ) -> tuple[Iterator[dict], DatasetInfo]:
   """This host's batches of `split` as NumPy arrays, and the dataset's info.
 
@@ -96,10 +103,10 @@ def create_split(dataset_config: Any, split: str, global_batch_size: int, *, tra
   `on_device.normalise_images(images, info.mean, info.std)` inside the step. Training iterators are
   endless and start at batch `start_batch` (pass the number of steps already taken when resuming); eval
   iterators cover the split once, the last batch padded with mask 0. Missing data raises before anything
-  is compiled.
+  is compiled. `examples`: the split already opened (`open_split`), else it is opened here.
   """
   module = dataset_module(dataset_config.name)
-  ds = module.load(split, dataset_config)
+  ds = module.load(split, dataset_config) if examples is None else examples
   batches = batched_dataset(
       ds, module.INFO, split, dataset_config, global_batch_size, train=train, seed=seed,
       start_batch=start_batch, train_preprocess=getattr(module, 'train_preprocess', None),

@@ -67,20 +67,29 @@ def trial_training_config(study: optuna.Study, trial: optuna.trial.FrozenTrial) 
   # On the schema, so that keys added since the study was written have their defaults.
   train = config_schema.get_config()
   train.dataset = default_dataset_config(record['train']['dataset']['name'])
-  return with_values(train, {**flatten_space(record['train']), **record['trial_budget'], **values})
+  # The record's batch_size is the global batch the trial trained with, also when set per device.
+  return with_values(train, {**flatten_space(record['train']), **record['trial_budget'], **values,
+                             'batch_size_per_device': None})
+
+
+def trial_plan(trial: optuna.trial.FrozenTrial, config: ml_collections.ConfigDict) -> Any:
+  """The plan the trial ran (`bw_jax.train.plan.Plan`): its config on the data sizes its worker recorded (the
+  dataset's published sizes for trials recorded before workers kept them)."""
+  from bw_jax.data import dataset_module
+  from bw_jax.train.plan import DataCounts, plan_for
+  info = dataset_module(config.dataset.name).INFO
+  published = lambda split: info.num_examples[split.split('[')[0]]
+  counts = DataCounts(trial.user_attrs.get('train_examples') or published(config.dataset.train_split),
+                      trial.user_attrs.get('eval_examples') or published(config.dataset.eval_split),
+                      trial.user_attrs.get('num_classes') or info.num_classes)
+  return plan_for(config, counts)
 
 
 def trial_schedule_shape(trial: optuna.trial.FrozenTrial, config: ml_collections.ConfigDict
                          ) -> tuple[float, float]:
-  """(warm-up steps, staircase decay period) as fractions of the trial's steps, from the epoch length the
-  trial read."""
-  from bw_jax.data import dataset_module
-  from bw_jax.train.loop import training_length
-  from bw_jax.train.optim import decay_steps, warmup_steps
-  examples = trial.user_attrs.get('train_examples') or dataset_module(config.dataset.name).INFO.num_examples[
-      config.dataset.train_split.split('[')[0]]  # Studies written before workers recorded the count.
-  steps_per_epoch, total = training_length(config, examples)
-  return warmup_steps(config, steps_per_epoch, total) / total, decay_steps(config, steps_per_epoch) / total
+  """(warm-up steps, staircase decay period) as fractions of the trial's steps."""
+  plan = trial_plan(trial, config)
+  return plan.warmup_steps / plan.num_train_steps, plan.staircase_steps / plan.num_train_steps
 
 
 def promoted_config(study: optuna.Study, trial: optuna.trial.FrozenTrial, base: ml_collections.ConfigDict

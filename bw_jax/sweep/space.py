@@ -16,7 +16,10 @@ import ml_collections
 import optuna
 
 from bw_jax.checks import check_choice, is_positive_int
-from bw_jax.train.config.validation import base_config, config_reference, unknown_keys, validate_config
+from bw_jax.train.config.rules import InPrograms
+from bw_jax.train.config.schema import keys_where
+from bw_jax.train.config.validation import (base_config, config_reference, config_value, unknown_keys,
+                                            validate_config)
 
 SPEC_KINDS = ('categorical', 'float', 'log_float', 'int', 'log_int')
 SPEC_FORMS = ("('categorical', (choice, ...)), ('float' | 'log_float', low, high) or "
@@ -26,8 +29,8 @@ SAMPLERS = ('random', 'qmc')
 PRUNERS = ('none', 'median')
 BLOCK_KEYS = ('model.stem_type', 'model.mbconv_type', 'model.head_type')
 BUDGET_KEYS = ('num_epochs', 'num_train_steps')
-# Training keys that change how many steps the warm-up and decay take.
-SCHEDULE_KEYS = ('batch_size', 'lr_schedule', 'warmup_epochs', 'warmup_fraction', 'decay_epochs')
+# Training keys that change the global batch or the schedule's lengths (the key table's DERIVED), but the budget.
+SCHEDULE_KEYS = tuple(k for k in keys_where(programs=InPrograms.DERIVED) if k not in BUDGET_KEYS)
 
 
 def base_sweep_config() -> ml_collections.ConfigDict:
@@ -105,13 +108,6 @@ def with_values(config: ml_collections.ConfigDict, values: dict[str, Any]) -> ml
   """A copy of `config` with {'model.bw.method': 'zca', …} set (types are checked by ConfigDict)."""
   config = copy.deepcopy(config)
   config.update_from_flattened_dict(values)
-  return config
-
-
-def config_value(config: ml_collections.ConfigDict, key: str) -> Any:
-  """`config.model.bw.method` for key 'model.bw.method'."""
-  for part in key.split('.'):
-    config = config[part]
   return config
 
 
@@ -198,28 +194,29 @@ def check_sweep_config(sweep: ml_collections.ConfigDict) -> dict[str, tuple]:
   return flat
 
 
-def schedule_errors(sweep: ml_collections.ConfigDict, flat: dict[str, tuple], num_examples: int) -> list[str]:
-  """Where a trial's warm-up or decay cannot complete within the trial budget, the train split having
-  `num_examples` examples: the trial config as is, and each value of a searched SCHEDULE_KEYS key on it."""
-  from bw_jax.train.loop import training_length  # JAX: only `run` calls this.
-  from bw_jax.train.optim import schedule_problems
+def schedule_errors(sweep: ml_collections.ConfigDict, flat: dict[str, tuple], counts: Any) -> list[str]:
+  """Where a trial's warm-up or decay cannot complete within the trial budget on data holding `counts`
+  (`bw_jax.train.plan.DataCounts`): the trial config as is, and each value of a searched SCHEDULE_KEYS key on
+  it, planned as the trial would be (`plan_for`)."""
+  from bw_jax.train.plan import plan_for  # JAX: only `run` calls this.
   train = trial_config(sweep, {})
   cases = [('train (with trial_budget)', {})]
   cases += [(f'search_space.{key} = {value!r}', {key: value})
             for key, spec in flat.items() if key in SCHEDULE_KEYS for value in candidate_values(spec)]
   errors = []
   for label, values in cases:
-    config = with_values(train, values)
-    errors += [f'{label}: {problem}' for problem in schedule_problems(config, *training_length(config, num_examples))]
+    try:
+      errors += [f'{label}: {problem}' for problem in plan_for(with_values(train, values), counts).problems()]
+    except ValueError as e:  # The data cannot hold the trial (a batch larger than the split).
+      errors.append(f'{label}: {e}')
   return errors
 
 
 def check_trial_schedules(sweep: ml_collections.ConfigDict, flat: dict[str, tuple]) -> None:
   """Raises a ValueError, before any trial trains, when a trial's learning-rate schedule cannot run its course
-  (`schedule_errors`); counts the train split that the trials will read (the data must be there)."""
-  from bw_jax import data
-  train = trial_config(sweep, {})
-  errors = schedule_errors(sweep, flat, data.split_size(train.dataset, train.dataset.train_split))
+  (`schedule_errors`); counts the data that the trials will read (the data must be there)."""
+  from bw_jax.train.plan import count_data
+  errors = schedule_errors(sweep, flat, count_data(trial_config(sweep, {})))
   if errors:
     raise ValueError('The learning-rate schedule cannot complete within a trial:\n  ' + '\n  '.join(errors))
 

@@ -124,8 +124,10 @@ class Worker:
     the attempt's recorded evals (a retry's are its original's)."""
     from bw_jax.train import loop as train  # Imported here: `report` and `promote` need no JAX.
     from bw_jax.train.checkpoints import latest_checkpoint_step
+    from bw_jax.train.plan import resolve_plan
     trial.set_user_attr('resumed_from_step', latest_checkpoint_step(workdir))
-    last_step, metric = train.training_length(config)[1], self.sweep.objective.replace('eval_', '')
+    plan = resolve_plan(config)
+    last_step, metric = plan.num_train_steps, self.sweep.objective.replace('eval_', '')
 
     # [[step, accuracy, loss], …] of every periodic eval (the compare report's learning curves); a retry
     # starts with its original's list, and evals it repeats after resuming replace the earlier ones.
@@ -145,7 +147,7 @@ class Worker:
     start = time.perf_counter()
     try:
       with open(os.path.join(workdir, 'train.log'), 'a') as log, contextlib.redirect_stdout(log):
-        summary = train.train_and_evaluate(config, workdir, on_eval=on_eval)
+        summary = train.train_plan(plan, workdir, on_eval=on_eval)
     except optuna.TrialPruned:
       trial.set_user_attr('seconds', time.perf_counter() - start)
       raise
@@ -162,7 +164,7 @@ class Worker:
       trial.set_user_attr('error', stopped)
       raise Preempted(stopped)
     for key in ('eval_accuracy', 'eval_loss', 'step', 'train_images_per_sec', 'bw_fallbacks', 'num_classes',
-                'train_examples'):  # The data's size and classes: the report's flags, promote's schedule.
+                'train_examples', 'eval_examples'):  # The data's sizes and classes: the report's flags, promote.
       trial.set_user_attr(key, summary[key])
     return summary[self.sweep.objective]
 

@@ -1,8 +1,9 @@
-"""The training system: config schema and validation (`config/`), the sharded loop (`loop`), checkpoints,
-and the command line's error handling. `train_and_evaluate` is imported on first use, so that reading a
-config does not load the input pipeline. Needs the [train] extra: this checks, when the package is first
-imported, the packages its modules import; TensorFlow and clu are imported when data is first read and
-metrics first written (`bw_jax.extras`), so a train step (`step.py`) runs without them."""
+"""The training system: the config key table and validation (`config/`), the run's plan (`plan`), its compiled
+programs (`programs`), the sharded loop (`loop`), checkpoints, and the command line's error handling.
+`train_and_evaluate` is imported on first use, so that reading a config does not load the input pipeline.
+Needs the [train] extra: this checks, when the package is first imported, the packages its modules import;
+TensorFlow and clu are imported when data is first read and metrics first written (`bw_jax.extras`), so a train
+step (`step.py`) runs without them."""
 
 import importlib
 from typing import Any

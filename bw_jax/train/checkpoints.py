@@ -19,17 +19,17 @@ from absl import logging
 import flax
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from bw_jax.train.cli_errors import os_reason
+from bw_jax.train.config.rules import Resume
+from bw_jax.train.config.schema import KEY_TABLE, keys_where
+from bw_jax.train.plan import Plan
 
-# Keys a resumed run may change without mixing two runs: how long it trains and how often it logs,
-# evaluates and saves; where the data lives; where a fresh run would have started from (a resumed run starts
-# from its checkpoint). `config.resume_allow_changes` names more, on purpose.
-SAFE_TO_CHANGE = ('num_train_steps', 'num_epochs', 'log_every_steps', 'eval_every_steps',
-                  'checkpoint_every_steps', 'keep_checkpoints', 'eval_batch_size', 'dataset.data_dir',
-                  'bw_max_fallbacks', 'resume_allow_changes', 'print_memory', 'init_from',
-                  'init_calibration_batches')
+# Keys a resumed run may change without mixing two runs (the key table's Resume.SAFE): how long it trains and
+# how often it logs, evaluates and saves; where the data lives. `config.resume_allow_changes` names more.
+SAFE_TO_CHANGE = keys_where(resume=Resume.SAFE)
 CONFIG_FILE = 'config.json'
 
 
@@ -77,40 +77,67 @@ def json_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def config_differences(stored: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-  """{dotted key: (stored value, current value)} for every key whose value differs (or exists on one side)."""
+  """{dotted key: (stored value, current value)} for every key whose value differs (or exists on one side),
+  but a key absent from `stored` (added to the schema since) that `current` leaves at its default."""
   missing = object()
   a = flax.traverse_util.flatten_dict(stored, sep='.')
   b = flax.traverse_util.flatten_dict(current, sep='.')
-  return {k: (a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b))
+  newer = {k for k in set(b) - set(a) if k in KEY_TABLE and b[k] == KEY_TABLE[k].default}
+  return {k: (a.get(k, missing), b.get(k, missing)) for k in sorted((set(a) | set(b)) - newer)
           if a.get(k, missing) != b.get(k, missing)}
 
 
-def allowed_changes(config: ml_collections.ConfigDict) -> set[str]:
-  extra = config.get('resume_allow_changes') or ''
+def allowed_changes(record: dict[str, Any]) -> set[str]:
+  """SAFE_TO_CHANGE and the keys `resume_allow_changes` names (validation refused any Resume.NEVER among them)."""
+  extra = record.get('resume_allow_changes') or ''
   return set(SAFE_TO_CHANGE) | {key.strip() for key in extra.split(',') if key.strip()}
 
 
 def difference_line(key: str, values: tuple[Any, Any]) -> str:
   stored, current = ('(absent)' if not isinstance(v, (type(None), bool, int, float, str, list, dict))
                      else repr(v) for v in values)
-  return f'{key}: the checkpoints were written with {stored}, this run has {current}'
+  never = ' (it shapes the train state: never resumed with a change)' if is_never(key) else ''
+  return f'{key}: the checkpoints were written with {stored}, this run has {current}{never}'
 
 
-def check_resumed_config(directory: str, stored: dict[str, Any], config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigMismatchError listing the keys that differ from the stored config beyond the allowed
-  ones; says which allowed keys differ."""
-  differences = config_differences(stored, json_config(config))
-  allowed = allowed_changes(config)
+def is_never(key: str) -> bool:
+  return key in KEY_TABLE and KEY_TABLE[key].resume is Resume.NEVER
+
+
+def check_resumed_config(directory: str, stored: dict[str, Any], record: dict[str, Any]) -> None:
+  """Raises ConfigMismatchError listing the keys of the run's `record` (`Plan.record`) that differ from the
+  `stored` one beyond the allowed ones (`allowed_changes`); says which allowed keys differ."""
+  differences = config_differences(stored, record)
+  allowed = allowed_changes(record)
   refused = {k: v for k, v in differences.items() if k not in allowed}
   if refused:
+    on_purpose = [k for k in refused if not is_never(k)]
+    advice = (f', or, to resume on purpose, --config.resume_allow_changes={",".join(on_purpose)} (always '
+              f'allowed: {", ".join(SAFE_TO_CHANGE)})' if on_purpose else '')
     raise ConfigMismatchError(
         f'The checkpoints in {directory} were written with another config; resuming would mix two runs '
         '(data order, schedule, shapes). Keys that differ:\n  ' +
         '\n  '.join(difference_line(k, v) for k, v in refused.items()) +
-        '\nUse the same config, another --workdir for a new run, or, to resume on purpose, '
-        f'--config.resume_allow_changes={",".join(refused)} (always allowed: {", ".join(SAFE_TO_CHANGE)}).')
+        f'\nUse the same config, another --workdir for a new run{advice}.')
   for key, values in differences.items():
     say(f'Resuming with a changed setting: {difference_line(key, values)}.')
+
+
+def state_shape_differences(stored: Any, target: Any) -> list[str]:
+  """'path: the checkpoint holds (2, 3), this run (3, 3)' for every array whose shape differs between a
+  checkpoint's metadata tree and a target state dict, and a line for each array only one of them has."""
+  shape = lambda leaf: tuple(leaf.shape) if hasattr(leaf, 'shape') else np.shape(leaf)
+  held = {k: shape(v) for k, v in flax.traverse_util.flatten_dict(stored, sep='/').items()}
+  wanted = {k: shape(v) for k, v in flax.traverse_util.flatten_dict(target, sep='/').items()}
+  lines = []
+  for path in sorted(set(held) | set(wanted)):
+    if path not in wanted:
+      lines.append(f'{path}: in the checkpoint, not in this run\'s state')
+    elif path not in held:
+      lines.append(f'{path}: in this run\'s state, not in the checkpoint')
+    elif held[path] != wanted[path]:
+      lines.append(f'{path}: the checkpoint holds {held[path]}, this run {wanted[path]}')
+  return lines
 
 
 def saved_steps(workdir: str) -> list[int]:
@@ -158,33 +185,39 @@ def quiet_abandoned_read_callbacks() -> None:
 
 class Checkpoints:
   """Orbax CheckpointManager over the train state as a plain nested dict (`flax.serialization`), with the
-  run's config in `directory/config.json`: a resume with a config that differs beyond SAFE_TO_CHANGE and
-  `config.resume_allow_changes` stops here, before anything compiles."""
+  run's config in `directory/config.json` (`Plan.record`): a resume with a config that differs beyond
+  SAFE_TO_CHANGE and `config.resume_allow_changes` stops here, before anything compiles."""
 
-  def __init__(self, directory: str, config: ml_collections.ConfigDict):
+  def __init__(self, directory: str, plan: Plan):
     # Saved in the background on one process. On several, synchronously: Orbax's background finalisation asks
     # for the preemption sync point with the saved (older) step, which would move process 0's step counter
     # back while JAX's preemption service may be reading it (see train.PreemptionNotice). The state is small
     # (B0: ~60 MB with optimizer and EMA), so the wait is short.
     self.manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-        max_to_keep=config.keep_checkpoints, create=True,
+        max_to_keep=plan.config.keep_checkpoints, create=True,
         enable_async_checkpointing=jax.process_count() == 1))
     self.directory = directory
     self._saving: int | None = None  # The step of a save that may still run in the background.
-    self._store_config(config)
+    self._record = plan.record()
+    self._check_config()
 
-  def _store_config(self, config: ml_collections.ConfigDict) -> None:
+  def _check_config(self) -> None:
     path = os.path.join(self.directory, CONFIG_FILE)
     if self.manager.latest_step() is not None:
       if os.path.exists(path):
         with open(path) as f:
-          check_resumed_config(self.directory, json.load(f), config)
+          check_resumed_config(self.directory, json.load(f), self._record)
       else:
         say(f'{self.directory} holds checkpoints but no {CONFIG_FILE} (written before configs were stored); '
             'resuming without comparing configs.')
-    if jax.process_index() == 0:  # The config this run trains with; a later resume compares with it.
+
+  def _store_config(self) -> None:
+    """Records the config this run trains with, which a later resume compares with: only once the state
+    is restored (or there was none), so that a failed resume leaves the record of the run that wrote them."""
+    path = os.path.join(self.directory, CONFIG_FILE)
+    if jax.process_index() == 0:
       with open(path + '.tmp', 'w') as f:
-        json.dump(json_config(config), f, indent=2)
+        json.dump(self._record, f, indent=2)
       os.replace(path + '.tmp', path)
 
   def save(self, state: Any) -> None:
@@ -224,6 +257,7 @@ class Checkpoints:
     quiet_abandoned_read_callbacks()  # Before the reads: a failing one's threads report while it fails.
     failures = []
     for step in sorted(self.manager.all_steps(), reverse=True):
+      self._check_shapes(step, target)
       try:
         restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
       except Exception as e:  # Orbax and TensorStore raise many types for a damaged folder.
@@ -237,13 +271,32 @@ class Checkpoints:
         self.manager.reload()
         say(f'restored the checkpoint of step {step} instead.')
       logging.info('Restored checkpoint of step %d from %s', step, self.directory)
+      self._store_config()
       return flax.serialization.from_state_dict(state, restored)
     if failures:
       raise CheckpointError(
           f'No checkpoint in {self.directory} loads:\n  ' +
           '; '.join(f'step {step}: {reason}' for step, reason in failures) +
           f'\nMove the damaged folders out of {self.directory} to start afresh there, or use another --workdir.')
+    self._store_config()
     return state
+
+  def _check_shapes(self, step: int, target: dict[str, Any]) -> None:
+    """Raises ConfigMismatchError when checkpoint `step` holds arrays of other shapes or another structure
+    than `target`: the config differs in a key that shapes the state, and the checkpoint is intact. A
+    checkpoint whose metadata does not load is left to the restore, which reports it as damaged."""
+    try:
+      stored = self.manager.item_metadata(step).tree
+    except Exception:  # Damaged: the restore that follows says why.
+      return
+    differences = state_shape_differences(stored, target)
+    if differences:
+      shown = differences[:5] + ([f'… and {len(differences) - 5} more'] if len(differences) > 5 else [])
+      raise ConfigMismatchError(
+          f'The checkpoint of step {step} in {self.directory} holds a train state of other shapes than this '
+          'config builds; the checkpoints are intact and nothing was moved:\n  ' + '\n  '.join(shown) +
+          f'\nResume with the config that wrote them ({os.path.join(self.directory, CONFIG_FILE)}), or use '
+          'another --workdir for this config.')
 
   def _move_aside(self, step: int) -> str:
     """Renames the folder of `step` to corrupt-<step>-<time> (process 0; the others see the rename)."""

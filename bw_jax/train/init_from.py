@@ -26,6 +26,7 @@ from bw_jax.models.convert import Conversion, convert
 from bw_jax.models.efficientnet import EfficientNet
 from bw_jax.models.keras_import import from_keras
 from bw_jax.train.checkpoints import CONFIG_FILE, say
+from bw_jax.train.plan import Plan
 
 KERAS_SUFFIXES = ('.h5', '.hdf5')
 
@@ -76,18 +77,20 @@ def run_record(folder: str) -> pretrained.Pretrained:
   return pretrained.Pretrained(model, variables, tuple(info.mean), tuple(info.std))
 
 
-def calibration_batches(config: ml_collections.ConfigDict, sharding: Any) -> Iterator[jax.Array]:
+def calibration_batches(plan: Plan, sharding: Any) -> Iterator[jax.Array]:
   """Normalised global batches (B, S, S, C) of the train split with eval preprocessing, full batches only
   (a padded last one would bias the statistics), sharded by `sharding`."""
-  batches, _ = data.create_split(config.dataset, config.dataset.train_split, config.batch_size, train=False)
+  dataset = plan.config.dataset
+  batches, _ = data.create_split(dataset, dataset.train_split, plan.global_batch, train=False)
   for batch in batches:
     if np.all(batch['mask'] == 1):
       yield shard_batch({'image': batch['image']}, sharding)['image']
 
 
-def starting_variables(config: ml_collections.ConfigDict, model: EfficientNet, fresh: dict, sharding: Any
-                       ) -> tuple[dict, Conversion]:
-  """`model`'s variables converted from `config.init_from` and calibrated; `fresh` are its initial ones."""
+def starting_variables(plan: Plan, model: EfficientNet, fresh: dict, sharding: Any) -> tuple[dict, Conversion]:
+  """`model`'s variables converted from the plan's `config.init_from` and calibrated; `fresh` are its initial
+  ones."""
+  config = plan.config
   source = load_source(config.init_from)
   info = data.dataset_module(config.dataset.name).INFO
   if not (np.allclose(source.mean, info.mean) and np.allclose(source.std, info.std)):
@@ -96,15 +99,15 @@ def starting_variables(config: ml_collections.ConfigDict, model: EfficientNet, f
   conversion = convert(source.model, source.variables, model, fresh)
   variables = conversion.variables
   if config.init_calibration_batches > 0:
-    variables = calibrate(model, variables, calibration_batches(config, sharding), config.init_calibration_batches)
+    variables = calibrate(model, variables, calibration_batches(plan, sharding), config.init_calibration_batches)
   return variables, conversion
 
 
-def start_from(config: ml_collections.ConfigDict, state: Any, model: EfficientNet, replicated: Any,
-               data_sharding: Any) -> Any:
-  """The fresh train `state` with parameters and statistics from `config.init_from` (replicated)."""
+def start_from(plan: Plan, state: Any, model: EfficientNet, replicated: Any, data_sharding: Any) -> Any:
+  """The fresh train `state` with parameters and statistics from the plan's `config.init_from` (replicated)."""
+  config = plan.config
   fresh = jax.tree.map(np.asarray, {'params': state.params, 'batch_stats': state.batch_stats})
-  variables, conversion = starting_variables(config, model, fresh, data_sharding)
+  variables, conversion = starting_variables(plan, model, fresh, data_sharding)
   if jax.process_index() == 0:
     print(f'Starting from {config.init_from}: {conversion.summary()}\nBN and BW statistics calibrated on '
           f'{config.init_calibration_batches} batches of the train split.', flush=True)

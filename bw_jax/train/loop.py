@@ -1,15 +1,12 @@
 """Training and evaluation: `train_and_evaluate(config, workdir) -> summary` (docs/design.md §4).
 
-`jax.jit` over a Mesh of all devices: each global batch is sharded on the `data` axis, so BN and BW
-statistics are those of the global batch; the train state is replicated. Orbax checkpoints in
+The config is resolved once into a `Plan` (bw_jax/train/plan.py), which the loop reads. Its programs
+(`programs.programs_for(plan)`) are `jax.jit` over a Mesh of all devices: each global batch is sharded on the
+`data` axis, so BN and BW statistics are those of the global batch; the train state is replicated. Orbax checkpoints in
 `workdir/checkpoints` hold the whole state; the step is also the data position (batches are a function of
 the step), and dropout keys are `fold_in(seed key, step)`, so a resumed run repeats the uninterrupted one.
 """
 
-import collections
-import dataclasses
-import functools
-import json
 import os
 import signal
 import threading
@@ -17,155 +14,40 @@ import time
 from typing import Any, Callable, Iterator
 
 from absl import logging
-import flax
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
 from bw_jax import data
-from bw_jax.train.checkpoints import Checkpoints, json_config, say
-from bw_jax.train.config.validation import validate_config, with_global_batch_size
-from bw_jax.data.on_device import normalise_images, prefetch_to_device, shard_batch
+from bw_jax.data.on_device import prefetch_to_device
+from bw_jax.train.checkpoints import Checkpoints, say
 from bw_jax.train.health import BWHealthError, bw_health, bw_health_report, bw_totals
 from bw_jax.train.init_from import start_from
-from bw_jax.train.optim import (create_learning_rate_fn, create_optimizer, optimizer_from_rates, optimizer_rates,
-                                schedule_lengths, schedule_problems)
+from bw_jax.train.optim import optimizer_rates
+from bw_jax.train.plan import Plan, resolve_plan
+from bw_jax.train.programs import programs_for
 from bw_jax.train.reporting import (create_metric_writer, divergence_summary, hyperparameters, memory_report,
                                     Progress, write_summary)
-from bw_jax.train.step import (TrainState, create_model, eval_step, model_num_classes, run_dropout_key,
-                               train_batch_spec, train_step)
+from bw_jax.train.step import TrainState, run_dropout_key, train_batch_spec
 from bw_jax.train.workdir import hold_workdir, make_workdir
 
 
-def evaluate(eval_fn: Any, state: TrainState, config: ml_collections.ConfigDict,
-             sharding: NamedSharding) -> dict[str, float]:
-  """Loss and accuracy over the whole eval split (padded batches masked out), and the example count."""
-  batches, _ = data.create_split(config.dataset, config.dataset.eval_split, eval_batch_size(config),
-                                 train=False, normalise=False)
+def evaluate(eval_fn: Any, state: TrainState, plan: Plan, examples: Any, sharding: NamedSharding
+             ) -> dict[str, float]:
+  """Loss and accuracy over the whole eval split (`examples`, opened by `data.open_split`; padded batches
+  masked out), and the example count."""
+  dataset = plan.config.dataset
+  batches, _ = data.create_split(dataset, dataset.eval_split, plan.eval_batch, train=False, normalise=False,
+                                 examples=examples)
   totals = {'loss': 0.0, 'correct': 0.0, 'count': 0.0}
   for batch in prefetch_to_device(batches, sharding):
     sums = jax.device_get(eval_fn(state, batch))
     totals = {k: totals[k] + float(sums[k]) for k in totals}
   count = totals['count']
   return {'loss': totals['loss'] / count, 'accuracy': totals['correct'] / count, 'count': int(count)}
-
-
-def eval_batch_size(config: ml_collections.ConfigDict) -> int:
-  return config.batch_size if config.eval_batch_size is None else config.eval_batch_size
-
-
-def initial_state(config: ml_collections.ConfigDict, model: Any, tx: Any, replicated: jax.sharding.Sharding
-                  ) -> TrainState:
-  """Fresh parameters and statistics from `config.seed`, replicated over the mesh."""
-  return compiled_init(config, model, tx, replicated)(np.int32(config.seed))
-
-
-def compiled_init(config: ml_collections.ConfigDict, model: Any, tx: Any, replicated: jax.sharding.Sharding
-                  ) -> Callable[[np.int32], TrainState]:
-  """The compiled init: seed (a NumPy int32, the same on every host) -> a fresh TrainState on `replicated`."""
-  size, channels = config.dataset.image_size, data.dataset_module(config.dataset.name).INFO.image_shape[2]
-
-  # The seed is an argument, not a constant of the program: one compiled init (persistent cache) serves every
-  # seed of a comparison or sweep. The parameters are bit-identical to a constant seed's (checked by a test).
-  @functools.partial(jax.jit, out_shardings=replicated)
-  def init(seed):
-    variables = model.init(jax.random.key(seed), jnp.zeros((1, size, size, channels)), train=False)
-    params = variables['params']
-    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                              batch_stats=variables.get('batch_stats', {}),
-                              bw_health=variables.get('bw_health', {}),
-                              ema_params=params if config.ema_decay > 0 else {})
-    # A strongly typed step, as a restored one is: else a fresh and a resumed run trace two train steps.
-    return state.replace(step=jnp.asarray(state.step, jnp.int32))
-  cpu = next(iter(replicated.device_set)).platform == 'cpu'
-  return init.lower(np.int32(0)).compile(compiler_options=CPU_INIT_COMPILER_OPTIONS if cpu else None)
-
-
-# The init runs once, and its program is large (a threefry hash per parameter: ~17,500 lines for the smoke
-# model): LLVM's -O1 compiles it in half the time of the default -O3 (3.3 s vs 6.3–7.4 s for the smoke model,
-# measured) with bit-identical parameters (test_compare checks them against flax's own jitted init). -O0
-# would be faster still but changes the parameters' last bits.
-CPU_INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 1}
-
-
-# Config keys that are not constants of any compiled program: how the host reads the data, the loop's
-# intervals and checkpoints; the seed and the optimizer's rates (`optimizer_rates`), which are arguments of
-# the init and of the train step. The run's length reaches the programs only through the learning-rate
-# schedule's lengths, which `programs_key` holds instead. Every other key is part of the programs' identity:
-# a key added to the schema is one until it is listed here.
-KEYS_OUTSIDE_PROGRAMS = ('seed', 'learning_rate', 'weight_decay', 'num_train_steps', 'num_epochs',
-                         'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
-                         'eval_batch_size', 'bw_max_fallbacks', 'resume_allow_changes', 'print_memory',
-                         'init_from', 'init_calibration_batches',
-                         'dataset.data_dir', 'dataset.train_split', 'dataset.eval_split', 'dataset.shuffle_buffer',
-                         'dataset.augment')
-PROGRAMS_KEPT = 4  # Sets of programs a process keeps for its next runs (a sweep worker's next trials).
-
-
-@dataclasses.dataclass(frozen=True)
-class Programs:
-  """What a run compiles, kept by `programs_for` for the process's later runs of the same programs (a sweep
-  worker's trials, a test's runs): building them again costs seconds of tracing per run even when XLA's
-  persistent cache holds the compiled code.
-
-  `init(np.int32(seed)) -> TrainState`; `train_step(state, batch, dropout_key, optimizer_rates(config)) ->
-  (state, metrics)` (donates the state); `eval_step(state, batch) -> sums`. Batches are sharded by
-  `data_sharding`.
-  """
-  model: Any
-  replicated: NamedSharding
-  data_sharding: NamedSharding
-  init: Callable[[np.int32], TrainState]
-  train_step: Any
-  eval_step: Any
-
-
-_kept_programs: collections.OrderedDict[str, Programs] = collections.OrderedDict()
-
-
-def programs_key(config: ml_collections.ConfigDict, num_classes: int, steps_per_epoch: int,
-                 num_train_steps: int) -> str:
-  """The identity of `config`'s programs: its keys but KEYS_OUTSIDE_PROGRAMS, the class count, the schedule's
-  lengths (`schedule_lengths`: a run of 3 steps and one of 6 share a staircase schedule) and the devices."""
-  flat = flax.traverse_util.flatten_dict(json_config(config), sep='.')
-  kept = {k: v for k, v in flat.items()
-          if not any(k == outside or k.startswith(outside + '.') for outside in KEYS_OUTSIDE_PROGRAMS)}
-  lengths = schedule_lengths(config, steps_per_epoch, num_train_steps)
-  return json.dumps([kept, num_classes, lengths, [d.id for d in jax.devices()]], sort_keys=True)
-
-
-def programs_for(config: ml_collections.ConfigDict, num_classes: int, steps_per_epoch: int,
-                 num_train_steps: int) -> Programs:
-  """`config`'s programs over a mesh of all devices: built on first use, then kept (the last PROGRAMS_KEPT)."""
-  key = programs_key(config, num_classes, steps_per_epoch, num_train_steps)
-  if key in _kept_programs:
-    _kept_programs.move_to_end(key)
-    return _kept_programs[key]
-  mesh = Mesh(jax.devices(), ('data',))
-  replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-  config = ml_collections.FrozenConfigDict(config)  # Kept: a caller's later edits must not reach it.
-  model = create_model(config, num_classes)
-  info = data.dataset_module(config.dataset.name).INFO
-  normalise = functools.partial(normalise_images, mean=info.mean, std=info.std)  # On the device.
-  train_fn = jax.jit(
-      functools.partial(train_step, model=model, num_classes=num_classes, label_smoothing=config.label_smoothing,
-                        ema_decay=config.ema_decay, normalise=normalise, optimizer_from_rates=functools.partial(
-                            optimizer_from_rates, config, steps_per_epoch, num_train_steps)),
-      in_shardings=(replicated, data_sharding, replicated, replicated), out_shardings=(replicated, replicated),
-      donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(eval_step, model=model, num_classes=num_classes,
-                                      use_ema=config.ema_decay > 0, normalise=normalise),
-                    in_shardings=(replicated, data_sharding), out_shardings=replicated)
-  # The optimizer state's structure: the rates of the first run's config do not matter.
-  tx = create_optimizer(config, create_learning_rate_fn(config, steps_per_epoch, num_train_steps))
-  init = compiled_init(config, model, tx, replicated)
-  _kept_programs[key] = Programs(model, replicated, data_sharding, init, train_fn, eval_fn)
-  while len(_kept_programs) > PROGRAMS_KEPT:
-    _kept_programs.popitem(last=False)
-  return _kept_programs[key]
 
 
 class PreemptionNotice:
@@ -240,18 +122,9 @@ def all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
-def training_length(config: ml_collections.ConfigDict, num_examples: int | None = None) -> tuple[int, int]:
-  """(steps per epoch, total steps): `num_train_steps` when > 0, else `num_epochs` of the train split, whose
-  length is `num_examples` (default: counted in the data that will be read, `data.split_size`)."""
-  if num_examples is None:
-    num_examples = data.split_size(config.dataset, config.dataset.train_split)
-  steps_per_epoch = num_examples // config.batch_size
-  if steps_per_epoch < 1:
-    raise ValueError(f'config.batch_size={config.batch_size} is larger than the {num_examples} examples of '
-                     f'{config.dataset.name} split {config.dataset.train_split!r}; use at most {num_examples}.')
-  if config.num_train_steps > 0:
-    return steps_per_epoch, config.num_train_steps
-  return steps_per_epoch, int(round(config.num_epochs * steps_per_epoch))
+def length_setting(config: Any) -> str:
+  return (f'num_train_steps={config.num_train_steps}' if config.num_train_steps > 0
+          else f'num_epochs={config.num_epochs}')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -260,66 +133,64 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   also written to `workdir/summary.json` (or {'preempted': True, 'step': …, 'signal': 'SIGTERM' or 'SIGINT'}
   after a SIGTERM or a first Ctrl-C; a second Ctrl-C raises KeyboardInterrupt).
 
-  `on_eval(step, {'loss', 'accuracy', 'count'})` runs after each periodic eval (the sweep's pruner); an
-  exception it raises ends training with the checkpoints already written intact.
+  The config is resolved first (`resolve_plan`: validated, its data counted), before anything is built or
+  written. `on_eval(step, {'loss', 'accuracy', 'count'})` runs after each periodic eval (the sweep's pruner);
+  an exception it raises ends training with the checkpoints already written intact.
   """
   start_time = time.perf_counter()
-  config = with_global_batch_size(config)
-  validate_config(config)
-  # The data that will be read, counted before anything is built: missing data fails here, leaving no workdir.
-  num_examples = data.split_size(config.dataset, config.dataset.train_split)
-  num_classes = model_num_classes(config, data.class_count(config.dataset))
-  steps_per_epoch, num_train_steps = training_length(config, num_examples)
-  eval_examples = data.split_size(config.dataset, config.dataset.eval_split)
-  if eval_examples < 1:
-    raise ValueError(f'config.dataset.eval_split={config.dataset.eval_split!r} holds no examples of '
-                     f'{config.dataset.name}; name a split or a non-empty slice of one (e.g. '
-                     f"'{config.dataset.eval_split.split('[')[0]}[:2000]').")
-  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
+  return train_plan(resolve_plan(config), workdir, on_eval, start_time)
+
+
+def train_plan(plan: Plan, workdir: str, on_eval: Callable[[int, dict[str, float]], None] | None = None,
+               start_time: float | None = None) -> dict[str, Any]:
+  """`train_and_evaluate` of a resolved plan (`start_time`: when the run began, for the summary's wall time)."""
+  start_time = time.perf_counter() if start_time is None else start_time
+  config = plan.config
   if jax.process_index() == 0:
-    print(f'{config.dataset.name} split {config.dataset.train_split!r}: {num_examples} examples, '
-          f'{num_classes} classes; {steps_per_epoch} steps of {config.batch_size} per epoch, '
-          f'{num_train_steps} steps ({num_train_steps / steps_per_epoch:.3g} epochs); eval on '
-          f'{config.dataset.eval_split!r}: {eval_examples} examples', flush=True)
-    for problem in schedule_problems(config, steps_per_epoch, num_train_steps):
+    print(plan.describe(), flush=True)
+    for problem in plan.problems():
       print(f'Warning: {problem}', flush=True)
+  # The data opened (a file read whole is checked whole) before anything is written: bad data leaves no workdir.
+  train_examples = data.open_split(config.dataset, config.dataset.train_split)
+  eval_examples = data.open_split(config.dataset, config.dataset.eval_split)
   make_workdir(workdir)
   with hold_workdir(workdir):  # One run at a time: from its first write there to its summary.
-    return train_in_workdir(config, workdir, on_eval, start_time=start_time, num_examples=num_examples,
-                            num_classes=num_classes, steps_per_epoch=steps_per_epoch,
-                            num_train_steps=num_train_steps, eval_every=eval_every)
+    return train_in_workdir(plan, workdir, on_eval, start_time, train_examples, eval_examples)
 
 
-def train_in_workdir(config: ml_collections.ConfigDict, workdir: str,
-                     on_eval: Callable[[int, dict[str, float]], None] | None, *, start_time: float,
-                     num_examples: int, num_classes: int, steps_per_epoch: int, num_train_steps: int,
-                     eval_every: int) -> dict[str, Any]:
-  """`train_and_evaluate` once the data is counted and this process holds `workdir` (`hold_workdir`)."""
+def train_in_workdir(plan: Plan, workdir: str, on_eval: Callable[[int, dict[str, float]], None] | None,
+                     start_time: float, train_examples: Any, eval_examples: Any) -> dict[str, Any]:
+  """`train_plan` once the splits are open (`data.open_split`) and this process holds `workdir`
+  (`hold_workdir`)."""
+  config = plan.config
   # Before compiling anything: creating the manager is the hosts' first collective (Orbax syncs them), and
   # gloo (CPU) gives up on a host that joins its first collective over 30 s late, as one compiling longer can.
-  checkpoints = Checkpoints(os.path.join(os.path.abspath(workdir), 'checkpoints'), config)
-  programs = programs_for(config, num_classes, steps_per_epoch, num_train_steps)
+  checkpoints = Checkpoints(os.path.join(os.path.abspath(workdir), 'checkpoints'), plan)
+  programs = programs_for(plan)
   replicated, data_sharding = programs.replicated, programs.data_sharding
   train_fn, eval_fn = programs.train_step, programs.eval_step
   state = checkpoints.restore_latest(programs.init(np.int32(config.seed)))
   start_step = int(state.step)
   if config.init_from and start_step == 0:  # A fresh run starts from the trained network; a resumed one not.
-    state = start_from(config, state, programs.model, replicated, data_sharding)
-  dropout_key, rates = run_dropout_key(config.seed, replicated), optimizer_rates(config)
+    state = start_from(plan, state, programs.model, replicated, data_sharding)
+  if start_step > plan.num_train_steps:
+    say(f'The checkpoint of step {start_step} is past this run\'s {plan.num_train_steps} steps '
+        f'({length_setting(config)}): nothing trains; step {start_step} is evaluated and recorded as the run.')
+  dropout_key = run_dropout_key(config.seed, replicated)
+  rates = optimizer_rates(plan.peak_learning_rate, config.weight_decay)
   if config.print_memory:  # Compiles the step once more, ahead of training: off by default.
-    size = config.dataset.image_size
-    channels = data.dataset_module(config.dataset.name).INFO.image_shape[2]
-    batch_spec = train_batch_spec(config.batch_size, (size, size, channels), data_sharding)
+    batch_spec = train_batch_spec(plan.global_batch, plan.image_shape, data_sharding)
     report = memory_report(train_fn.lower(state, batch_spec, dropout_key, rates).compile())
     if jax.process_index() == 0:
       print(report, flush=True)
   writer = create_metric_writer(workdir)
-  writer.write_hparams(hyperparameters(config))  # TensorBoard's HParams tab lists the run's settings.
+  # TensorBoard's HParams tab lists the run's settings.
+  writer.write_hparams(hyperparameters(ml_collections.ConfigDict(plan.record())))
   train_batches: Iterator[dict] = prefetch_to_device(data.create_split(
-      config.dataset, config.dataset.train_split, config.batch_size, train=True, seed=config.seed,
-      start_batch=start_step, normalise=False)[0], data_sharding)
+      config.dataset, config.dataset.train_split, plan.global_batch, train=True, seed=config.seed,
+      start_batch=start_step, normalise=False, examples=train_examples)[0], data_sharding)
 
-  progress = Progress(num_train_steps, steps_per_epoch, config.batch_size, start_step)
+  progress = Progress(plan.num_train_steps, plan.steps_per_epoch, plan.global_batch, start_step)
   window: list[tuple[int, Any]] = []
   last_checkpoint = checkpoints.manager.latest_step()
   steady_start, steady_steps, excluded = None, 0, 0.0
@@ -327,17 +198,23 @@ def train_in_workdir(config: ml_collections.ConfigDict, workdir: str,
   # The eval lines warn when the fallbacks grow.
   fallbacks_seen = bw_totals(bw_health(state.batch_stats, state.bw_health))[0]
 
+  def fetch_window() -> list[tuple[int, dict]]:
+    """The window's metrics on the host (each step's fetched once), checked finite."""
+    window[:] = [(s, jax.device_get(m)) for s, m in window]
+    check_finite(window, config, last_checkpoint)
+    return window
+
   def flush_window() -> dict[str, float]:
-    fetched = [(s, jax.device_get(m)) for s, m in window]
+    """The means over every step since the last log line; starts the next window."""
+    fetched = list(fetch_window())
     window.clear()
-    check_finite(fetched, config, last_checkpoint)
     return {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[0][1]} if fetched else {}
 
   def save() -> None:
     nonlocal last_checkpoint
     # Never checkpoint a state whose loss went non-finite, nor one whose last update did (a step's loss is
-    # taken before its update).
-    flush_window()
+    # taken before its update). The window stays: the next log line shows the mean of all its steps.
+    fetch_window()
     if not all_finite(state.params):
       raise non_finite_error('The parameters became non-finite', int(state.step), config, last_checkpoint)
     checkpoints.save(state)
@@ -346,7 +223,7 @@ def train_in_workdir(config: ml_collections.ConfigDict, workdir: str,
   def evaluate_and_report(step: int) -> dict[str, float]:
     """Evaluates `state`; writes eval/* and bw_health/*, prints the eval line, calls `on_eval`."""
     nonlocal fallbacks_seen
-    eval_metrics = evaluate(eval_fn, state, config, data_sharding)
+    eval_metrics = evaluate(eval_fn, state, plan, eval_examples, data_sharding)
     health = bw_health(state.batch_stats, state.bw_health)
     writer.write_scalars(step, {**{f'eval/{k}': v for k, v in eval_metrics.items()},
                                 **{f'bw_health/{k}': v for k, v in health.items()}})
@@ -363,11 +240,11 @@ def train_in_workdir(config: ml_collections.ConfigDict, workdir: str,
     return eval_metrics
 
   preemption = PreemptionNotice(checkpoints.manager, start_step)  # Before compiling the steps.
-  if jax.process_index() == 0 and start_step < num_train_steps:
+  if jax.process_index() == 0 and start_step < plan.num_train_steps:
     print(f'Compiling the train step, then step {start_step + 1} (minutes for a large model on a CPU) …',
           flush=True)
   try:
-    for step in range(start_step + 1, num_train_steps + 1):
+    for step in range(start_step + 1, plan.num_train_steps + 1):
       state, metrics = train_fn(state, next(train_batches), dropout_key, rates)
       window.append((step, metrics))
       if steady_start is None:  # Compile and the first step are not steady state.
@@ -377,13 +254,14 @@ def train_in_workdir(config: ml_collections.ConfigDict, workdir: str,
           print(progress.first_step_done(step), flush=True)
       else:
         steady_steps += 1
-      if step % config.log_every_steps == 0 or step == num_train_steps:
+      last = step == plan.num_train_steps
+      if step % plan.log_every_steps == 0 or last:
         means = flush_window()
         writer.write_scalars(step, {f'train/{k}': v for k, v in means.items()})
         if jax.process_index() == 0:
           print(progress.line(step, means), flush=True)
-      checkpoint_now = step % config.checkpoint_every_steps == 0 or step == num_train_steps
-      eval_now = step % eval_every == 0 or step == num_train_steps
+      checkpoint_now = step % plan.checkpoint_every_steps == 0 or last
+      eval_now = step % plan.eval_every_steps == 0 or last
       preempted = preemption.reached(step)
       if not (checkpoint_now or eval_now or preempted):
         continue
@@ -402,7 +280,7 @@ def train_in_workdir(config: ml_collections.ConfigDict, workdir: str,
     if not eval_metrics:  # Resumed at the last step (killed before its eval): nothing trains, still evaluate.
       eval_metrics = evaluate_and_report(int(state.step))
   except (NonFiniteLossError, BWHealthError) as e:  # A result of the config's values: summary.json says so.
-    write_summary(workdir, divergence_summary(e, getattr(e, 'step', None) or int(state.step), config))
+    write_summary(workdir, divergence_summary(e, getattr(e, 'step', None) or int(state.step), plan.record()))
     raise
   finally:
     preemption.close()  # First: a failing close below must not leave this run's handler installed.
@@ -413,16 +291,19 @@ def train_in_workdir(config: ml_collections.ConfigDict, workdir: str,
 
   steady_seconds = (time.perf_counter() - steady_start - excluded) if steady_start else 0.0
   health = bw_health(state.batch_stats, state.bw_health)
+  step = int(state.step)
+  record = plan.record()
+  if step > plan.num_train_steps:  # Restored past this run's end: the state trained for `step` steps.
+    record['num_train_steps'] = step
   summary = {
       'eval_accuracy': eval_metrics['accuracy'], 'eval_loss': eval_metrics['loss'],
-      'eval_examples': eval_metrics['count'], 'step': int(state.step),
-      'epochs': int(state.step) / steps_per_epoch,
-      'train_images_per_sec': steady_steps * config.batch_size / steady_seconds if steady_steps else None,
+      'eval_examples': eval_metrics['count'], 'step': step, 'epochs': step / plan.steps_per_epoch,
+      'train_images_per_sec': steady_steps * plan.global_batch / steady_seconds if steady_steps else None,
       'wall_seconds': time.perf_counter() - start_time,
       'bw_max_cov_condition': bw_totals(health)[1],
       'bw_fallbacks': bw_totals(health)[0],
-      'num_classes': num_classes, 'train_examples': num_examples,
-      'config': config.to_dict(),
+      'num_classes': plan.num_classes, 'train_examples': plan.train_examples,
+      'config': record,
   }
   write_summary(workdir, summary)
   return summary

@@ -93,8 +93,8 @@ def write_summary(workdir: str, summary: dict[str, Any]) -> None:
     os.replace(path + '.tmp', path)
 
 
-def divergence_summary(error: Exception, step: int, config: ml_collections.ConfigDict) -> dict[str, Any]:
+def divergence_summary(error: Exception, step: int, record: dict[str, Any]) -> dict[str, Any]:
   """The summary of a run stopped by its loss going non-finite or by too many BW fallbacks (`error`) at
-  `step`: {'diverged': True, 'step', 'error': the error's class, 'reason': its message, 'config'}."""
-  return {'diverged': True, 'step': step, 'error': type(error).__name__, 'reason': str(error),
-          'config': config.to_dict()}
+  `step`: {'diverged': True, 'step', 'error': the error's class, 'reason': its message, 'config': `record`,
+  the run's (`Plan.record`)}."""
+  return {'diverged': True, 'step': step, 'error': type(error).__name__, 'reason': str(error), 'config': record}
