@@ -17,19 +17,12 @@ import sys
 
 from absl import app
 from absl import flags
-import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from bw_jax import data
-from bw_jax.models.convert import initial_variables
-from bw_jax.models.pretrained import Pretrained, save
 from bw_jax.train.cli_errors import exit_with_error, parse_command_line
 from bw_jax.train.config.files import add_config_root, config_path_in_flags
-from bw_jax.train.init_from import starting_variables
-from bw_jax.train.plan import resolve_plan
+from bw_jax.train.init_from import convert_and_calibrate
 from bw_jax.train.runtime import configure_cpu_dispatch
-from bw_jax.train.step import create_model
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('out', None, 'Folder to write model.json and variables.msgpack to.')
@@ -42,25 +35,6 @@ BAD_INPUT = (ValueError, FileNotFoundError)  # One `error:` line, exit status 2 
 
 def parse_flags(argv: list[str]) -> list[str]:
   return parse_command_line(FLAGS, argv)
-
-
-def convert_and_calibrate(config, out: str) -> Pretrained:
-  """`config.init_from` as `config.model`, calibrated, saved in `out`; returns the saved record."""
-  plan = resolve_plan(config)  # Validates the config and counts its data (classes, calibration batches).
-  if not config.init_from:
-    raise ValueError('config.init_from is empty: name the trained network to convert (--config.init_from=…).')
-  info = data.dataset_module(config.dataset.name).INFO
-  # In float32 whatever config.half_precision says: a record holds the trainable network's parameters.
-  model = create_model(config, plan.num_classes).clone(dtype=jax.numpy.float32)
-  sharding = NamedSharding(Mesh(jax.devices(), ('data',)), P('data'))
-  variables, conversion = starting_variables(plan, model, initial_variables(model, plan.image_shape, config.seed),
-                                             sharding)
-  record = Pretrained(model, variables, tuple(info.mean), tuple(info.std))
-  save(record, out)
-  if jax.process_index() == 0:
-    print(f'{conversion.summary()}\nBN and BW statistics calibrated on {config.init_calibration_batches} batches; '
-          f'saved to {out} (train from it with --config.init_from={out}).', flush=True)
-  return record
 
 
 def main(argv):

@@ -25,10 +25,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from bw_jax import data
-from bw_jax.convert import convert_and_calibrate
 from bw_jax.models.pretrained import Pretrained
 from bw_jax.train.config.files import load_config_file
-from bw_jax.train.init_from import load_source
+from bw_jax.train.init_from import convert_and_calibrate, load_source
 from bw_jax.train.loop import train_and_evaluate
 from bw_jax.train.runtime import configure_cpu_dispatch
 

@@ -22,11 +22,12 @@ from bw_jax import data
 from bw_jax.data.on_device import shard_batch
 from bw_jax.models import pretrained
 from bw_jax.models.calibrate import calibrate
-from bw_jax.models.convert import Conversion, convert
+from bw_jax.models.convert import Conversion, convert, initial_variables
 from bw_jax.models.efficientnet import EfficientNet
 from bw_jax.models.keras_import import from_keras
 from bw_jax.train.checkpoints import CONFIG_FILE, say
-from bw_jax.train.plan import Plan
+from bw_jax.train.plan import Plan, resolve_plan
+from bw_jax.train.step import create_model
 
 KERAS_SUFFIXES = ('.h5', '.hdf5')
 
@@ -114,3 +115,22 @@ def start_from(plan: Plan, state: Any, model: EfficientNet, replicated: Any, dat
   variables = jax.device_put(variables, replicated)
   return state.replace(params=variables['params'], batch_stats=variables['batch_stats'],
                        ema_params=variables['params'] if config.ema_decay > 0 else state.ema_params)
+
+
+def convert_and_calibrate(config: ml_collections.ConfigDict, out: str) -> pretrained.Pretrained:
+  """`config.init_from` as `config.model`, calibrated, saved in `out`; returns the saved record."""
+  plan = resolve_plan(config)  # Validates the config and counts its data (classes, calibration batches).
+  if not config.init_from:
+    raise ValueError('config.init_from is empty: name the trained network to convert (--config.init_from=…).')
+  info = data.dataset_module(config.dataset.name).INFO
+  # In float32 whatever config.half_precision says: a record holds the trainable network's parameters.
+  model = create_model(config, plan.num_classes).clone(dtype=jax.numpy.float32)
+  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(jax.devices(), ('data',)), jax.sharding.PartitionSpec('data'))
+  variables, conversion = starting_variables(plan, model, initial_variables(model, plan.image_shape, config.seed),
+                                             sharding)
+  record = pretrained.Pretrained(model, variables, tuple(info.mean), tuple(info.std))
+  pretrained.save(record, out)
+  if jax.process_index() == 0:
+    print(f'{conversion.summary()}\nBN and BW statistics calibrated on {config.init_calibration_batches} batches; '
+          f'saved to {out} (train from it with --config.init_from={out}).', flush=True)
+  return record
