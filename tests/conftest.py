@@ -8,9 +8,9 @@ from postgres_server import postgres_binaries, postgres_server
 configure_cpu_dispatch()  # Before any test creates the devices; why: bw_jax/train/runtime.py.
 skip_final_garbage_collection()  # Each pytest process exits ~1.5 s sooner (bw_jax/train/runtime.py).
 
-# The modules that take longest (pytest worker seconds from a fresh clone, 2026-11-28: 243, 183, 161, 152,
-# 140, 136, 127, 121) run first: with `--dist loadfile` a worker takes whole modules in collection order, and
-# one of these taken last would leave the other worker idle for minutes at the end.
+# The modules that take longest (pytest worker seconds from a fresh clone) run first: with `--dist loadfile` a
+# worker takes whole modules in collection order, and one of these taken last would leave the other worker
+# idle for minutes at the end.
 LONGEST_FIRST = ('test_train_distributed.py', 'test_sweep.py', 'test_compare.py', 'test_train.py',
                  'test_efficientnet.py', 'test_colab.py', 'test_sweep_race.py', 'test_sweep_tiny_imagenet_e2e.py')
 

@@ -1,4 +1,4 @@
-"""EfficientNet with BW: published parameter counts, the seed's BW placements, and that it trains."""
+"""EfficientNet with BW: published parameter counts, the design's BW placements, and that it trains."""
 
 import functools
 import itertools

@@ -1,4 +1,4 @@
-"""The Tiny ImageNet → ImageNet workflow end to end, as a user runs it (issue #17), on a generated download:
+"""The Tiny ImageNet → ImageNet workflow end to end, as a user runs it, on a generated download:
 prepare → `sweep run` with two workers (from another directory, the data given by a --config override) →
 report → promote → every promoted config loaded and validated, and its command run from elsewhere (it fails
 cleanly: there is no ImageNet here)."""

@@ -1,4 +1,4 @@
-"""Training on several devices and hosts, and runs that are killed or stopped (issue #5), in real processes.
+"""Training on several devices and hosts, and runs that are killed or stopped, in real processes.
 
 - 8 devices: two train steps of the smoke model (BW at the stem and head, BN in the blocks) on a global batch
   sharded over 8 CPU devices equal the same steps on one device, in this process; statistics taken per device

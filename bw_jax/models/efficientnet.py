@@ -1,8 +1,8 @@
-"""EfficientNet B0–B7 with Batch Whitening at the seed's three places: stem, MBConv blocks and head.
+"""EfficientNet B0–B7 with Batch Whitening at the design's three places: stem, MBConv blocks and head.
 
 The architecture is data: `STAGES` (the reference block table of tensorflow/tpu `efficientnet_builder.py`)
 and `VARIANTS` (width, depth, resolution, dropout), read by one builder, `block_specs`. Where BW goes is
-chosen by three independent knobs, each the seed's whiteboard drawing (docs/design.md §3):
+chosen by three independent knobs, each one of the design's drawings (docs/design.md §3):
 
   stem_type   1: conv 3×3 s2 → BN → swish
               2: depthwise 3×3 s2 → BW → conv 1×1 (+β) → swish
@@ -202,7 +202,7 @@ ModuleDef = Any
 
 
 class MBConv(nn.Module):
-  """Mobile inverted bottleneck with squeeze-excite; `mbconv_type` picks the seed's variant (see top).
+  """Mobile inverted bottleneck with squeeze-excite; `mbconv_type` picks the design's variant (see top).
 
   Attributes:
     spec: the block's shape (channels, kernel, stride, expansion, stochastic-depth rate).

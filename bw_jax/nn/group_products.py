@@ -43,7 +43,7 @@ from bw_jax.nn.sharding import summed_sharding
 DENSE_MAX_CHANNELS = 64
 # On GPU/TPU these products are memory-bound: a dense GEMM of arithmetic intensity ~C flops per byte stays
 # under the roofline ridge (~300 on an H100 in bf16) up to a few hundred channels and reads the activations
-# once without transposes. Not yet measured on a device; see BENCHMARKS.md.
+# once without transposes (a roofline estimate: BENCHMARKS.md has what is measured).
 ACCELERATOR_DENSE_MAX_CHANNELS = 256
 
 # Group sizes with register-blocked (4, 8, 16, 32) or unrolled (6, 10, 12) kernels; the kernels' scalar loops

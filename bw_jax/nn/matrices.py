@@ -23,9 +23,7 @@ METHODS = ('cholesky', 'zca', 'pca', 'newton')
 FALLBACK_RIDGE = 1e-3
 
 # The Cholesky kernel's lanes hold 16 groups' (g, g) matrices at once (16·g² values, in L1 up to g = 32); past
-# that LAPACK's blocked factorisation of one matrix at a time wins. `whitening_matrix_with_fallbacks` on
-# 2304 channels, kernel against LAPACK: g = 16 0.08 / 0.26 ms, 32 0.24 / 0.40, 64 0.77 / 0.66, 128 3.4 / 1.5
-# (BENCHMARKS.md, #16).
+# that LAPACK's blocked factorisation of one matrix at a time wins (the crossover is in BENCHMARKS.md).
 CHOLESKY_KERNEL_MAX_GROUP_SIZE = 32
 
 
@@ -240,7 +238,7 @@ SMALL_MATMUL_MAX_SIZE = 32
 def _small_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
   """a @ b for (G, g, g) stacks. For small g as a broadcast product summed over k: its transpose (in the
   backward pass) is the same kind of loop, where a dot would become Sᵀ(·), a dot contracting its lhs's rows,
-  which XLA's CPU runs ~7× slower than a plain one (75 against 10 µs at 144×16×16, measured) and which XLA's
+  which XLA's CPU runs several times slower than a plain one (BENCHMARKS.md) and which XLA's
   transpose folding brings back whatever the operands' written order."""
   if a.shape[-1] > SMALL_MATMUL_MAX_SIZE:
     return a @ b

@@ -43,8 +43,8 @@ def configure_cpu_dispatch() -> None:
 
 def skip_final_garbage_collection() -> None:
   """Has the interpreter's exit skip the garbage collections over everything still alive (gc.freeze, run as
-  an exit handler): TensorFlow's and JAX's object graphs made those cost 1.3–1.7 CPU-s of every process's
-  exit here (a smoke run of `bw_jax.main`: 16.4 → 14.8 CPU-s, measured). Objects are still released by
+  an exit handler): TensorFlow's and JAX's object graphs make those cost over a CPU-second of every
+  process's exit. Objects are still released by
   reference counting at exit; only cyclic garbage left at exit is not finalised, which Python does not
   promise either. Call it in an entry point's `__main__`."""
   atexit.register(gc.freeze)

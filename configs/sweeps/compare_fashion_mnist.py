@@ -9,7 +9,7 @@ no dropout, stochastic depth or crops) with the block types and BW settings belo
 bw_jax/models/efficientnet.py; MBConv 0 and head 1 are BatchNorm):
   bn         1 / 0 / 1  BatchNorm everywhere: the baseline.
   bw         1 / 2 / 2  the main job: BW in the MBConv blocks and the head, groups of 4 channels, ε = 0.1.
-  bw_head1   1 / 2 / 1  the slides' best MBConv placement with the plain head.
+  bw_head1   1 / 2 / 1  the main job's MBConv placement with the plain head.
   bw_mbconv1 1 / 1 / 2  MBConv placement 1.
   bw_mbconv3 1 / 3 / 2  MBConv placement 3.
   bw_stem2   2 / 2 / 2  BW in the stem too.

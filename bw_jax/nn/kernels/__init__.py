@@ -3,7 +3,7 @@ Cholesky trials of the (G, g, g) statistics (`cholesky.cc`).
 
 On a CPU, XLA runs the layer's per-group products as batched GEMMs on a (G, m, g) transposed copy of the
 activations: every product pays a copy in and a copy out, and the 17-wide GEMMs run far below the machine's
-speed (BENCHMARKS.md, #16). These three XLA FFI custom calls read the (m, C) rows where they lie and keep a
+speed (BENCHMARKS.md). These three XLA FFI custom calls read the (m, C) rows where they lie and keep a
 group's g-wide vectors in registers:
 
   group_cross(a, sa, b, sb, groups)            (G, g, g + 1) = [a − sa]ᵀ [b − sb, 1] per group

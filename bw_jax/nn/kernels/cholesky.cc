@@ -3,7 +3,7 @@
 //
 // XLA's CPU runs a batched Cholesky as a LAPACK call per matrix and the triangular inverse as a loop of small
 // solves: ~0.2 ms for the 2G = 144 groups of 16 of EfficientNet's 1152-channel head layer, a fifth of the
-// layer's whole training step (BENCHMARKS.md, #16). Here W matrices at a time share the SIMD lanes: every
+// layer's whole training step (BENCHMARKS.md). Here W matrices at a time share the SIMD lanes: every
 // scalar step of the factorisation and of the inverse runs on W lanes at once (the innermost loops run over
 // lanes, which the compiler vectorises), so 144 groups of 16 take a few microseconds.
 //
