@@ -121,8 +121,11 @@ def layers_for(channels: int, methods: list[str], group_sizes: list[int], before
   return rows, notes
 
 
-def training_step(module: nn.Module, x: jax.Array) -> Callable[[], Any]:
-  """A compiled, warmed-up call of one forward+backward pass: loss, d/d(params, x), new batch_stats."""
+def compiled_training_step(module: nn.Module, x: jax.Array) -> tuple[Any, tuple]:
+  """One forward+backward pass (loss, d/d(params, x), new batch_stats) compiled now, and its arguments.
+
+  Compiled ahead rather than on its first call: `forced_layout` clears JAX's caches on its way out, and a step
+  compiled later would compile again outside it, with the default layout."""
   variables = module.init(jax.random.key(1), x)
 
   def loss(params, inputs, batch_stats):
@@ -130,9 +133,14 @@ def training_step(module: nn.Module, x: jax.Array) -> Callable[[], Any]:
                               mutable=['batch_stats'])
     return jnp.sum(jnp.square(y)), updates['batch_stats']
 
-  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-  call = lambda: jax.block_until_ready(step(variables['params'], x, variables['batch_stats']))
-  call()  # compile
+  args = (variables['params'], x, variables['batch_stats'])
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)).lower(*args).compile(), args
+
+
+def training_step(module: nn.Module, x: jax.Array) -> Callable[[], Any]:
+  """A compiled, warmed-up call of `compiled_training_step`."""
+  step, args = compiled_training_step(module, x)
+  call = lambda: jax.block_until_ready(step(*args))
   call()  # warm caches and the thread pool
   return call
 
