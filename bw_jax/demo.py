@@ -52,7 +52,7 @@ def running_statistics_converge(x_shape: tuple[int, ...], group_size: int, steps
     y_eval = module.apply({**variables, **updates}, x, use_running_average=True)
     return {**variables, **updates}, jnp.max(jnp.abs(y - y_eval))
 
-  print(f'\nRunning statistics (momentum 0.8): |train-mode output − eval-mode output|')
+  print('\nRunning statistics (momentum 0.8): |train-mode output − eval-mode output|')
   for i in range(steps):
     # The same distribution every step: one fixed mixing key, a new sample key.
     x = correlated_activations(jax.random.key(0), x_shape) + 0.1 * jax.random.normal(

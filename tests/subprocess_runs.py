@@ -66,13 +66,16 @@ def stop_test_process(process: subprocess.Popen) -> None:
 
 def subprocess_env(extra: dict | None = None) -> dict[str, str]:
   """This environment for a child Python process, without the multi-host and device-count settings; the
-  repository first on its PYTHONPATH, so that it imports the bw_jax and `configs` this test session does."""
+  repository first on its PYTHONPATH, so that it imports the bw_jax and `configs` this test session does; the
+  suite's compilation cache (COMPILATION_CACHE_ENV) unless `extra` sets BW_JAX_TEST_NO_CACHE."""
+  extra = extra or {}
   env = {k: v for k, v in os.environ.items()
          if k not in ('XLA_FLAGS', 'JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID',
-                      'BW_JAX_TEST_NO_CACHE')}
+                      'BW_JAX_TEST_NO_CACHE', *COMPILATION_CACHE_ENV)}
   python_path = os.pathsep.join([REPO, *filter(None, [env.get('PYTHONPATH')])])
-  return {**env, 'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '2', 'PYTHONPATH': python_path,
-          **(extra or {})}
+  cache = {} if extra.get('BW_JAX_TEST_NO_CACHE') else COMPILATION_CACHE_ENV
+  return {**env, **cache, 'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '2', 'PYTHONPATH': python_path,
+          **extra}
 
 
 class MainRun:

@@ -20,7 +20,7 @@ from bw_jax.nn.whitening import BWSettings
 from bw_jax.train.config.validation import validate_config
 from bw_jax.train.init_from import check_source, load_source
 from configs import smoke
-from subprocess_runs import COMPILATION_CACHE_ENV, REPO, run_process, subprocess_env
+from subprocess_runs import REPO, run_process, subprocess_env
 
 jax.config.update('jax_compilation_cache_dir', os.path.join(REPO, '.pytest_cache', 'jax_compilation'))
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
@@ -85,7 +85,7 @@ def test_the_finetune_demo_and_the_convert_command(tmp_path, monkeypatch):
                f'--config.init_calibration_batches={demo.init_calibration_batches}',
                f'--config.init_from={os.path.join(workdir, "bn")}']
   result = run_process([sys.executable, '-m', 'bw_jax.convert', '--config=configs/finetune_fashion_mnist.py',
-                        f'--out={out}', *overrides], cwd=REPO, env=subprocess_env(COMPILATION_CACHE_ENV))
+                        f'--out={out}', *overrides], cwd=REPO, env=subprocess_env())
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'converted from BatchNorm' in result.stdout and f'--config.init_from={out}' in result.stdout
   by_command, by_demo = pretrained.load(out), pretrained.load(os.path.join(workdir, 'converted'))

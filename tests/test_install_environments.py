@@ -44,7 +44,7 @@ model = EfficientNet(num_classes=10, stem_type=2, mbconv_type=2, head_type=2, bw
                      width_multiplier=0.25, depth_multiplier=0.1)
 images = jnp.asarray(np.random.default_rng(0).normal(size=(8, 32, 32, 3)), jnp.float32)
 labels = jnp.arange(8) % 10
-variables = model.init(jax.random.key(0), images, train=False)
+variables = jax.jit(model.init, static_argnames='train')(jax.random.key(0), images, train=False)
 
 
 def loss_fn(params, batch_stats):

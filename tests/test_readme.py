@@ -26,14 +26,24 @@ def test_the_readme_has_its_quickstart_blocks():
 
 def check_output(block: str, stdout: str) -> None:
   """What each kind of block must print: the whitened covariance's distance from I (the identity is the
-  reference: training-mode BW makes S Σ Sᵀ = I − ε S Sᵀ), the classifier's logits shape."""
+  reference: training-mode BW makes S Σ Sᵀ = I − ε S Sᵀ), the classifier's logits shape, the NNX layer's
+  output and whitening-matrix shapes, the pretrained path's conversion summary and the exported network's
+  distance from the unexported one."""
   lines = stdout.strip().splitlines()
   if 'whiten(h' in block:
     deviation = float(lines[-1])
     assert 0 < deviation < 1e-3, stdout
-  if 'EfficientNet(' in block:
+  elif 'from_keras' in block:
+    assert lines[0] == '(8, 1000)', stdout  # ImageNet's 1000 classes
+    assert re.fullmatch(r'\d+ layers kept, 32 converted from BatchNorm, 32 new BW layers .*', lines[1]), stdout
+    assert float(lines[-1]) < 1e-4, stdout  # folded and exported vs the unfolded network, float32 logits
+  elif 'from flax import nnx' in block:
+    assert lines[-1] == '(8, 4, 4, 32) (2, 16, 16)', stdout  # 2 groups of 16 channels
+  elif 'EfficientNet(' in block:
     match = re.fullmatch(r'\((\d+), (\d+)\) (\d+)', lines[-1])  # logits shape, parameter count
     assert match and match.groups()[:2] == ('8', '10') and int(match.group(3)) > 0, stdout
+  else:
+    raise AssertionError(f'a README block this test does not know how to check:\n{block}')
 
 
 @pytest.mark.slow

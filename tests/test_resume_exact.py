@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from bw_jax.train.checkpoints import saved_steps
-from subprocess_runs import (COMPILATION_CACHE_ENV, REPO, TIMEOUT, run_process, start_test_process, stop_test_process,
+from subprocess_runs import (REPO, TIMEOUT, run_process, start_test_process, stop_test_process,
                              subprocess_env)
 
 pytestmark = pytest.mark.slow  # Three runs of the smoke model.
@@ -52,7 +52,7 @@ runpy.run_module('bw_jax.main', run_name='__main__', alter_sys=True)
 
 def main_run(workdir) -> subprocess.CompletedProcess:
   done = run_process([sys.executable, '-m', 'bw_jax.main', *FLAGS, f'--workdir={workdir}'], cwd=REPO,
-                     env=subprocess_env(COMPILATION_CACHE_ENV))
+                     env=subprocess_env())
   assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
   return done
 
@@ -60,7 +60,7 @@ def main_run(workdir) -> subprocess.CompletedProcess:
 def killed_while_saving(workdir) -> subprocess.CompletedProcess:
   """The run, SIGKILLed while the commit of checkpoint HELD_STEP is held; its stdout and status."""
   process = start_test_process([sys.executable, '-c', HOLD_COMMIT, str(HELD_STEP), *FLAGS, f'--workdir={workdir}'],
-                               cwd=REPO, env=subprocess_env(COMPILATION_CACHE_ENV), stdin=subprocess.PIPE,
+                               cwd=REPO, env=subprocess_env(), stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
   lines: queue.Queue = queue.Queue()
 

@@ -12,7 +12,7 @@ import pytest
 
 from bw_jax.train.checkpoints import saved_steps
 from bw_jax.train.cli_errors import EXIT_FAILURE, EXIT_GRACE_SECONDS
-from subprocess_runs import (COMPILATION_CACHE_ENV, REPO, TIMEOUT, run_process, start_test_process,
+from subprocess_runs import (REPO, TIMEOUT, run_process, start_test_process,
                              stop_test_process, subprocess_env, wait_until)
 from test_cli_errors import in_private_mount, private_mounts
 
@@ -38,7 +38,7 @@ runpy.run_module('bw_jax.main', run_name='__main__', alter_sys=True)
 
 def main_run(workdir, *flags, wrap=()) -> subprocess.CompletedProcess:
   return run_process([*wrap, sys.executable, '-m', 'bw_jax.main', *SMOKE, f'--workdir={workdir}', *flags], cwd=REPO,
-                     env=subprocess_env(COMPILATION_CACHE_ENV), timeout=TIMEOUT)
+                     env=subprocess_env(), timeout=TIMEOUT)
 
 
 def the_failure_line(done: subprocess.CompletedProcess) -> str:
@@ -84,7 +84,7 @@ def test_a_failed_save_with_a_writer_that_never_ends_exits_within_seconds(tmp_pa
   with open(log, 'w') as stderr:
     process = start_test_process([sys.executable, '-c', STUCK_WRITER, *SMOKE, f'--workdir={workdir}',
                                   '--config.checkpoint_every_steps=1'], cwd=REPO,
-                                 env=subprocess_env(COMPILATION_CACHE_ENV), stdout=subprocess.DEVNULL, stderr=stderr)
+                                 env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=stderr)
   try:
     wait_until(lambda: 'error: ' in log.read_text() or process.poll() is not None, 'the error line')
     try:

@@ -35,7 +35,6 @@ import orbax.checkpoint as ocp
 import pytest
 
 from bw_jax import data
-from bw_jax.train import loop as train
 from bw_jax.train.checkpoints import saved_steps
 from bw_jax.train.cli_errors import EXIT_PREEMPTED
 from bw_jax.data import fashion_mnist, pipeline

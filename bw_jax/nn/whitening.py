@@ -26,12 +26,12 @@ import jax.numpy as jnp
 
 from bw_jax.checks import check_choice, is_positive_int
 from bw_jax.nn.dtypes import accumulation_dtype
-from bw_jax.nn.group_products import DENSE_MAX_CHANNELS, per_platform_layout  # the first re-exported
-from bw_jax.nn.matrices import (  # the public names of the factorisations, re-exported
+from bw_jax.nn.group_products import DENSE_MAX_CHANNELS, per_platform_layout  # noqa: F401 (the first re-exported)
+from bw_jax.nn.matrices import (  # noqa: F401 (the public names of the factorisations, re-exported)
     FALLBACK_RIDGE, METHODS, align_row_signs, cholesky_whitening, newton_whitening, pca_whitening,
     whitening_matrix, whitening_matrix_with_fallbacks, zca_whitening)
 from bw_jax.nn.statistics import BatchStatistics, TrainingStatistics
-from bw_jax.nn.vjp import (  # autodiff_backward re-exported, to compare the closed form with autodiff
+from bw_jax.nn.vjp import (  # noqa: F401 (autodiff_backward re-exported, to compare the closed form with autodiff)
     apply_whitening_folded, autodiff_backward, first_counted_sample, shifted_moments, whiten_training)
 
 STAT_SOURCES = ('batch', 'running')

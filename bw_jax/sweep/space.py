@@ -18,7 +18,7 @@ import optuna
 from bw_jax.checks import check_choice, is_positive_int
 from bw_jax.train.config.rules import InPrograms
 from bw_jax.train.config.schema import keys_where
-from bw_jax.train.config.validation import (base_config, config_reference, config_value, unknown_keys,
+from bw_jax.train.config.validation import (base_config, config_reference, unknown_keys,
                                             validate_config)
 
 SPEC_KINDS = ('categorical', 'float', 'log_float', 'int', 'log_int')
