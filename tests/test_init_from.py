@@ -63,7 +63,8 @@ def test_the_finetune_demo_and_the_convert_command(tmp_path, monkeypatch):
   # The conversion to these placements is exact in evaluation; calibration compensates all but the BW before
   # squeeze-excite, approximately.
   images = next(finetune_demo.eval_batches(finetune_demo.demo_configs(workdir, smoke=True)['bn']))['image']
-  evaluate = lambda record: np.asarray(record.model.apply(record.variables, images, train=False))  # normalised
+  evaluate = lambda record: np.asarray(jax.jit(functools.partial(record.model.apply, train=False))(
+      record.variables, images))  # normalised images
   bn_logits = evaluate(load_source(os.path.join(workdir, 'bn')))
   converted_logits = evaluate(pretrained.load(os.path.join(workdir, 'uncalibrated')))
   assert np.max(np.abs(converted_logits - bn_logits)) <= 1e-5 * np.max(np.abs(bn_logits))

@@ -25,8 +25,8 @@ import numpy as np
 import optuna
 
 from bw_jax.checks import is_positive_int
-from bw_jax.train.config.validation import unknown_keys, validate_config
-from bw_jax.sweep.space import (BUDGET_KEYS, base_sweep_config, config_reference, config_value, flatten_space,
+from bw_jax.train.config.validation import config_value, unknown_keys, validate_config
+from bw_jax.sweep.space import (BUDGET_KEYS, base_sweep_config, config_reference, flatten_space,
                                 is_config_leaf, trial_config)
 from bw_jax.sweep.study import budget_slot, record_differences
 

@@ -38,7 +38,8 @@ from bw_jax.train.config.validation import validate_config
 from bw_jax.data import default_dataset_config
 from bw_jax.sweep.report import (block_label, block_type_table, budget_text, is_flagged, objective_of,
                                  results_table, space_keys, study_num_classes)
-from bw_jax.sweep.space import BLOCK_KEYS, config_value, flatten_space, with_values
+from bw_jax.sweep.space import BLOCK_KEYS, flatten_space, with_values
+from bw_jax.train.config.validation import config_value
 
 OPTIMIZER_FAMILIES = {'sgd': 'SGD', 'nesterov': 'SGD', 'rmsprop_tf': 'RMSProp', 'adamw': 'Adam'}
 RECIPE_KEYS = ('optimizer', 'momentum', 'learning_rate', 'weight_decay', 'lr_schedule', 'warmup_fraction',

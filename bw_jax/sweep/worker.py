@@ -20,7 +20,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from bw_jax.train.formatting import format_seconds
-from bw_jax.sweep.space import BLOCK_KEYS, config_value, display_order, suggest, trial_config
+from bw_jax.sweep.space import BLOCK_KEYS, display_order, suggest, trial_config
+from bw_jax.train.config.validation import config_value
 from bw_jax.sweep.study import (FINISHED, RetryOnce, budget_done, budget_slot, can_start, default_storage,
                                 finished_count, is_retry, is_surplus, original_number)
 
