@@ -7,6 +7,7 @@ as a dict) and the normalisation: the network's input is (pixels − mean) / std
 """
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Sequence
@@ -44,8 +45,17 @@ class Pretrained:
     return (pixels - jnp.asarray(self.mean, jnp.float32)) / jnp.asarray(self.std, jnp.float32)
 
   def logits(self, pixels: Any) -> jax.Array:
-    """Evaluation-mode logits (N, classes) of (N, H, W, C) pixels."""
-    return self.model.apply(self.variables, self.normalise(pixels), train=False)
+    """Evaluation-mode logits (N, classes) of (N, H, W, C) pixels, in one compiled program per model and
+    input shape (called op by op, a B0's first call would compile each of its operations alone)."""
+    return evaluation_logits(self.model, self.variables, pixels, self.mean, self.std)
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'mean', 'std'))
+def evaluation_logits(model: EfficientNet, variables: dict, pixels: Any, mean: tuple[float, ...],
+                      std: tuple[float, ...]) -> jax.Array:
+  """`Pretrained(model, variables, mean, std).logits(pixels)`; the variables are an argument, not constants of
+  the program."""
+  return model.apply(variables, Pretrained(model, variables, mean, std).normalise(pixels), train=False)
 
 
 def model_fields(model: EfficientNet) -> dict[str, Any]:
