@@ -16,9 +16,10 @@ exit_without_extra('bw_jax.train')  # Before the imports below need it: one line
 
 import argparse
 import contextlib
+import functools
 import io
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import flax.linen as nn
 import jax
@@ -64,49 +65,31 @@ def eval_batches(config: ml_collections.ConfigDict) -> Iterator[dict]:
   return batches
 
 
-def eval_sums_fn(model: nn.Module) -> Callable:
-  """jit of (variables, images, labels, mask) -> the batch's summed accuracy and loss, with running statistics
-  ('eval_*') and with the batch's own ('batch_*', training mode without dropout: what the first fine-tuning steps
-  see). The variables are an argument, not constants of the program: one compile serves every network of
-  `model`'s architecture."""
-  model = model.clone(dropout_rate=0.0, drop_connect_rate=0.0)
-
-  @jax.jit
-  def sums(variables, images, labels, mask):
-    out = {}
-    for mode, train in (('eval', False), ('batch', True)):
-      logits = model.apply(variables, images, train=train, mutable=['batch_stats'] if train else False)
-      logits = logits[0] if train else logits
-      loss = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1)[:, 0]
-      out[f'{mode}_accuracy'] = jnp.sum((jnp.argmax(logits, -1) == labels) * mask)
-      out[f'{mode}_loss'] = jnp.sum(loss * mask)
-    return out
-  return sums
+@functools.partial(jax.jit, static_argnames='model')
+def eval_sums(model: nn.Module, variables: dict, images: jax.Array, labels: jax.Array,
+              mask: jax.Array) -> dict[str, jax.Array]:
+  """The batch's summed accuracy and loss, with running statistics ('eval_*') and with the batch's own
+  ('batch_*', training mode: what the first fine-tuning steps see). The variables are an argument, not
+  constants of the program: one compile serves every network of `model`'s architecture."""
+  out = {}
+  for mode, train in (('eval', False), ('batch', True)):
+    logits = model.apply(variables, images, train=train, mutable=['batch_stats'] if train else False)
+    logits = logits[0] if train else logits
+    loss = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1)[:, 0]
+    out[f'{mode}_accuracy'] = jnp.sum((jnp.argmax(logits, -1) == labels) * mask)
+    out[f'{mode}_loss'] = jnp.sum(loss * mask)
+  return out
 
 
-def evaluate(record: Pretrained, config: ml_collections.ConfigDict, sums: Callable | None = None) -> dict[str, float]:
-  """Accuracy and loss on the eval split, with running statistics and with each batch's statistics
-  (`eval_sums_fn`; `sums`: one already made for `record.model`)."""
-  sums = sums or eval_sums_fn(record.model)
+def evaluate(record: Pretrained, config: ml_collections.ConfigDict) -> dict[str, float]:
+  """Accuracy and loss on the eval split (`eval_sums`), without dropout."""
+  model = record.model.clone(dropout_rate=0.0, drop_connect_rate=0.0)
   totals, count = {}, 0.0
   for batch in eval_batches(config):
-    batch_sums = jax.device_get(sums(record.variables, batch['image'], batch['label'], batch['mask']))
+    batch_sums = jax.device_get(eval_sums(model, record.variables, batch['image'], batch['label'], batch['mask']))
     totals = {k: totals.get(k, 0.0) + float(v) for k, v in batch_sums.items()}
     count += float(batch['mask'].sum())
   return {k: v / count for k, v in totals.items()}
-
-
-def evaluate_all(rows: list[tuple[str, Pretrained, ml_collections.ConfigDict]]) -> list[tuple[str, dict]]:
-  """`evaluate` of each row's network, compiling once per architecture."""
-  compiled: list[tuple[nn.Module, Callable]] = []
-  measured = []
-  for label, record, config in rows:
-    sums = next((fn for model, fn in compiled if model == record.model), None)
-    if sums is None:
-      sums = eval_sums_fn(record.model)
-      compiled.append((record.model, sums))
-    measured.append((label, evaluate(record, config, sums)))
-  return measured
 
 
 def quietly(fn, *args) -> Any:
@@ -140,7 +123,7 @@ def run_demo(workdir: str, smoke: bool = False) -> list[tuple[str, dict[str, flo
           ('after one epoch of fine-tuning', load_source(os.path.join(workdir, 'finetune')), configs['finetune']),
           ('BW main job from scratch (configs/default.py)', load_source(os.path.join(workdir, 'scratch')),
            configs['scratch'])]
-  measured = evaluate_all(rows)
+  measured = [(label, evaluate(record, config)) for label, record, config in rows]
   with open(os.path.join(workdir, 'table.md'), 'w') as f:
     f.write(markdown_table(measured) + '\n')
   return measured

@@ -7,19 +7,12 @@ convolutions as sums over kernel taps, BatchNorm with the biased batch variance,
 S = L⁻¹ of the unbiased group covariance plus ε·I (training) or the stored running S (evaluation).
 """
 
-import jax
 import numpy as np
 from flax import traverse_util
 
 from bw_jax.models import efficientnet as en
 
 BN_EPSILON = 1e-3
-
-
-def initial_variables(model: en.EfficientNet, key: jax.Array, images) -> dict:
-  """`model.init(key, images, train=False)` compiled as one program (op by op, a model's first init compiles
-  each operation alone: ~20 s for a tiny EfficientNet)."""
-  return jax.jit(model.init, static_argnames='train')(key, images, train=False)
 
 
 def swish(x: np.ndarray) -> np.ndarray:

@@ -18,7 +18,6 @@ from bw_jax.data.on_device import normalise_images
 from bw_jax.train.optim import (Schedule, create_optimizer, learning_rate_fn, optimizer_from_rates, optimizer_rates,
                                 peak_learning_rate)
 from bw_jax.train.step import create_model, TrainState
-from efficientnet_reference import initial_variables
 
 pytestmark = pytest.mark.slow  # Traces B0 at 224 px twice (BN and BW everywhere) and lowers each twice.
 PLATFORMS = ('cuda', 'tpu')
@@ -45,7 +44,7 @@ def lowered_train_step_texts(config) -> dict[str, str]:
   tx = create_optimizer(config, learning_rate_fn(schedule, 1.0), weight_decay=config.weight_decay)
 
   def init():
-    variables = initial_variables(model, jax.random.key(0), jnp.zeros((1, size, size, 3)))
+    variables = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
     return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
                              batch_stats=variables['batch_stats'], ema_params={})
 

@@ -38,8 +38,7 @@ def data():
 def source(data):
   """The BatchNorm network (stem 1, MBConv 0, head 1), its random 'trained' variables and eval logits."""
   model = en.EfficientNet(**TINY)
-  variables = reference.initial_variables(model, jax.random.key(0, impl='rbg'), data[0])
-  variables = reference.with_random_statistics(variables)
+  variables = reference.with_random_statistics(model.init(jax.random.key(0, impl='rbg'), data[0], train=False))
   return model, variables, model.apply(variables, data[0], train=False)
 
 
@@ -51,8 +50,8 @@ def target(stem_type: int, mbconv_type: int, head_type: int) -> en.EfficientNet:
 
 def converted(source, data, *types):
   model = target(*types)
-  initial = reference.initial_variables(model, jax.random.key(1, impl='rbg'), data[0])
-  return model, convert(source[0], source[1], model, initial)
+  return model, convert(source[0], source[1], model, model.init(jax.random.key(1, impl='rbg'), data[0],
+                                                                 train=False))
 
 
 @pytest.fixture(scope='module')

@@ -149,7 +149,7 @@ def test_depthwise_bn_comes_before_the_depthwise_conv_in_type_1_and_after_in_typ
   images = jnp.zeros((1, 64, 64, 3))
 
   def bn_output():
-    variables = reference.initial_variables(model, jax.random.key(0), images)
+    variables = model.init(jax.random.key(0), images, train=False)
     _, state = model.apply(variables, images, train=False, mutable=['intermediates'],
                            capture_intermediates=lambda m, _: m.name == 'depthwise_bn')
     return state['intermediates']['block_1']['depthwise_bn']['__call__'][0]
@@ -191,8 +191,7 @@ def test_every_combination_equals_a_hand_composition_of_its_blocks_and_folds_exa
   # Eager on purpose: the 16 variants share most op shapes, and eager ops are compiled once per shape and
   # cached, where jitting each variant would compile 16 whole networks (minutes on 2 cores). Keys of XLA's
   # RNG ('rbg'): each parameter shape's initialiser compiles a small program instead of a threefry hash.
-  variables = reference.with_random_statistics(reference.initial_variables(model, jax.random.key(0, impl='rbg'),
-                                                                           images))
+  variables = reference.with_random_statistics(model.init(jax.random.key(0, impl='rbg'), images, train=False))
   eval_logits = model.apply(variables, images, train=False)
   train_logits, _ = model.apply(variables, images, train=True, mutable=['batch_stats'])
   assert eval_logits.shape == (8, 5) and eval_logits.dtype == jnp.float32
@@ -213,8 +212,8 @@ def test_one_training_step_reduces_the_loss(tiny_batch):
   backward passes are checked against autodiff in test_whitening_vjp.)"""
   images, labels = tiny_batch
   model = en.EfficientNet(num_classes=3, mbconv_type=2, bw=BWSettings(group_size=4), **TINY)
-  # With XLA's RNG keys ('rbg'), as the combinations above.
-  variables = reference.initial_variables(model, jax.random.key(0, impl='rbg'), images)
+  # Eager, with XLA's RNG keys: the initialisers compiled by the combinations above serve here too.
+  variables = model.init(jax.random.key(0, impl='rbg'), images, train=False)
 
   def loss_fn(params):
     logits, _ = model.apply({**variables, 'params': params}, images, train=True, mutable=['batch_stats'])
@@ -236,7 +235,7 @@ def test_one_training_step_reduces_the_loss(tiny_batch):
 
 def final_feature_map(model: en.EfficientNet, size: int) -> tuple[int, ...]:
   def run():
-    variables = reference.initial_variables(model, jax.random.key(0), jnp.zeros((1, size, size, 3)))
+    variables = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
     _, state = model.apply(variables, jnp.zeros((1, size, size, 3)), train=False,
                            capture_intermediates=lambda m, _: m.name == 'head_conv', mutable=['intermediates'])
     return state['intermediates']['head_conv']['__call__'][0]

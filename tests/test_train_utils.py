@@ -24,7 +24,6 @@ from bw_jax.train.programs import CPU_INIT_COMPILER_OPTIONS
 from bw_jax.train.reporting import memory_report
 from bw_jax.train.step import create_model, train_batch_spec, TrainState
 from configs import imagenet, smoke, tiny_imagenet
-from efficientnet_reference import initial_variables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -270,7 +269,7 @@ def tiny_step():
   rng = np.random.default_rng(0)
   images = rng.normal(size=(3, 16, 28, 28, 1)).astype(np.float32)
   labels = rng.integers(0, 10, size=(3, 16))
-  variables = initial_variables(model, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)
   rate_fn = schedule_of(config, 100, 3)
   state = TrainState.create(apply_fn=model.apply, params=variables['params'],
                             tx=create_optimizer(config, rate_fn, config.weight_decay),
