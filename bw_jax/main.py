@@ -129,6 +129,8 @@ def main(argv):
   if summary.get('preempted'):  # Every host: a scheduler requeues a job whose processes fail.
     if jax.process_index() == 0:
       print(stop_message(summary), flush=True)
+    if jax.process_count() > 1:  # Wait for every host here: process 0's exit ends the coordination service,
+      jax.distributed.shutdown()  # and a host still saving would then abort instead of exiting 143.
     sys.exit(EXIT_INTERRUPTED if summary['signal'] == 'SIGINT' else EXIT_PREEMPTED)
   if jax.process_index() == 0:
     print(f"eval_accuracy {summary['eval_accuracy']:.4f} after {summary['step']} steps\n"
