@@ -1,7 +1,7 @@
 """Nothing bw_jax runs is marked deprecated by the pinned JAX or Flax (a newer JAX, such as the GPU image's,
 removes what an older one deprecated): in a fresh interpreter where DeprecationWarnings and FutureWarnings are
-errors (`python -W error::...`, also at import), the layer, the model (in the train and eval steps) and the NNX
-layer are built, traced and differentiated."""
+errors (`python -W error::...`, also at import), the layer, the model (in the train and eval steps, lowered)
+and the NNX layer are built, traced and differentiated."""
 
 import importlib.util
 import sys
@@ -31,6 +31,8 @@ print('layer')
 
 # The step as bw_jax.train.loop and benchmarks/accelerator.py compile it (rates and dropout key as arguments,
 # uint8 images normalised on the device), for a BW model in bf16, then its eval step: the model in both modes.
+# Both are traced, differentiated and lowered, which is where JAX and Flax warn, but not compiled: XLA's compile
+# (~30 s of CPU for these two) runs no Python that could; the init above goes through jax's compile path.
 TRAIN_STEP = """
 import functools
 import jax, jax.numpy as jnp, numpy as np
@@ -54,8 +56,8 @@ train_step = jax.jit(functools.partial(
     optimizer_from_rates=functools.partial(optim.optimizer_from_rates, config, schedule), normalise=normalise))
 batch = {'image': jnp.zeros((8, 16, 16, 1), jnp.uint8), 'label': jnp.arange(8) % 10, 'mask': jnp.ones((8,))}
 rates = optim.optimizer_rates(0.1, config.weight_decay)
-state, metrics = train_step(state, batch, step.run_dropout_key(0, replicated), rates)
-jax.jit(functools.partial(step.eval_step, model=model, num_classes=10, use_ema=True, normalise=normalise))(
+train_step.lower(state, batch, step.run_dropout_key(0, replicated), rates)
+jax.jit(functools.partial(step.eval_step, model=model, num_classes=10, use_ema=True, normalise=normalise)).lower(
     state, batch)
 print('train step')
 """
@@ -80,7 +82,7 @@ def run_with_warnings_as_errors(code: str) -> str:
   return done.stdout
 
 
-@pytest.mark.slow  # Compiles the layer's four methods, a tiny B0's init, train and eval steps: ~40 s.
+@pytest.mark.slow  # Compiles the layer's four methods and a tiny B0's init, lowers its train and eval steps: ~25 s.
 def test_layer_model_and_train_step_use_nothing_deprecated():
   assert run_with_warnings_as_errors(LAYER + TRAIN_STEP).split('\n')[:2] == ['layer', 'train step']
 

@@ -181,10 +181,12 @@ def test_bw_fallbacks_warn_at_eval_and_bw_max_fallbacks_stops_the_run(tmp_path, 
   """ε = 1e-9 and groups of 32 channels: the head's BW sees 16 rows a step (batch 16 at 1×1), a covariance
   of rank ≤ 15 in 32 dimensions, and round-off, no longer drowned by ε, breaks its factorisations. Two steps
   without a limit warn at the eval; resumed to step 4 with the limit at the count so far, the run stops
-  naming the count, keeps checkpoint 4, and a sweep counts the error as the trial's result."""
+  naming the count, keeps checkpoint 4, and a sweep counts the error as the trial's result. (BN in the blocks:
+  the head's BW is the one this needs, and new programs with BW in every block would compile twice as long.)"""
   workdir = str(tmp_path)
   config = smoke.get_config()
   config.model.bw.group_size, config.model.bw.epsilon = 32, 1e-9
+  config.model.mbconv_type = 0
   config.num_train_steps = 2
   summary, console = train_capturing_console(config, workdir)
   first = fallbacks_in(restore(workdir, 2))

@@ -9,7 +9,8 @@
   global batches, host 0's half first.
 - SIGKILL: an 8-step run of `bw_jax.main` killed at step 7 resumes from checkpoint 6 and ends with the state of
   an uninterrupted run. (SIGTERM on one process: tests/test_train.py.)
-Every job starts at once and runs while this process computes the references.
+The 8-device and two-host jobs start at once and run while this process computes the one-device references;
+the killed run starts once those are computed, and reads their programs from the persistent cache.
 
 This file is also the script of the 8-device process:
   python tests/test_train_distributed.py BATCHES.npz OUT.npz   saves the state after each step of BATCHES.
@@ -252,14 +253,14 @@ def start_eight_devices(folder) -> dict[str, Any]:
 def start_two_hosts(folder, name: str, pause_at: tuple[int, int] = (0, 0)) -> list[MainRun]:
   """The smoke run of `bw_jax.main` on HOSTS processes joined by jax.distributed (gloo), started."""
   workdir, address = str(folder / 'two_hosts'), f'localhost:{free_port()}'
-  # Gloo gives a host 30 s to join the first collective: both hosts compile every program (no persistent
-  # cache, whose CPU entries only process 0 writes), so that neither waits for the other's compile. LLVM at
-  # -O0 halves that time; XLA's HLO passes, which decide what is computed, still run.
+  # Gloo gives a host 30 s to join the first collective, so neither host may wait long for the other's compile:
+  # in the first run both compile every program at once (LLVM at -O0 halves that time; XLA's HLO passes, which
+  # decide what is computed, still run); process 0 writes them to the persistent cache, and in the rerun both
+  # hosts read them from it.
   return [MainRun(str(folder / f'{name}_host{i}.log'), *SMOKE_FLAGS, f'--workdir={workdir}',
                   pause_at=pause_at[i],
                   env={'JAX_COORDINATOR_ADDRESS': address, 'JAX_NUM_PROCESSES': str(HOSTS),
-                       'JAX_PROCESS_ID': str(i), 'XLA_FLAGS': '--xla_backend_optimization_level=0',
-                       'BW_JAX_TEST_NO_CACHE': '1'})
+                       'JAX_PROCESS_ID': str(i), 'XLA_FLAGS': '--xla_backend_optimization_level=0'})
           for i in range(HOSTS)]
 
 
@@ -311,14 +312,13 @@ def run_killed(folder) -> dict[str, Any]:
 
 @pytest.fixture(scope='module')
 def background(tmp_path_factory):
-  """Every job in other processes, started at once as soon as a test needs one, so that they share the cores
-  while this process computes the references: {'eight_devices': start_eight_devices(…),
-  'two_hosts': a Future of run_two_hosts(…) (None without gloo), 'killed': a Future of run_killed(…)}."""
+  """The jobs whose programs no other process compiles, started at once as soon as a test needs one, so that
+  they share the cores while this process computes the references: {'eight_devices': start_eight_devices(…),
+  'two_hosts': a Future of run_two_hosts(…) (None without gloo), 'folder': where they run}."""
   folder = tmp_path_factory.mktemp('background')
-  threads = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+  threads = concurrent.futures.ThreadPoolExecutor(max_workers=1)
   jobs = {'eight_devices': start_eight_devices(folder),
-          'two_hosts': None if GLOO_MISSING else threads.submit(run_two_hosts, folder),
-          'killed': threads.submit(run_killed, folder)}
+          'two_hosts': None if GLOO_MISSING else threads.submit(run_two_hosts, folder), 'folder': folder}
   try:
     yield jobs
   finally:
@@ -357,8 +357,10 @@ def two_hosts(background, straight_run):
 
 
 @pytest.fixture(scope='module')
-def killed(background):
-  return background['killed'].result()
+def killed(background, straight_run):
+  """run_killed(…), started once `straight_run` has compiled the one-device programs it runs (the persistent
+  cache then serves them: compiled at the same time, each process would compile them itself)."""
+  return run_killed(background['folder'])
 
 
 def test_eight_devices_match_one_device(eight_devices, straight_run):
