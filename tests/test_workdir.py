@@ -112,8 +112,11 @@ def test_two_processes_at_once_one_owns_and_one_is_refused_naming_it(tmp_path):
 
 
 def start_main(workdir, *flags) -> subprocess.Popen:
+  """The smoke config with BatchNorm everywhere (the lock does not care; tests/test_train_signals.py's programs,
+  which trace in a third of the BW model's time)."""
   return start_test_process(
-      [sys.executable, '-m', 'bw_jax.main', '--config=configs/smoke.py', f'--workdir={workdir}', *flags], cwd=REPO,
+      [sys.executable, '-m', 'bw_jax.main', '--config=configs/smoke.py', '--config.model.mbconv_type=0',
+       '--config.model.head_type=1', f'--workdir={workdir}', *flags], cwd=REPO,
       env=subprocess_env(COMPILATION_CACHE_ENV), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
