@@ -1,5 +1,10 @@
 """Test-session settings and shared fixtures."""
 
+import json
+import os
+import resource
+import time
+
 import pytest
 
 from bw_jax.train.runtime import configure_cpu_dispatch, skip_final_garbage_collection
@@ -18,6 +23,30 @@ LONGEST_FIRST = ('test_train_distributed.py', 'test_sweep.py', 'test_compare.py'
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # Stable: the order within a module stays.
+
+
+# With BW_JAX_CPU_PROFILE=FILE, each test appends a JSON line to FILE: its wall time and the CPU seconds of this
+# process and of the processes it started and waited for (what benchmarks/suite_cpu.py tabulates). Module-scoped
+# fixtures count towards the first test that uses them.
+CPU_PROFILE = os.environ.get('BW_JAX_CPU_PROFILE')
+
+
+def cpu_seconds(who: int) -> float:
+  usage = resource.getrusage(who)
+  return usage.ru_utime + usage.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+  if not CPU_PROFILE:
+    yield
+    return
+  wall, own, children = time.monotonic(), cpu_seconds(resource.RUSAGE_SELF), cpu_seconds(resource.RUSAGE_CHILDREN)
+  yield
+  line = {'test': item.nodeid, 'wall': time.monotonic() - wall, 'own_cpu': cpu_seconds(resource.RUSAGE_SELF) - own,
+          'children_cpu': cpu_seconds(resource.RUSAGE_CHILDREN) - children, 'pid': os.getpid()}
+  with open(CPU_PROFILE, 'a') as f:  # One short write per line: the workers' lines do not interleave.
+    f.write(json.dumps(line) + '\n')
 
 
 @pytest.fixture
