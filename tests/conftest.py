@@ -27,7 +27,8 @@ def pytest_collection_modifyitems(items):
 
 # With BW_JAX_CPU_PROFILE=FILE, each test appends a JSON line to FILE: its wall time and the CPU seconds of this
 # process and of the processes it started and waited for (what benchmarks/suite_cpu.py tabulates). Module-scoped
-# fixtures count towards the first test that uses them.
+# fixtures count towards the first test that uses them. A pytest that a test starts (test_kernel_build) counts
+# in that test's subprocess seconds, not with lines of its own: the variable is unset while a test runs.
 CPU_PROFILE = os.environ.get('BW_JAX_CPU_PROFILE')
 
 
@@ -42,7 +43,11 @@ def pytest_runtest_protocol(item, nextitem):
     yield
     return
   wall, own, children = time.monotonic(), cpu_seconds(resource.RUSAGE_SELF), cpu_seconds(resource.RUSAGE_CHILDREN)
-  yield
+  os.environ.pop('BW_JAX_CPU_PROFILE', None)
+  try:
+    yield
+  finally:
+    os.environ['BW_JAX_CPU_PROFILE'] = CPU_PROFILE
   line = {'test': item.nodeid, 'wall': time.monotonic() - wall, 'own_cpu': cpu_seconds(resource.RUSAGE_SELF) - own,
           'children_cpu': cpu_seconds(resource.RUSAGE_CHILDREN) - children, 'pid': os.getpid()}
   with open(CPU_PROFILE, 'a') as f:  # One short write per line: the workers' lines do not interleave.
