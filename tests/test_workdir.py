@@ -112,8 +112,8 @@ def test_two_processes_at_once_one_owns_and_one_is_refused_naming_it(tmp_path):
 
 
 def start_main(workdir, *flags) -> subprocess.Popen:
-  """The smoke config with BatchNorm everywhere (the lock does not care; tests/test_train_signals.py's programs,
-  which trace in a third of the BW model's time)."""
+  """The smoke config with BatchNorm everywhere, as tests/test_train_signals.py runs it: the lock does not care,
+  and its train step traces and lowers in a fifth of the BW smoke model's time (1 s against 5 s here)."""
   return start_test_process(
       [sys.executable, '-m', 'bw_jax.main', '--config=configs/smoke.py', '--config.model.mbconv_type=0',
        '--config.model.head_type=1', f'--workdir={workdir}', *flags], cwd=REPO,
