@@ -9,6 +9,9 @@ import pytest
 
 from bw_jax.train.runtime import configure_cpu_dispatch, skip_final_garbage_collection
 from postgres_server import postgres_binaries, postgres_server
+from subprocess_runs import use_suite_xla_flags
+
+use_suite_xla_flags()  # Before any test creates the devices; why: tests/subprocess_runs.py.
 
 configure_cpu_dispatch()  # Before any test creates the devices; why: bw_jax/train/runtime.py.
 skip_final_garbage_collection()  # Each pytest process exits ~1.5 s sooner (bw_jax/train/runtime.py).

@@ -20,7 +20,7 @@ import pytest
 import bw_jax
 from bw_jax.nn import kernels
 from installs import PIP, build_wheel, check_run, site_packages
-from subprocess_runs import COMPILATION_CACHE_ENV, REPO, run_process, subprocess_env
+from subprocess_runs import COMPILATION_CACHE_ENV, REPO, as_a_user_runs_it, run_process, subprocess_env
 
 with open(os.path.join(REPO, 'pyproject.toml'), 'rb') as f:
   PROJECT = tomllib.load(f)['project']
@@ -214,7 +214,7 @@ variables = layer.init(jax.random.key(0), x.astype(np.float32))
 y, _ = layer.apply(variables, x.astype(np.float32), mutable=['batch_stats'])
 np.save('y.npy', np.asarray(y))
 """
-  done = run_python(code, installed['python'], installed['cwd'], installed['env'])
+  done = run_python(code, installed['python'], installed['cwd'], as_a_user_runs_it(installed['env']))
   assert done.returncode == 0, done.stderr
   module_file, version, has_kernel_source, kernels_available = done.stdout.split()
   assert module_file.startswith(installed['venv'] + os.sep), module_file  # Not the checkout's copy.

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from subprocess_runs import REPO, run_process, subprocess_env
+from subprocess_runs import REPO, as_a_user_runs_it, run_process, subprocess_env
 
 README = os.path.join(REPO, 'README.md')
 
@@ -50,7 +50,8 @@ def check_output(block: str, stdout: str) -> None:
 @pytest.mark.parametrize('index', range(len(BLOCKS)))
 def test_python_block_runs_as_pasted(index, tmp_path):
   block = BLOCKS[index]
-  result = run_process([sys.executable, '-c', block], cwd=tmp_path, env=subprocess_env(), timeout=300)
+  result = run_process([sys.executable, '-c', block], cwd=tmp_path, env=as_a_user_runs_it(subprocess_env()),
+                       timeout=300)
   assert result.returncode == 0, f'README block {index} failed:\n{block}\n{result.stderr[-3000:]}'
   check_output(block, result.stdout)
 
