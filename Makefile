@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup data train finetune-demo test test-fast bench bench-accelerator device-wheels notebook clean
+.PHONY: setup data train finetune-demo test test-fast test-timm bench bench-accelerator device-wheels notebook clean
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
@@ -48,6 +48,18 @@ test: setup data
 test-fast: setup data
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
 
+# timm's tf_efficientnet_b* against timm's own models (tests/test_timm_import.py), in an environment of its own
+# with PyTorch and timm (requirements-timm.txt, 8 GB installed); `make test` skips that module.
+TIMM_VENV := .venv-timm
+$(TIMM_VENV)/.installed: requirements-timm.txt requirements-dev.txt requirements.txt pyproject.toml
+	test -x $(TIMM_VENV)/bin/python || $(PYTHON) -m venv $(TIMM_VENV)
+	$(TIMM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-timm.txt
+	$(TIMM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+test-timm: $(TIMM_VENV)/.installed
+	$(TIMM_VENV)/bin/python -m pytest -q tests/test_timm_import.py
+
 bench: setup
 	$(BIN)/python benchmarks/bw_layer.py
 
@@ -69,4 +81,4 @@ notebook: setup data
 	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python colab/execute.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(TIMM_VENV) .pytest_cache

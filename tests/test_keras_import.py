@@ -6,6 +6,7 @@ a swapped or dropped weight); the published weights need the internet and are no
 """
 
 import os
+import re
 
 import jax
 import numpy as np
@@ -16,6 +17,7 @@ import keras  # noqa: E402  (installed with TensorFlow, a requirement)
 
 from bw_jax.models import keras_import  # noqa: E402
 from bw_jax.models.keras_import import from_keras  # noqa: E402
+from bw_jax.models.timm_import import from_timm  # noqa: E402
 
 # Keras's TensorFlow backend converts tensors with NumPy 1's __array__ protocol, once per weight.
 pytestmark = pytest.mark.filterwarnings('ignore:__array__ implementation:DeprecationWarning')
@@ -122,3 +124,81 @@ def test_bad_sources_are_refused_in_one_line(b0_odd):
   headless = keras.applications.EfficientNetB0(weights=None, include_top=False, input_shape=(64, 64, 3))
   with pytest.raises(ValueError, match='include_top=False'):
     from_keras(headless)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# timm's tf_efficientnet_b0 is Keras's B0 in PyTorch: Keras's weights renamed and laid out as timm's state dict
+# (by hand, from timm's module names) import as `from_keras` imports the model, and give Keras's logits.
+# Against timm's own model: tests/test_timm_import.py, in the optional environment of `make test-timm`.
+
+
+def timm_state_dict(model) -> dict[str, np.ndarray]:
+  """Keras EfficientNet weights under timm's names and in PyTorch's layouts (O, I, kh, kw), (O, I)."""
+  torch_conv = lambda kernel: np.transpose(kernel, (3, 2, 0, 1))  # (kh, kw, I, O) -> (O, I, kh, kw)
+  state = {}
+
+  def put(prefix, layer):
+    kind, weights = type(layer).__name__, layer.get_weights()
+    if kind == 'BatchNormalization':
+      state.update(zip((prefix + n for n in ('weight', 'bias', 'running_mean', 'running_var')), weights))
+      state[prefix + 'num_batches_tracked'] = np.zeros((), np.int64)  # PyTorch's counter, ignored
+    elif kind == 'DepthwiseConv2D':
+      state[prefix + 'weight'] = np.transpose(weights[0], (2, 3, 0, 1))  # (k, k, C, 1) -> (C, 1, k, k)
+    elif kind == 'Dense':
+      state[prefix + 'weight'], state[prefix + 'bias'] = weights[0].T, weights[1]
+    else:
+      state[prefix + 'weight'] = torch_conv(weights[0])
+      if len(weights) == 2:
+        state[prefix + 'bias'] = weights[1]
+
+  top = {'stem_conv': 'conv_stem.', 'stem_bn': 'bn1.', 'top_conv': 'conv_head.', 'top_bn': 'bn2.',
+         'predictions': 'classifier.'}
+  for layer in model.layers:
+    if layer.name in top:
+      put(top[layer.name], layer)
+    elif match := re.fullmatch(r'block(\d)([a-z])_(\w+)', layer.name):
+      stage, repeat, part = int(match.group(1)) - 1, ord(match.group(2)) - ord('a'), match.group(3)
+      expanded = f'block{match.group(1)}{match.group(2)}_expand_conv' in {other.name for other in model.layers}
+      names = ({'expand_conv': 'conv_pw', 'expand_bn': 'bn1', 'dwconv': 'conv_dw', 'bn': 'bn2',
+                'se_reduce': 'se.conv_reduce', 'se_expand': 'se.conv_expand', 'project_conv': 'conv_pwl',
+                'project_bn': 'bn3'} if expanded else
+               {'dwconv': 'conv_dw', 'bn': 'bn1', 'se_reduce': 'se.conv_reduce', 'se_expand': 'se.conv_expand',
+                'project_conv': 'conv_pw', 'project_bn': 'bn2'})
+      if part in names:
+        put(f'blocks.{stage}.{repeat}.{names[part]}.', layer)
+  # Contiguous, as PyTorch's tensors are (safetensors writes an array's buffer as it lies in memory).
+  return {k: np.ascontiguousarray(v) for k, v in state.items()}
+
+
+def test_a_timm_tf_efficientnet_state_dict_imports_as_the_keras_model_it_was_ported_from(b0_odd, tmp_path):
+  model, imported = b0_odd
+  state = timm_state_dict(model)
+  normalisation = next(layer for layer in model.layers if type(layer).__name__ == 'Normalization')
+  mean, variance = (np.asarray(w, np.float64).reshape(-1) for w in normalisation.get_weights()[:2])
+  record = from_timm(state, 'tf_efficientnet_b0.in1k', mean=tuple(mean), std=tuple(np.sqrt(variance)))
+  assert record.model == imported.model
+  jax.tree.map(np.testing.assert_array_equal, record.variables, imported.variables)
+  np.testing.assert_allclose(record.mean, imported.mean, rtol=1e-6)
+  np.testing.assert_allclose(record.std, imported.std, rtol=1e-6)
+  images = pixels(97)
+  assert relative_error(record.logits(images), model(images, training=False)) <= 1e-4
+  # timm's published files: model.safetensors, read without PyTorch.
+  from safetensors.numpy import save_file
+  path = str(tmp_path / 'model.safetensors')
+  save_file(state, path)
+  jax.tree.map(np.testing.assert_array_equal, from_timm(path, 'tf_efficientnet_b0').variables, record.variables)
+
+
+def test_timm_sources_that_are_not_the_tensorflow_network_are_refused_in_one_line(b0_odd, tmp_path):
+  state = timm_state_dict(b0_odd[0])
+  with pytest.raises(ValueError, match=r"timm's efficientnet_b0 pads each convolution k // 2 on both sides .* "
+                                       r'tf_efficientnet_b0: import that one'):
+    from_timm(state, 'efficientnet_b0.ra_in1k')
+  with pytest.raises(ValueError, match=r"model_name='resnet50' is not one of timm's tf_efficientnet_b0, "):
+    from_timm(state, 'resnet50')
+  with pytest.raises(ValueError, match=r'The weights of tf_efficientnet_b2 do not fit EfficientNet-b2: '):
+    from_timm(state, 'tf_efficientnet_b2')
+  with pytest.raises(ValueError, match=r'no layer of the EfficientNet holds: blocks\.0\.0\.aa\.weight \('):
+    from_timm({**state, 'blocks.0.0.aa.weight': np.zeros(3)}, 'tf_efficientnet_b0')
+  with pytest.raises(ValueError, match=r'model\.pth: not a \.safetensors file.*torch\.load'):
+    from_timm(str(tmp_path / 'model.pth'), 'tf_efficientnet_b0')

@@ -17,13 +17,11 @@ with `weights='imagenet'`, as the standard deviation itself.
 import re
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from bw_jax.extras import import_extra
 from bw_jax.models.efficientnet import EfficientNet, HEAD_CHANNELS, STAGES, VARIANTS, round_filters, round_repeats
-from bw_jax.models.pretrained import Pretrained, pixel_normalisation
+from bw_jax.models.pretrained import Pretrained, check_fit, pixel_normalisation
 
 KERAS_TOP_LEVEL = {'stem_conv': 'stem_conv', 'stem_bn': 'stem_bn', 'head_conv': 'top_conv', 'head_bn': 'top_bn',
                    'classifier': 'predictions'}
@@ -134,18 +132,6 @@ def input_normalisation(source: Any, weights: LayerWeights) -> tuple[tuple[float
   return pixel_normalisation(scale, offset)
 
 
-def check_shapes(model: EfficientNet, variables: dict) -> None:
-  """Raises naming the first layer whose imported shapes differ from `model`'s (or that is missing)."""
-  expected = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))
-  flat_expected = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree_util.tree_leaves_with_path(
-      {k: expected[k] for k in ('params', 'batch_stats')})}
-  flat_found = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree_util.tree_leaves_with_path(variables)}
-  for key in sorted(set(flat_expected) | set(flat_found)):
-    if flat_expected.get(key) != flat_found.get(key):
-      raise ValueError(f'The Keras weights do not fit EfficientNet-{model.variant}: {key} has shape '
-                       f'{flat_found.get(key)} in the Keras model, {flat_expected.get(key)} here.')
-
-
 def from_keras(source: Any, variant: str | None = None) -> Pretrained:
   """A Keras applications EfficientNetB0–B7 (a `keras.Model`, or the path of its .h5 / .weights.h5 weights)
   as a `Pretrained` record: our BatchNorm EfficientNet (stem 1, MBConv 0, head 1) with Keras's weights and
@@ -161,6 +147,6 @@ def from_keras(source: Any, variant: str | None = None) -> Pretrained:
                      'include_top=True.')
   model = EfficientNet(variant=found, num_classes=weights['predictions'][1].shape[0])
   variables = efficientnet_variables(weights)
-  check_shapes(model, variables)
+  check_fit(model, variables, 'The Keras weights')
   mean, std = input_normalisation(source, weights)
   return Pretrained(model, variables, mean, std)

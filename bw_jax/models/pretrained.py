@@ -104,3 +104,16 @@ def pixel_normalisation(scale: Sequence[float], offset: Sequence[float]) -> tupl
   """(mean, std) in pixel units of the per-channel map pixels · scale + offset."""
   scale, offset = np.asarray(scale, np.float64), np.asarray(offset, np.float64)
   return tuple(float(v) for v in -offset / scale), tuple(float(v) for v in 1.0 / scale)
+
+
+def check_fit(model: EfficientNet, variables: dict, source: str) -> None:
+  """Raises naming the first leaf of `model`'s {'params', 'batch_stats'} that `variables` (imported from
+  `source`, e.g. 'The Keras weights') lacks, or holds with another shape, or holds in excess."""
+  expected = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))
+  flat_expected = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree_util.tree_leaves_with_path(
+      {k: expected[k] for k in ('params', 'batch_stats')})}
+  flat_found = {jax.tree_util.keystr(p): np.shape(v) for p, v in jax.tree_util.tree_leaves_with_path(variables)}
+  for key in sorted(set(flat_expected) | set(flat_found)):
+    if flat_expected.get(key) != flat_found.get(key):
+      raise ValueError(f'{source} do not fit EfficientNet-{model.variant}: {key} has shape '
+                       f'{flat_found.get(key)} there, {flat_expected.get(key)} here.')
