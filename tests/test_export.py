@@ -1,5 +1,5 @@
 """`jax.export` of the folded inference network (bw_jax/models/export.py): serialized, reloaded, the same
-logits as the unfolded network, with BW's CPU kernels on or off."""
+logits as the unfolded network, with BW's CPU kernels on or off; and as a TensorFlow SavedModel."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bw_jax.models import efficientnet as en
-from bw_jax.models.export import export_inference
+from bw_jax.models.export import export_inference, export_saved_model
 from bw_jax.models.pretrained import Pretrained, plain_variables
 from bw_jax.nn import kernels
 from bw_jax.nn.whitening import BWSettings
@@ -37,9 +37,9 @@ def relative_error(actual, expected) -> float:
 
 
 @pytest.mark.parametrize('cpu_kernels', ['on', pytest.param('off', marks=pytest.mark.slow)])
-def test_the_folded_network_exports_reloads_and_gives_the_unfolded_logits(record, cpu_kernels, monkeypatch):
-  if cpu_kernels == 'off':
-    monkeypatch.setattr(kernels, 'available', lambda: False)
+def test_the_folded_network_exports_reloads_and_gives_the_unfolded_logits(record, cpu_kernels, patch_layer):
+  if cpu_kernels == 'off':  # patch_layer: the traces made with the kernels off do not outlive this test
+    patch_layer(kernels, 'available', lambda: False)
   elif not kernels.available():
     pytest.skip('the CPU kernels are not built here (no C++ compiler, or BW_JAX_CPU_KERNELS=0)')
   exported = export_inference(record, IMAGE_SHAPE)
@@ -57,3 +57,12 @@ def test_the_unfolded_network_holds_the_kernels_custom_calls_that_export_refuses
   unfolded = jax.jit(record.logits)
   with pytest.raises(ValueError, match='custom calls whose targets have no compatibility guarantees'):
     jax.export.export(unfolded)(jax.ShapeDtypeStruct((2, *IMAGE_SHAPE), jnp.float32))
+
+
+def test_a_tensorflow_saved_model_serves_the_unfolded_logits(record, tmp_path):
+  tf = pytest.importorskip('tensorflow', reason='TensorFlow ([train] extra) is not installed')
+  export_saved_model(record, IMAGE_SHAPE, str(tmp_path / 'saved_model'))
+  serve = tf.saved_model.load(str(tmp_path / 'saved_model')).signatures['serving_default']
+  for batch in (2, 3):  # any batch size
+    logits = serve(tf.constant(pixels(batch)))['output_0'].numpy()
+    assert relative_error(logits, record.logits(pixels(batch))) <= 1e-5

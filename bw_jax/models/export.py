@@ -5,11 +5,14 @@ of BW's products are XLA FFI custom calls that `jax.export` refuses, having no c
 its weights as constants and the record's input normalisation in front: (N, H, W, C) pixels (0–255, any
 float or integer dtype of the export) -> (N, classes) logits, N left symbolic. `exported.serialize()` gives
 bytes that `jax.export.deserialize(blob).call(pixels)` runs in any JAX process, bw_jax not needed.
+`export_saved_model` writes the same program as a TensorFlow SavedModel (through jax2tf), for TensorFlow
+Serving and the rest of TensorFlow's tooling.
 """
 
 import jax
 import jax.numpy as jnp
 
+from bw_jax.extras import import_extra
 from bw_jax.models.fold import fold_for_inference
 from bw_jax.models.pretrained import Pretrained
 
@@ -30,3 +33,21 @@ def export_inference(record: Pretrained, image_shape: tuple[int, int, int], dtyp
   batch, = jax.export.symbolic_shape('n')
   spec = jax.ShapeDtypeStruct((batch, *image_shape), dtype)
   return jax.export.export(jax.jit(inference_function(record)), platforms=platforms)(spec)
+
+
+def export_saved_model(record: Pretrained, image_shape: tuple[int, int, int], directory: str, dtype=jnp.float32,
+                       platforms: tuple[str, ...] | None = None) -> None:
+  """The folded inference program as a TensorFlow SavedModel in `directory` (written there): its
+  'serving_default' signature maps (N, *image_shape) pixels of `dtype` to {'output_0': (N, classes) logits}, N
+  any. jax2tf embeds `export_inference`'s program, so TensorFlow runs it with XLA on `platforms` (default:
+  this process's backend). Needs TensorFlow (the [train] extra)."""
+  tf = import_extra('tensorflow', __name__, 'train')
+  from jax.experimental import jax2tf  # Imports TensorFlow: only here.
+
+  # Inference only: with_gradient would export the backward pass too.
+  converted = jax2tf.convert(inference_function(record), polymorphic_shapes=['(n, ...)'], with_gradient=False,
+                             native_serialization_platforms=platforms)
+  serve = tf.function(converted, autograph=False, input_signature=[tf.TensorSpec((None, *image_shape), dtype)])
+  module = tf.Module()
+  module.serve = serve
+  tf.saved_model.save(module, directory, signatures={'serving_default': serve})
