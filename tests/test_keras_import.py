@@ -198,7 +198,31 @@ def test_timm_sources_that_are_not_the_tensorflow_network_are_refused_in_one_lin
     from_timm(state, 'resnet50')
   with pytest.raises(ValueError, match=r'The weights of tf_efficientnet_b2 do not fit EfficientNet-b2: '):
     from_timm(state, 'tf_efficientnet_b2')
-  with pytest.raises(ValueError, match=r'no layer of the EfficientNet holds: blocks\.0\.0\.aa\.weight \('):
+  with pytest.raises(ValueError, match=r"^1 tensors of the state dict are held by no layer of the EfficientNet: "
+                                       r"blocks\.0\.0\.aa\.weight \(not one of timm's"):
     from_timm({**state, 'blocks.0.0.aa.weight': np.zeros(3)}, 'tf_efficientnet_b0')
+  wrapped = {f'module.{k}': v for k, v in state.items()}  # torch.nn.DataParallel's names
+  with pytest.raises(ValueError, match=r"^\d+ tensors .*: module\.blocks\.0\.0\.bn1\.bias, .*, … \(a wrapper's "
+                                       r"prefix: strip 'module\.' from the names\)\.$"):
+    from_timm(wrapped, 'tf_efficientnet_b0')
+  truncated = {k: v for k, v in state.items() if k != 'bn2.running_var'}
+  with pytest.raises(ValueError, match=r'^The state dict has no bn2\.running_var, which head_bn needs'):
+    from_timm(truncated, 'tf_efficientnet_b0')
+  with pytest.raises(ValueError, match=r"tf_efficientnet_b0_ap is timm's old name of tf_efficientnet_b0\.ap_in1k"):
+    from_timm(state, 'tf_efficientnet_b0_ap')
+  with pytest.raises(ValueError, match=r'mean=\(123\.7, 116\.3, 103\.5\), .*give three values each on 0–1 pixels'):
+    from_timm(state, 'tf_efficientnet_b0', mean=(123.7, 116.3, 103.5), std=(58.4, 57.1, 57.4))
   with pytest.raises(ValueError, match=r'model\.pth: not a \.safetensors file.*torch\.load'):
-    from_timm(str(tmp_path / 'model.pth'), 'tf_efficientnet_b0')
+    from_timm(tmp_path / 'model.pth', 'tf_efficientnet_b0')
+
+
+def test_timm_normalisation_defaults_to_the_tags(b0_odd):
+  """timm's pretrained configs (tests/test_timm_import.py checks every tag against timm): ImageNet's mean and std,
+  but (0.5, 0.5, 0.5) for both for the AdvProp weights."""
+  state = timm_state_dict(b0_odd[0])
+  for name in ('tf_efficientnet_b0', 'tf_efficientnet_b0.ns_jft_in1k', 'tf_efficientnet_b0.aa_in1k'):
+    record = from_timm(state, name)
+    np.testing.assert_allclose(record.mean, [123.675, 116.28, 103.53], rtol=1e-12)
+    np.testing.assert_allclose(record.std, [58.395, 57.12, 57.375], rtol=1e-12)
+  advprop = from_timm(state, 'tf_efficientnet_b0.ap_in1k')
+  assert advprop.mean == advprop.std == (127.5, 127.5, 127.5)

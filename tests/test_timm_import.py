@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip('torch', reason='PyTorch is not installed here; `make test-timm` runs this module')
 timm = pytest.importorskip('timm', reason='timm is not installed here; `make test-timm` runs this module')
 
-from bw_jax.models.timm_import import from_timm  # noqa: E402
+from bw_jax.models.timm_import import default_normalisation, from_timm  # noqa: E402
 
 
 def randomised_timm_model(name: str, seed: int = 0):
@@ -43,9 +43,10 @@ def timm_logits(model, pixels: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize('name, size', [('tf_efficientnet_b0', 224), ('tf_efficientnet_b0', 97),
-                                        ('tf_efficientnet_b2', 131)])
+                                        ('tf_efficientnet_b2', 131), ('tf_efficientnet_b7', 49)])
 def test_logits_equal_timms_own_model(name, size):
-  """An odd size makes every strided layer pad on both sides; even sizes pad at the bottom and right only."""
+  """An odd size makes every strided layer pad on both sides; even sizes pad at the bottom and right only. B7
+  has 13 blocks in a stage: block 10 must come after block 9, not after block 1."""
   model = randomised_timm_model(name)
   pixels = np.random.default_rng(1).uniform(0, 255, (2, size, size, 3)).astype(np.float32)
   expected = timm_logits(model, pixels)
@@ -53,6 +54,14 @@ def test_logits_equal_timms_own_model(name, size):
   assert record.model.variant == name[-2:] and record.model.num_classes == expected.shape[1] == 1000
   actual = np.asarray(record.logits(pixels), np.float64)
   assert np.max(np.abs(actual - expected)) <= 1e-4 * np.max(np.abs(expected))
+
+
+def test_the_default_normalisation_is_timms_for_every_pretrained_tag():
+  names = timm.list_pretrained('tf_efficientnet_b[0-7].*')
+  assert len(names) >= 30 and any(name.endswith('.ap_in1k') for name in names)
+  for name in names:
+    cfg = timm.models.get_pretrained_cfg(name)
+    assert default_normalisation(name) == (tuple(cfg.mean), tuple(cfg.std)), name
 
 
 def test_a_safetensors_file_written_by_timm_imports_as_its_state_dict(tmp_path):

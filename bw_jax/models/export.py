@@ -11,6 +11,7 @@ Serving and the rest of TensorFlow's tooling.
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from bw_jax.extras import import_extra
 from bw_jax.models.fold import fold_for_inference
@@ -23,7 +24,7 @@ def inference_function(record: Pretrained):
   return lambda pixels: model.apply(variables, record.normalise(pixels), train=False)
 
 
-def export_inference(record: Pretrained, image_shape: tuple[int, int, int], dtype=jnp.float32,
+def export_inference(record: Pretrained, image_shape: tuple[int, int, int], dtype: DTypeLike = jnp.float32,
                      platforms: tuple[str, ...] | None = None) -> jax.export.Exported:
   """The folded inference program for (N, H, W, C) = (N, *image_shape) pixels of `dtype`, N symbolic.
 
@@ -35,8 +36,8 @@ def export_inference(record: Pretrained, image_shape: tuple[int, int, int], dtyp
   return jax.export.export(jax.jit(inference_function(record)), platforms=platforms)(spec)
 
 
-def export_saved_model(record: Pretrained, image_shape: tuple[int, int, int], directory: str, dtype=jnp.float32,
-                       platforms: tuple[str, ...] | None = None) -> None:
+def export_saved_model(record: Pretrained, image_shape: tuple[int, int, int], directory: str,
+                       dtype: DTypeLike = jnp.float32, platforms: tuple[str, ...] | None = None) -> None:
   """The folded inference program as a TensorFlow SavedModel in `directory` (written there): its
   'serving_default' signature maps (N, *image_shape) pixels of `dtype` to {'output_0': (N, classes) logits}, N
   any. jax2tf embeds `export_inference`'s program, so TensorFlow runs it with XLA on `platforms` (default:

@@ -21,7 +21,7 @@ import numpy as np
 
 from bw_jax.extras import import_extra
 from bw_jax.models.efficientnet import EfficientNet, HEAD_CHANNELS, STAGES, VARIANTS, round_filters, round_repeats
-from bw_jax.models.pretrained import Pretrained, check_fit, pixel_normalisation
+from bw_jax.models.pretrained import Pretrained, check_fit, pixel_normalisation, put_layer
 
 KERAS_TOP_LEVEL = {'stem_conv': 'stem_conv', 'stem_bn': 'stem_bn', 'head_conv': 'top_conv', 'head_bn': 'top_bn',
                    'classifier': 'predictions'}
@@ -99,11 +99,7 @@ def efficientnet_variables(weights: LayerWeights) -> dict:
   for ours, theirs in names.items():
     if theirs not in weights:
       continue  # a block without expansion; checked against the model's shapes afterwards
-    for collection, leaves in layer_variables(ours, weights[theirs]).items():
-      node = variables[collection]
-      for part in ours.split('/'):
-        node = node.setdefault(part, {})
-      node.update({k: np.asarray(v, np.float32) for k, v in leaves.items()})
+    put_layer(variables, ours, layer_variables(ours, weights[theirs]))
   return variables
 
 

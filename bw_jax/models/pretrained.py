@@ -106,6 +106,16 @@ def pixel_normalisation(scale: Sequence[float], offset: Sequence[float]) -> tupl
   return tuple(float(v) for v in -offset / scale), tuple(float(v) for v in 1.0 / scale)
 
 
+def put_layer(variables: dict, layer: str, collections: dict[str, dict[str, Any]]) -> None:
+  """Puts one layer's leaves, {'params': {'kernel': …}, 'batch_stats': …}, at the path `layer`
+  ('block_0/se/reduce') of `variables` ({'params': {}, 'batch_stats': {}}), as float32 NumPy arrays."""
+  for collection, leaves in collections.items():
+    node = variables[collection]
+    for part in layer.split('/'):
+      node = node.setdefault(part, {})
+    node.update({name: np.asarray(leaf, np.float32) for name, leaf in leaves.items()})
+
+
 def check_fit(model: EfficientNet, variables: dict, source: str) -> None:
   """Raises naming the first leaf of `model`'s {'params', 'batch_stats'} that `variables` (imported from
   `source`, e.g. 'The Keras weights') lacks, or holds with another shape, or holds in excess."""
@@ -116,4 +126,4 @@ def check_fit(model: EfficientNet, variables: dict, source: str) -> None:
   for key in sorted(set(flat_expected) | set(flat_found)):
     if flat_expected.get(key) != flat_found.get(key):
       raise ValueError(f'{source} do not fit EfficientNet-{model.variant}: {key} has shape '
-                       f'{flat_found.get(key)} there, {flat_expected.get(key)} here.')
+                       f'{flat_found.get(key)} there, {flat_expected.get(key)} here (weights of another variant?).')

@@ -12,7 +12,8 @@ k // 2 on both sides (TF 'SAME' pads a strided one at the bottom and right only)
 Their names are refused: a state dict does not say which of the two it is, hence the required name.
 
 The input normalisation is not in a state dict: timm's pretrained configs give it (`model.pretrained_cfg`'s
-'mean' and 'std', on 0–1 pixels; ImageNet's for every tf_efficientnet_b*, the defaults here).
+'mean' and 'std', on 0–1 pixels). By default it is taken from the name's pretrained tag as timm has it:
+ImageNet's mean and std, except for the AdvProp weights (`.ap_in1k`), which expect (0.5, 0.5, 0.5) for both.
 """
 
 from collections.abc import Mapping
@@ -24,7 +25,7 @@ import numpy as np
 
 from bw_jax.extras import import_extra
 from bw_jax.models.efficientnet import EfficientNet, VARIANTS
-from bw_jax.models.pretrained import Pretrained, check_fit
+from bw_jax.models.pretrained import Pretrained, check_fit, put_layer
 
 TIMM_TOP_LEVEL = {'conv_stem': 'stem_conv', 'bn1': 'stem_bn', 'conv_head': 'head_conv', 'bn2': 'head_bn',
                   'classifier': 'classifier'}
@@ -38,8 +39,28 @@ TIMM_DEPTHWISE_SEPARABLE = {'conv_dw': 'depthwise_conv', 'bn1': 'depthwise_bn', 
 TIMM_BATCHNORM = {'weight': 'scale', 'bias': 'bias', 'running_mean': 'mean', 'running_var': 'var'}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm's IMAGENET_DEFAULT_MEAN and _STD, on 0–1 pixels
 IMAGENET_STD = (0.229, 0.224, 0.225)
+ADVPROP_NORMALISATION = (0.5, 0.5, 0.5)  # timm's IMAGENET_INCEPTION_MEAN and _STD: the '.ap_in1k' weights'
 
 StateDict = dict[str, np.ndarray]
+
+
+def default_normalisation(model_name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """(mean, std) on 0–1 pixels of timm's pretrained config for `model_name`'s tag (ImageNet's without one:
+  timm's default tag for these models is 'ns_jft_in1k')."""
+  tag = model_name.split('.', 1)[1] if '.' in model_name else ''
+  if tag.startswith('ap_'):
+    return ADVPROP_NORMALISATION, ADVPROP_NORMALISATION
+  return IMAGENET_MEAN, IMAGENET_STD
+
+
+def check_normalisation(mean: Any, std: Any) -> None:
+  """Raises unless mean and std are three values on 0–1 pixels (std > 0), as timm's pretrained configs give."""
+  mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+  if mean.shape != (3,) or std.shape != (3,) or not (np.all((mean >= 0) & (mean <= 1)) and
+                                                     np.all((std > 0) & (std <= 1))):
+    shown = lambda values: tuple(float(v) for v in values.ravel())
+    raise ValueError(f'mean={shown(mean)}, std={shown(std)}: give three values each on 0–1 pixels '
+                     f"as timm's pretrained_cfg does (ImageNet's: {IMAGENET_MEAN}, {IMAGENET_STD}), not in 0–255.")
 
 
 def timm_variant(model_name: str) -> str:
@@ -48,6 +69,10 @@ def timm_variant(model_name: str) -> str:
   if match := re.fullmatch(r'tf_efficientnet_(b\d)', architecture):
     if match.group(1) in VARIANTS:
       return match.group(1)
+  if match := re.fullmatch(r'tf_efficientnet_(b\d)_(ap|ns)', architecture):
+    tag = {'ap': 'ap_in1k', 'ns': 'ns_jft_in1k'}[match.group(2)]
+    raise ValueError(f"{architecture} is timm's old name of tf_efficientnet_{match.group(1)}.{tag}: give that "
+                     f'name (its normalisation depends on the tag).')
   if re.fullmatch(r'efficientnet_b\d', architecture):
     raise ValueError(f"timm's {architecture} pads each convolution k // 2 on both sides and uses BatchNorm ε 1e-5; "
                      f"bw_jax's EfficientNet is the TensorFlow network (padding 'SAME', ε 1e-3), which timm names "
@@ -59,7 +84,8 @@ def timm_variant(model_name: str) -> str:
 def read_state_dict(source: str | Mapping[str, Any]) -> StateDict:
   """{name: float32 NumPy array} of a state dict (NumPy arrays, or PyTorch tensors on any device) or of a
   .safetensors file (read with the safetensors package, without PyTorch)."""
-  if isinstance(source, str):
+  if isinstance(source, (str, os.PathLike)):
+    source = os.fspath(source)
     if not source.endswith('.safetensors'):
       raise ValueError(f'{source}: not a .safetensors file. timm publishes its weights as model.safetensors; '
                        f'for a PyTorch .pth/.bin, load it with torch.load and pass the state dict itself.')
@@ -80,7 +106,11 @@ def timm_blocks(state: StateDict) -> list[str]:
 def layer_leaves(ours: str, state: StateDict, prefix: str) -> dict[str, dict[str, np.ndarray]]:
   """timm's tensors `prefix`weight, …bias, …running_mean, …running_var as {'params': …, 'batch_stats': …} of
   our layer `ours`, in flax's layouts."""
-  get = lambda name: state.pop(prefix + name)
+  def get(name: str) -> np.ndarray:
+    if prefix + name not in state:
+      raise ValueError(f'The state dict has no {prefix + name}, which {ours} needs (a truncated or edited '
+                       f'state dict?).')
+    return state.pop(prefix + name)
   if ours.endswith('_bn'):
     leaves = {theirs: get(theirs) for theirs in TIMM_BATCHNORM}
     return {'params': {'scale': leaves['weight'], 'bias': leaves['bias']},
@@ -104,24 +134,26 @@ def efficientnet_variables(state: StateDict) -> dict:
   for ours, prefix in names.items():
     if f'{prefix}weight' not in state:
       continue  # Reported by check_fit, which names the layer the model expects.
-    for collection, leaves in layer_leaves(ours, state, prefix).items():
-      node = variables[collection]
-      for part in ours.split('/'):
-        node = node.setdefault(part, {})
-      node.update(leaves)
+    put_layer(variables, ours, layer_leaves(ours, state, prefix))
   if state:
-    raise ValueError(f'Tensors of the state dict that no layer of the EfficientNet holds: {", ".join(sorted(state))}'
-                     f' (not one of timm\'s tf_efficientnet_b0 … b7?).')
+    left = sorted(state)
+    hint = (" (a wrapper's prefix: strip 'module.' from the names)" if all(k.startswith('module.') for k in left)
+            else " (not one of timm's tf_efficientnet_b0 … b7?)")
+    raise ValueError(f'{len(left)} tensors of the state dict are held by no layer of the EfficientNet: '
+                     f'{", ".join(left[:5])}{", …" if len(left) > 5 else ""}{hint}.')
   return variables
 
 
-def from_timm(source: str | Mapping[str, Any], model_name: str, mean: tuple[float, ...] = IMAGENET_MEAN,
-              std: tuple[float, ...] = IMAGENET_STD) -> Pretrained:
-  """timm's `model_name` ('tf_efficientnet_b0' … 'b7', a pretrained tag allowed) from its state dict or its
-  .safetensors file, as a `Pretrained` record: our BatchNorm EfficientNet (stem 1, MBConv 0, head 1) whose
-  logits equal timm's model in eval mode for images normalised with `mean` and `std` (on 0–1 pixels, as
-  timm's `pretrained_cfg` gives them)."""
+def from_timm(source: str | os.PathLike | Mapping[str, Any], model_name: str,
+              mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> Pretrained:
+  """timm's `model_name` ('tf_efficientnet_b0' … 'b7', with or without a pretrained tag such as '.ap_in1k') from
+  its state dict or its .safetensors file, as a `Pretrained` record: our BatchNorm EfficientNet (stem 1, MBConv
+  0, head 1) whose logits equal timm's model in eval mode. `mean` and `std` (on 0–1 pixels, as timm's
+  `pretrained_cfg` gives them) default to those of the name's tag (`default_normalisation`)."""
   variant = timm_variant(model_name)
+  default_mean, default_std = default_normalisation(model_name)
+  mean, std = default_mean if mean is None else mean, default_std if std is None else std
+  check_normalisation(mean, std)
   variables = efficientnet_variables(read_state_dict(source))
   if 'classifier' not in variables['params']:
     raise ValueError('The state dict has no classifier (a timm model created with num_classes=0); import one '
