@@ -153,12 +153,13 @@ def timm_state_dict(model) -> dict[str, np.ndarray]:
 
   top = {'stem_conv': 'conv_stem.', 'stem_bn': 'bn1.', 'top_conv': 'conv_head.', 'top_bn': 'bn2.',
          'predictions': 'classifier.'}
+  layer_names = {layer.name for layer in model.layers}
   for layer in model.layers:
     if layer.name in top:
       put(top[layer.name], layer)
     elif match := re.fullmatch(r'block(\d)([a-z])_(\w+)', layer.name):
       stage, repeat, part = int(match.group(1)) - 1, ord(match.group(2)) - ord('a'), match.group(3)
-      expanded = f'block{match.group(1)}{match.group(2)}_expand_conv' in {other.name for other in model.layers}
+      expanded = f'block{match.group(1)}{match.group(2)}_expand_conv' in layer_names
       names = ({'expand_conv': 'conv_pw', 'expand_bn': 'bn1', 'dwconv': 'conv_dw', 'bn': 'bn2',
                 'se_reduce': 'se.conv_reduce', 'se_expand': 'se.conv_expand', 'project_conv': 'conv_pwl',
                 'project_bn': 'bn3'} if expanded else
